@@ -1,0 +1,5 @@
+import sys
+
+from million.cli import main
+
+sys.exit(main())

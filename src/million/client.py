@@ -1,0 +1,420 @@
+"""The client side of the protocol: one websocket per process, many sessions over it.
+
+``open_client(url)`` connects and keeps connecting: a dropped connection is
+re-established with backoff and every session is joined again and rebuilt from the
+reflector's snapshot and events, so a model never applies an event twice. Views in
+the same process that join the same session share one replica of its model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from million import codec, tasks, transport
+from million.model import Model, Replica, digest_of
+from million.protocol import (
+    PROTOCOL_VERSION,
+    Digest,
+    DigestRequest,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    Join,
+    Leave,
+    Left,
+    Ping,
+    Pong,
+    ProtocolError,
+    Publish,
+    Snapshot,
+    SnapshotRequest,
+    Status,
+    StatusRequest,
+    Sync,
+    Tick,
+    Welcome,
+)
+from million.session import JoinError, Session
+
+__all__ = ["Client", "ClientError", "open_client"]
+
+log = logging.getLogger(__name__)
+
+FRAME_TARGET = 1 << 18  # bytes per outgoing frame; far below the reflector's limit
+LEAVE_TIMEOUT = 5.0
+FATAL = {ErrorCode.VERSION, ErrorCode.UNAUTHORIZED}
+
+
+class ClientError(Exception):
+    """The reflector cannot be used: unreachable, another protocol version, or refused."""
+
+
+@attrs.define(eq=False)
+class Group:
+    """This process's participants of one session and the replica they share."""
+
+    name: str
+    model_cls: type[Model]
+    options: Any
+    replica: Replica | None = None
+    sessions: list[Session] = attrs.Factory(list)
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def rebuild(self, sync: Sync) -> None:
+        if sync.snapshot is not None:
+            replica = Replica.restore(self.model_cls, self.name, sync.snapshot.state)
+        else:
+            replica = Replica.create(self.model_cls, self.name, sync.options)
+        for event in sync.events:
+            replica.apply(event)
+        replica.advance(sync.time)
+        replica.take_view_events()
+        self.replica = replica
+
+
+@attrs.frozen
+class ClientStatistics:
+    connections: int
+    frames_in: int
+    events_applied: int
+    sessions: int
+
+
+class Client:
+    """A connection to a reflector. Use ``open_client``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        label: str = "",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = url
+        self.token = token
+        self.label = label
+        self.ssl_context = ssl_context
+        self.connection_id = ""
+        self.errors: deque[Error] = deque(maxlen=100)
+        self._groups: dict[str, Group] = {}
+        self._joining: dict[int, Session] = {}
+        self._leaving: dict[tuple[str, str], trio.Event] = {}
+        self._replies: dict[int, trio.MemorySendChannel[Any]] = {}
+        self._refs = itertools.count(1)
+        self._out: list[bytes] = []
+        self._wake = trio.Event()
+        self._connected = False
+        self._connections = 0
+        self._frames_in = 0
+        self._events_applied = 0
+        self._handlers = {
+            Event: self._on_event,
+            Tick: self._on_tick,
+            Sync: self._on_sync,
+            SnapshotRequest: self._on_snapshot_request,
+            DigestRequest: self._on_digest_request,
+            Left: self._on_left,
+            Error: self._on_error,
+            Pong: self._on_reply,
+            Status: self._on_reply,
+            Welcome: self._on_welcome,
+        }
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(self._connections, self._frames_in, self._events_applied, len(self._groups))
+
+    # --- sessions ----------------------------------------------------------------------
+
+    async def join(self, name: str, model_cls: type[Model], options: Any = None) -> Session:
+        """Join ``name`` and wait until this participant's replica is at the present."""
+        group = self._groups.get(name)
+        if group is None:
+            group = self._groups[name] = Group(name, model_cls, options)
+        session = Session(self, group)
+        group.sessions.append(session)
+        if self._connected:
+            self._send_join(session)
+        try:
+            await session.wait_joined()
+        except BaseException:
+            self._forget(session)
+            raise
+        return session
+
+    async def leave(self, session: Session) -> None:
+        """Leave the session; waits (bounded) for the reflector so it can ask for a snapshot."""
+        if session.synced and self._connected:
+            done = self._leaving[(session.name, session.view_id)] = trio.Event()
+            self._send(Leave(session.name, session.view_id))
+            with trio.move_on_after(LEAVE_TIMEOUT):
+                await done.wait()
+            self._leaving.pop((session.name, session.view_id), None)
+        self._forget(session)
+
+    def publish(self, name: str, view: str, topic: str, data: Any) -> None:
+        self._send(Publish(name, view, topic, data))
+
+    async def ping(self) -> None:
+        """A round trip to the reflector."""
+        await self._request(Ping(next(self._refs)))
+
+    async def status(self) -> Any:
+        """The reflector's description of itself and its sessions."""
+        reply = await self._request(StatusRequest(next(self._refs)))
+        return reply.info
+
+    async def _request(self, message: Ping | StatusRequest) -> Any:
+        send, receive = trio.open_memory_channel[Any](1)
+        self._replies[message.ref] = send
+        try:
+            self._send(message)
+            return await receive.receive()
+        finally:
+            self._replies.pop(message.ref, None)
+
+    def _forget(self, session: Session) -> None:
+        session.synced = False
+        group = session.group
+        if session in group.sessions:
+            group.sessions.remove(session)
+        if not group.sessions and self._groups.get(group.name) is group:
+            del self._groups[group.name]
+
+    def _send_join(self, session: Session) -> None:
+        ref = next(self._refs)
+        self._joining[ref] = session
+        group = session.group
+        self._send(Join(ref, group.name, group.model_cls.model_name, group.options))
+
+    def _send(self, message: Any) -> None:
+        if not self._connected:
+            return
+        self._out.append(codec.encode(message))
+        self._wake.set()
+
+    # --- the connection ----------------------------------------------------------------
+
+    async def run(
+        self, *, first_timeout: float = 10.0, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Stay connected until cancelled; ``task_status`` is reported once first connected."""
+        delay = 0.05
+        deadline = trio.current_time() + first_timeout
+        started = False
+        while True:
+            try:
+                async with transport.connect(self.url, ssl_context=self.ssl_context) as channel:
+                    await self._handshake(channel)
+                    delay = 0.05
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._writer, channel, nursery.cancel_scope)
+                        self._on_connected()
+                        if not started:
+                            started = True
+                            task_status.started()
+                        reason = await self._reader(channel)
+                        nursery.cancel_scope.cancel()
+                    log.info("connection to %s closed: %s", self.url, reason)
+            except (OSError, transport.Closed, trio.BrokenResourceError, ProtocolError) as exc:
+                if not started and trio.current_time() > deadline:
+                    raise ClientError(f"cannot reach the reflector at {self.url}: {exc}") from None
+                log.info("connection to %s lost: %s; reconnecting in %.2fs", self.url, exc, delay)
+            finally:
+                self._on_disconnected()
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _handshake(self, channel: transport.Channel) -> None:
+        await channel.send(codec.encode(Hello(PROTOCOL_VERSION, self.token, self.label)))
+        with trio.fail_after(10):
+            reply = codec.decode_reflector(await channel.receive())
+        first = reply[0] if reply else None
+        if isinstance(first, Error):
+            if first.code in FATAL:
+                raise ClientError(f"the reflector at {self.url} refused us: {first.message}")
+            raise ProtocolError(first.code, first.message)
+        if not isinstance(first, Welcome):
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"expected a welcome, got {first!r}")
+        self._on_welcome(first)
+
+    def _on_connected(self) -> None:
+        self._connected = True
+        self._connections += 1
+        self._out = []
+        for group in self._groups.values():
+            for session in group.sessions:
+                self._send_join(session)
+
+    def _on_disconnected(self) -> None:
+        self._connected = False
+        self._joining.clear()
+        for group in self._groups.values():
+            for session in group.sessions:
+                session.synced = False
+        for done in self._leaving.values():
+            done.set()
+        for reply in self._replies.values():
+            reply.close()
+
+    async def _writer(self, channel: transport.Channel, scope: trio.CancelScope) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            parts, self._out = self._out, []
+            try:
+                for chunk in _chunks(parts):
+                    await channel.send(chunk)
+            except transport.Closed:
+                scope.cancel()
+                return
+
+    async def _reader(self, channel: transport.Channel) -> transport.Closed:
+        """Apply what the reflector sends until the connection closes; returns why."""
+        handlers = self._handlers
+        while True:
+            try:
+                data = await channel.receive()
+            except transport.Closed as closed:
+                return closed
+            self._frames_in += 1
+            touched: dict[str, Group] = {}
+            for message in codec.decode_reflector(data):
+                group = handlers[type(message)](message)
+                if group is not None:
+                    touched[group.name] = group
+            for group in touched.values():
+                group.changed()
+
+    # --- messages from the reflector ---------------------------------------------------
+
+    def _on_event(self, event: Event) -> Group | None:
+        group = self._groups.get(event.session)
+        if group is None or group.replica is None:
+            return None
+        replica = group.replica
+        if replica.apply(event):
+            self._events_applied += 1
+            if replica.view_events:
+                _deliver(group, replica.take_view_events())
+        return group
+
+    def _on_tick(self, tick: Tick) -> Group | None:
+        group = self._groups.get(tick.session)
+        if group is None or group.replica is None:
+            return None
+        group.replica.advance(tick.time)
+        if group.replica.view_events:
+            _deliver(group, group.replica.take_view_events())
+        return group
+
+    def _on_sync(self, sync: Sync) -> Group | None:
+        session = self._joining.pop(sync.ref, None)
+        if session is None:
+            return None
+        group = session.group
+        if sync.full or group.replica is None:
+            group.rebuild(sync)
+        session.joined(sync.view)
+        return group
+
+    def _on_snapshot_request(self, request: SnapshotRequest) -> None:
+        replica = self._replica_at(request.session, request.seq)
+        if replica is not None:
+            state = replica.snapshot()
+            self._send(Snapshot(request.session, request.seq, state, digest_of(state)))
+
+    def _on_digest_request(self, request: DigestRequest) -> None:
+        replica = self._replica_at(request.session, request.seq)
+        if replica is not None:
+            self._send(Digest(request.session, request.seq, replica.digest()))
+
+    def _replica_at(self, name: str, seq: int) -> Replica | None:
+        group = self._groups.get(name)
+        if group is None or group.replica is None or group.replica.seq != seq:
+            return None
+        return group.replica
+
+    def _on_left(self, left: Left) -> None:
+        done = self._leaving.get((left.session, left.view))
+        if done is not None:
+            done.set()
+
+    def _on_error(self, error: Error) -> None:
+        self.errors.append(error)
+        session = self._joining.pop(error.ref, None) if error.ref is not None else None
+        if session is not None:
+            session.failed(JoinError(error.code, error.message))
+            return
+        log.warning("reflector error %s: %s", error.code, error.message)
+
+    def _on_reply(self, reply: Pong | Status) -> None:
+        send = self._replies.pop(reply.ref, None)
+        if send is not None:
+            send.send_nowait(reply)
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        self.connection_id = welcome.connection
+
+
+def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
+    for session in list(group.sessions):
+        for topic, data in events:
+            try:
+                session.deliver(topic, data)
+            except Exception:
+                log.exception("%s: view handler for %r failed", group.name, topic)
+
+
+def _chunks(parts: list[bytes]) -> list[bytes]:
+    """Pack encoded messages into as few frames of about FRAME_TARGET bytes as fit."""
+    chunks: list[bytes] = []
+    start = size = 0
+    for i, part in enumerate(parts):
+        if size and size + len(part) > FRAME_TARGET:
+            chunks.append(codec.frame(parts[start:i]))
+            start, size = i, 0
+        size += len(part) + 1
+    if start < len(parts):
+        chunks.append(codec.frame(parts[start:]))
+    return chunks
+
+
+@asynccontextmanager
+async def open_client(
+    url: str,
+    *,
+    token: str | None = None,
+    label: str = "",
+    ssl_context: ssl.SSLContext | None = None,
+    first_timeout: float = 10.0,
+) -> AsyncIterator[Client]:
+    """Connect to the reflector at ``url``; raises ``ClientError`` if it cannot be reached."""
+    client = Client(url, token=token, label=label, ssl_context=ssl_context)
+    async with tasks.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: client.run(first_timeout=first_timeout, task_status=task_status)
+        )
+        yield client
+        nursery.cancel_scope.cancel()

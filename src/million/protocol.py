@@ -1,0 +1,252 @@
+"""The wire protocol: every message that crosses a connection, as frozen attrs classes.
+
+Sans-IO: nothing here touches a socket or trio. A frame is one JSON object (one
+message) or a JSON array of messages; ``codec`` turns frames into these classes and
+back. Every message carries its ``type`` tag on the wire.
+
+Names and limits that both ends rely on live here too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import attrs
+
+PROTOCOL_VERSION = 1
+
+#: Topics the reflector injects into a session's ordered stream.
+VIEW_JOIN = "view-join"
+VIEW_EXIT = "view-exit"
+
+SESSION_NAME = re.compile(r"[A-Za-z0-9_.:@+-]{1,200}")
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol; ``code`` is one of ``ErrorCode``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ErrorCode:
+    """The ``code`` of an ``Error`` message. Each is documented in docs/protocol.md."""
+
+    MALFORMED = "malformed"  # not JSON, or a message that does not fit its type
+    UNKNOWN_TYPE = "unknown-type"  # a ``type`` no message has
+    UNEXPECTED = "unexpected"  # a valid message that is not allowed here or now
+    VERSION = "version"  # the client speaks another protocol version
+    UNAUTHORIZED = "unauthorized"  # missing or wrong token
+    NOT_JOINED = "not-joined"  # publish/leave for a view this connection does not hold
+    MODEL_MISMATCH = "model-mismatch"  # join names another model or options
+    BAD_NAME = "bad-name"  # session name does not match SESSION_NAME
+    LIMIT = "limit"  # a configured limit was exceeded
+    SLOW_CONSUMER = "slow-consumer"  # the connection's send queue overflowed
+    SHUTDOWN = "shutdown"  # the reflector is stopping
+
+
+def check_session_name(name: str) -> None:
+    if not SESSION_NAME.fullmatch(name):
+        raise ProtocolError(
+            ErrorCode.BAD_NAME,
+            f"session name {name[:60]!r} must be 1-200 characters of letters, digits and _.:@+-",
+        )
+
+
+# --- client to reflector -------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    """First message of every connection."""
+
+    version: int
+    token: str | None = None
+    client: str = ""  # free-form label for logs and status
+
+
+@attrs.frozen
+class Join:
+    """Join ``session``; the first join of a session records ``model`` and ``options``."""
+
+    ref: int  # echoed in the Sync or Error that answers it
+    session: str
+    model: str
+    options: Any = None
+
+
+@attrs.frozen
+class Leave:
+    session: str
+    view: str
+
+
+@attrs.frozen
+class Publish:
+    """An event for the session's models; relayed to every participant once stamped."""
+
+    session: str
+    view: str
+    topic: str
+    data: Any = None
+
+
+@attrs.frozen
+class Snapshot:
+    """The serialized model state after event ``seq``, answering a SnapshotRequest."""
+
+    session: str
+    seq: int
+    state: Any
+    digest: str
+
+
+@attrs.frozen
+class Digest:
+    """The model digest after event ``seq``, answering a DigestRequest."""
+
+    session: str
+    seq: int
+    digest: str
+
+
+@attrs.frozen
+class Ping:
+    ref: int = 0
+
+
+@attrs.frozen
+class StatusRequest:
+    ref: int = 0
+
+
+# --- reflector to client -------------------------------------------------------------
+
+
+@attrs.frozen
+class Welcome:
+    version: int
+    connection: str
+    server: str
+
+
+@attrs.frozen
+class Event:
+    """One stamped event of a session's ordered stream."""
+
+    session: str
+    seq: int
+    time: int  # session time in ms
+    view: str  # the publishing view, or the view that joined/exited
+    topic: str
+    data: Any = None
+
+
+@attrs.frozen
+class SnapshotRecord:
+    seq: int
+    time: int
+    state: Any
+    digest: str
+
+
+@attrs.frozen
+class Sync:
+    """Answer to a Join: who you are in the session and how to reach its present.
+
+    ``full`` is false when this connection already holds the session: the client's
+    replica is current and ``snapshot``/``events`` are omitted.
+    """
+
+    ref: int
+    session: str
+    view: str
+    model: str
+    options: Any
+    time: int  # the session time now
+    full: bool = True
+    snapshot: SnapshotRecord | None = None
+    events: list[Event] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Tick:
+    """Session time advanced with no event; model timers due by ``time`` fire."""
+
+    session: str
+    time: int
+
+
+@attrs.frozen
+class SnapshotRequest:
+    """Send a Snapshot of the replica as it is after event ``seq``."""
+
+    session: str
+    seq: int
+
+
+@attrs.frozen
+class DigestRequest:
+    session: str
+    seq: int
+
+
+@attrs.frozen
+class Left:
+    """The reflector has processed a Leave."""
+
+    session: str
+    view: str
+
+
+@attrs.frozen
+class Error:
+    code: str
+    message: str
+    session: str | None = None
+    ref: int | None = None
+
+
+@attrs.frozen
+class Pong:
+    ref: int = 0
+
+
+@attrs.frozen
+class Status:
+    """Answer to a StatusRequest: a JSON description of the reflector."""
+
+    ref: int
+    info: Any
+
+
+CLIENT_MESSAGES: dict[str, type] = {
+    "hello": Hello,
+    "join": Join,
+    "leave": Leave,
+    "publish": Publish,
+    "snapshot": Snapshot,
+    "digest": Digest,
+    "ping": Ping,
+    "status": StatusRequest,
+}
+
+REFLECTOR_MESSAGES: dict[str, type] = {
+    "welcome": Welcome,
+    "sync": Sync,
+    "event": Event,
+    "tick": Tick,
+    "snapshot-request": SnapshotRequest,
+    "digest-request": DigestRequest,
+    "left": Left,
+    "error": Error,
+    "pong": Pong,
+    "status-info": Status,
+}
+
+MESSAGE_TYPES: dict[type, str] = {
+    cls: tag for table in (CLIENT_MESSAGES, REFLECTOR_MESSAGES) for tag, cls in table.items()
+}

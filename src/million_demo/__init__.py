@@ -1,0 +1,1 @@
+"""million-demo: the reference plugin for million."""
