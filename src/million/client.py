@@ -68,6 +68,8 @@ class Group:
     options: Any
     replica: Replica | None = None
     sessions: list[Session] = attrs.Factory(list)
+    synced_from: int = 0  # seq of the snapshot the replica was last rebuilt from
+    replayed: int = 0  # events replayed on top of it
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def wait_changed(self) -> None:
@@ -87,6 +89,8 @@ class Group:
         replica.advance(sync.time)
         replica.take_view_events()
         self.replica = replica
+        self.synced_from = sync.snapshot.seq if sync.snapshot is not None else 0
+        self.replayed = len(sync.events)
 
 
 @attrs.frozen
@@ -152,7 +156,7 @@ class Client:
         group = self._groups.get(name)
         if group is None:
             group = self._groups[name] = Group(name, model_cls, options)
-        session = Session(self, group)
+        session = Session(self, group, model_cls, options)
         group.sessions.append(session)
         if self._connected:
             self._send_join(session)
@@ -205,8 +209,7 @@ class Client:
     def _send_join(self, session: Session) -> None:
         ref = next(self._refs)
         self._joining[ref] = session
-        group = session.group
-        self._send(Join(ref, group.name, group.model_cls.model_name, group.options))
+        self._send(Join(ref, session.name, session.model_cls.model_name, session.options))
 
     def _send(self, message: Any) -> None:
         if not self._connected:

@@ -28,7 +28,37 @@ __all__ = ["Model", "Random", "Replica", "converter", "model_class"]
 log = logging.getLogger(__name__)
 
 #: Converter for model state. Register hooks here for field types cattrs does not know.
+#: It is strict: a value that does not fit its field's type fails loudly on restore,
+#: where a lenient conversion (0 into "0") would make replicas silently differ.
 converter = cattrs.Converter()
+
+
+def _strict(kind: type) -> Callable[[Any, type], Any]:
+    def structure(value: Any, _: type) -> Any:
+        if type(value) is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
+        return value
+
+    return structure
+
+
+def _int_keyed(cls: Any) -> bool:
+    return getattr(cls, "__origin__", None) is dict and cls.__args__[0] is int
+
+
+def _int_keyed_hook(cls: Any) -> Callable[[Any, type], Any]:
+    value_type = cls.__args__[1]
+
+    def structure(value: dict[Any, Any], _: type) -> dict[int, Any]:
+        # JSON object keys are strings: integer keys come back as digits.
+        return {int(key): converter.structure(item, value_type) for key, item in value.items()}
+
+    return structure
+
+
+for _kind in (str, int, bool):
+    converter.register_structure_hook(_kind, _strict(_kind))
+converter.register_structure_hook_factory(_int_keyed, _int_keyed_hook)
 
 _DUMP_OPTIONS = orjson.OPT_NON_STR_KEYS
 _MASK64 = (1 << 64) - 1

@@ -537,6 +537,8 @@ class Reflector:
         self._compare(session, message.seq, message.digest)
         if not session.conns:
             self._evict.append(session.name)
+        elif session.seq - session.snapshot_seq >= self.config.snapshot_every:
+            self._ask_snapshot(session, session.recipients)
         self._dirty.set()
 
     def _on_digest(self, conn: Conn, message: Digest) -> None:

@@ -31,10 +31,12 @@ class JoinError(Exception):
 class Session:
     """One participant's membership of a session: its view id, the model, its view."""
 
-    def __init__(self, client: Client, group: Group) -> None:
+    def __init__(self, client: Client, group: Group, model_cls: type[Model], options: Any) -> None:
         self.client = client
         self.group = group
         self.name = group.name
+        self.model_cls = model_cls
+        self.options = options
         self.view_id = ""
         self.view: View | None = None
         self.nursery: trio.Nursery | None = None

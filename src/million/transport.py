@@ -9,12 +9,18 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
+import wsproto.utilities
+
+from million import tasks
 
 DEFAULT_MAX_FRAME = 1 << 20
 RECEIVE_BUFFER = 1 << 16
+QUEUE = 64  # frames buffered by the websocket reader task
+HANDSHAKE_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 
 #: Close codes (RFC 6455) with the meaning the reflector gives them.
@@ -77,53 +83,78 @@ async def serve(
     max_frame: int = DEFAULT_MAX_FRAME,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve websockets on ``host:port`` until cancelled; ``task_status`` gets the bound port."""
+    """Serve websockets on ``host:port`` until cancelled; ``task_status`` gets the bound port.
 
-    async def accept(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await handler(Channel(ws))
+    ``handler`` must not raise: the caller decides what a failed connection means.
+    Each TCP stream is closed when its handler ends, however the peer went away.
+    """
+
+    async def handle_stream(stream: trio.abc.Stream) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                    request = await trio_websocket.wrap_server_stream(
+                        nursery, stream, QUEUE, max_frame, RECEIVE_BUFFER
+                    )
+                    ws = await request.accept()
+                if ws is not None:
+                    try:
+                        await handler(Channel(ws))
+                    finally:
+                        with trio.move_on_after(CLOSE_TIMEOUT):
+                            await ws.aclose()
+                nursery.cancel_scope.cancel()
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
+            pass  # the peer went away or spoke no websocket: nothing to serve
+        finally:
+            await trio.aclose_forcefully(stream)
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     if ssl_context is not None:
         listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    server = trio_websocket.WebSocketServer(
-        accept,
-        listeners,
-        message_queue_size=64,
-        max_message_size=max_frame,
-        receive_buffer_size=RECEIVE_BUFFER,
-        connect_timeout=10,
-        disconnect_timeout=CLOSE_TIMEOUT,
-    )
-    await server.run(task_status=_PortStatus(task_status))
-
-
-class _PortStatus:
-    """Reports the bound port of a started WebSocketServer to the caller's task_status."""
-
-    def __init__(self, task_status: trio.TaskStatus[int]) -> None:
-        self._task_status = task_status
-
-    def started(self, server: trio_websocket.WebSocketServer) -> None:
-        self._task_status.started(server.port)
+    bound = listeners[0].socket if isinstance(listeners[0], trio.SocketListener) else listeners[0].transport_listener.socket
+    task_status.started(bound.getsockname()[1])
+    await trio.serve_listeners(handle_stream, listeners)
 
 
 @asynccontextmanager
 async def connect(
     url: str, *, ssl_context: ssl.SSLContext | None = None, max_frame: int = 1 << 26
 ) -> AsyncIterator[Channel]:
-    """Open a websocket to ``url``; connection failures raise ``OSError``."""
+    """Open a websocket to ``url``; failing to connect or to shake hands raises ``OSError``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise OSError(f"not a websocket URL: {url!r} (expected ws://HOST:PORT or wss://HOST:PORT)")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    if secure:
+        context = ssl_context or ssl.create_default_context()
+        stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+            parts.hostname, port, ssl_context=context, https_compatible=True
+        )
+    else:
+        stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
-        async with trio_websocket.open_websocket_url(
-            url,
-            ssl_context,
-            message_queue_size=64,
-            max_message_size=max_frame,
-            receive_buffer_size=RECEIVE_BUFFER,
-            connect_timeout=10,
-            disconnect_timeout=CLOSE_TIMEOUT,
-        ) as ws:
-            yield Channel(ws)
-    except trio_websocket.HandshakeError as exc:
-        cause = exc.__cause__ or exc.__context__
-        raise OSError(str(cause) if cause else f"websocket handshake with {url} failed") from None
+        async with tasks.open_nursery() as nursery:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        stream,
+                        parts.netloc,
+                        parts.path or "/",
+                        message_queue_size=QUEUE,
+                        max_message_size=max_frame,
+                        receive_buffer_size=RECEIVE_BUFFER,
+                    )
+            except (trio_websocket.HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
+            try:
+                yield Channel(ws)
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,22 @@
+"""Fixtures: a real reflector on 127.0.0.1 (port 0, in-memory store) and real clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+import million
+from million.reflector import ReflectorConfig
+
+
+@pytest.fixture
+async def reflector() -> AsyncIterator[million.Reflector]:
+    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
+        yield reflector
+
+
+@pytest.fixture
+async def client(reflector: million.Reflector) -> AsyncIterator[million.Client]:
+    async with million.open_client(reflector.url, label="test") as client:
+        yield client

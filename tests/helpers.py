@@ -1,0 +1,76 @@
+"""Running real processes from tests: a reflector and participants, with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+TESTS = Path(__file__).parent
+
+
+class Process:
+    """A child process whose stdout is read line by line."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
+        )
+        self._stdout = trio.wrap_file(self.proc.stdout)
+
+    async def line(self, prefix: str, timeout: float = 20) -> str:
+        """The next line of output that starts with ``prefix`` (without it)."""
+        with trio.fail_after(timeout):
+            while True:
+                line = await self._stdout.readline()
+                if not line:
+                    err = self.proc.stderr.read().decode() if self.proc.poll() is not None else ""
+                    raise AssertionError(f"{self.proc.args} ended before printing {prefix!r}: {err}")
+                text = line.decode().strip()
+                if text.startswith(prefix):
+                    return text[len(prefix) :].strip()
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no flush."""
+        self.proc.kill()
+        self.proc.wait()
+        self._close()
+
+    def stop(self) -> None:
+        """SIGINT, and SIGKILL if that has not ended it within 10 s."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close()
+
+    def _close(self) -> None:
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+
+async def start_reflector(store: str, port: int = 0, *extra: str) -> tuple[Process, str]:
+    """A ``million reflector`` process; returns it and its URL once it listens."""
+    process = Process(
+        [sys.executable, "-m", "million", "reflector", "--port", str(port), "--store", store, *extra]
+    )
+    line = await process.line("million reflector")
+    return process, line.split("listening on ")[1].split()[0]
+
+
+def start_participant(url: str, session: str, count: int, target: int, hash_seed: str = "0") -> Process:
+    return Process(
+        [sys.executable, str(TESTS / "participant.py"), url, session, str(count), str(target)],
+        env={"PYTHONHASHSEED": hash_seed},
+    )
