@@ -26,9 +26,9 @@ class Process:
         )
         self._stdout = trio.wrap_file(self.proc.stdout)
 
-    async def line(self, prefix: str, timeout: float = 20) -> str:
-        """The next line of output that starts with ``prefix`` (without it)."""
-        with trio.fail_after(timeout):
+    async def line(self, prefix: str) -> str:
+        """The next line of output that starts with ``prefix`` (without it); 20 s at most."""
+        with trio.fail_after(20):
             while True:
                 line = await self._stdout.readline()
                 if not line:

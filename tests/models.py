@@ -88,3 +88,16 @@ class DigestOnTarget(million.View):
         replica = self.session.replica
         self.digest = (replica.seq, replica.digest())
         self.reached.set()
+
+
+@attrs.define
+class Tally(million.Model, name="test-tally"):
+    """Counts events and keeps none of their data."""
+
+    count: int = 0
+
+    def init(self, options: Any) -> None:
+        self.subscribe("blob", self.blob)
+
+    def blob(self, _: Any) -> None:
+        self.count += 1

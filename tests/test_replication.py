@@ -44,7 +44,7 @@ async def test_participants_in_processes_with_different_hash_seeds_reach_one_dig
         for p in participants:
             p.stop()
         reflector.stop()
-    seq, digest = digests[0].split()
+    seq, _ = digests[0].split()
     assert digests[0] == digests[1]
     assert int(seq) >= 402  # two joins and 400 additions at least
 
@@ -57,7 +57,10 @@ async def test_late_joiner_replays_only_the_tail_after_the_latest_snapshot(refle
             await first.wait_for(lambda model: model.total == 5000)
             while await snapshot_seq(client, "late") < 4000:
                 await first.group.wait_changed()
-        async with million.open_client(reflector.url) as other, million.join(other, "late", Ledger, options={"target": 5000}) as late:
+        async with (
+            million.open_client(reflector.url) as other,
+            million.join(other, "late", Ledger, options={"target": 5000}) as late,
+        ):
             group = late.group
             assert group.synced_from >= 4000
             assert group.replayed < 1000

@@ -50,7 +50,19 @@ def _parser() -> argparse.ArgumentParser:
         "--snapshot-every", type=_positive, default=1000, help="events between snapshot requests"
     )
     reflector.add_argument(
-        "--max-frame", type=_positive, default=1 << 20, help="largest frame accepted, bytes"
+        "--max-frame", type=_positive, default=1 << 20, help="largest frame accepted, bytes (default: 1 MiB)"
+    )
+    reflector.add_argument(
+        "--max-queue",
+        type=_positive,
+        default=64 << 20,
+        help="bytes queued for one connection before it is dropped as too slow (default: 64 MiB)",
+    )
+    reflector.add_argument(
+        "--max-sessions",
+        type=_positive,
+        default=100_000,
+        help="sessions one connection may be in at once (default: %(default)s)",
     )
     reflector.add_argument(
         "--token",
@@ -84,6 +96,8 @@ def _reflector(args: argparse.Namespace) -> int:
         tick_ms=args.tick_ms,
         snapshot_every=args.snapshot_every,
         max_frame=args.max_frame,
+        max_queue_bytes=args.max_queue,
+        max_sessions_per_connection=args.max_sessions,
         token=args.token,
     )
     try:

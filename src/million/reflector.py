@@ -529,7 +529,7 @@ class Reflector:
         if session is None or asked is None or asked[0] is not conn or asked[1] != message.seq:
             raise ProtocolError(ErrorCode.UNEXPECTED, "a snapshot nobody asked for")
         session.snapshot_asked = None
-        state = codec.dumps(message.state)
+        state = codec.compact(codec.dumps(message.state))
         session.tail = session.tail[message.seq - session.snapshot_seq :]
         session.snapshot_seq, session.snapshot_time = message.seq, asked[2]
         session.snapshot_state, session.snapshot_digest = state, message.digest

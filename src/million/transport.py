@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
-import wsproto.utilities
+from wsproto.utilities import LocalProtocolError
 
 from million import tasks
 
@@ -105,7 +105,7 @@ async def serve(
                         with trio.move_on_after(CLOSE_TIMEOUT):
                             await ws.aclose()
                 nursery.cancel_scope.cancel()
-        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, wsproto.utilities.LocalProtocolError):
+        except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, LocalProtocolError):
             pass  # the peer went away or spoke no websocket: nothing to serve
         finally:
             await trio.aclose_forcefully(stream)
@@ -113,9 +113,14 @@ async def serve(
     listeners = await trio.open_tcp_listeners(port, host=host)
     if ssl_context is not None:
         listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    bound = listeners[0].socket if isinstance(listeners[0], trio.SocketListener) else listeners[0].transport_listener.socket
-    task_status.started(bound.getsockname()[1])
+    task_status.started(_port(listeners[0]))
     await trio.serve_listeners(handle_stream, listeners)
+
+
+def _port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -> int:
+    if isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    return listener.socket.getsockname()[1]
 
 
 @asynccontextmanager

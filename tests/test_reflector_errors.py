@@ -1,0 +1,152 @@
+"""Bad input gets a documented error and never disturbs anyone else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psutil
+import pytest
+import trio
+import trio_websocket
+
+import million
+from helpers import start_reflector
+from million import codec, protocol, transport
+from million.protocol import ErrorCode, Hello, Join, Publish
+from models import Ledger, Tally
+
+HELLO = Hello(protocol.PROTOCOL_VERSION)
+
+
+@asynccontextmanager
+async def raw(url: str, hello: Hello | None = HELLO) -> AsyncIterator[transport.Channel]:
+    """A bare websocket to the reflector, past the handshake unless told otherwise."""
+    async with transport.connect(url) as channel:
+        if hello is not None:
+            await channel.send(codec.encode(hello))
+            (welcome,) = codec.decode_reflector(await channel.receive())
+            assert isinstance(welcome, protocol.Welcome)
+        yield channel
+
+
+async def next_message(channel: transport.Channel) -> object:
+    with trio.fail_after(5):
+        (message,) = codec.decode_reflector(await channel.receive())
+    return message
+
+
+@pytest.fixture
+async def bystander(client):
+    """A participant in another session who must notice nothing."""
+    async with million.join(client, "bystander", Ledger) as session:
+        yield session
+
+
+async def still_served(bystander: million.Session) -> None:
+    total = bystander.model.total
+    bystander.publish("add", total)
+    with trio.fail_after(5):
+        await bystander.wait_for(lambda model: model.total == total + 1)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"{not json", ErrorCode.MALFORMED),
+        (b'"a string"', ErrorCode.MALFORMED),
+        (b'{"type": "launch"}', ErrorCode.UNKNOWN_TYPE),
+        (b'{"type": "join", "ref": "one", "session": "s", "model": "m"}', ErrorCode.MALFORMED),
+        (codec.encode(Publish("elsewhere", "v1", "add", 1)), ErrorCode.NOT_JOINED),
+        (codec.encode(Join(7, "bad/name", "m")), ErrorCode.BAD_NAME),
+        (codec.encode(Hello(protocol.PROTOCOL_VERSION)), ErrorCode.UNEXPECTED),
+    ],
+)
+async def test_a_bad_message_gets_an_error_and_the_connection_goes_on(reflector, bystander, frame, code):
+    async with raw(reflector.url) as channel:
+        await channel.send(frame)
+        error = await next_message(channel)
+        assert isinstance(error, protocol.Error)
+        assert error.code == code
+        assert error.message
+        await channel.send(codec.encode(protocol.Ping(5)))
+        assert await next_message(channel) == protocol.Pong(5)
+    await still_served(bystander)
+
+
+async def test_an_error_names_the_request_it_answers(reflector):
+    async with raw(reflector.url) as channel:
+        await channel.send(codec.encode(Join(42, "x" * 300, "m")))
+        error = await next_message(channel)
+        assert isinstance(error, protocol.Error)
+        assert (error.code, error.ref, error.session) == (ErrorCode.BAD_NAME, 42, "x" * 300)
+
+
+async def test_a_frame_over_the_size_limit_closes_that_connection_only(reflector, bystander):
+    async with raw(reflector.url) as channel:
+        await channel.send(b"[" + b" " * reflector.config.max_frame + b"]")
+        with pytest.raises(transport.Closed) as closed, trio.fail_after(5):
+            await channel.receive()
+        assert closed.value.code == transport.TOO_BIG
+    await still_served(bystander)
+
+
+@pytest.mark.parametrize(
+    ("hello", "code"),
+    [
+        (codec.encode(Hello(protocol.PROTOCOL_VERSION + 1)), ErrorCode.VERSION),
+        (codec.encode(Join(1, "s", "m")), ErrorCode.UNEXPECTED),
+        (b"hello?", ErrorCode.MALFORMED),
+    ],
+)
+async def test_a_bad_handshake_is_refused_with_a_reason(reflector, bystander, hello, code):
+    async with raw(reflector.url, hello=None) as channel:
+        await channel.send(hello)
+        error = await next_message(channel)
+        assert isinstance(error, protocol.Error)
+        assert error.code == code
+        with pytest.raises(transport.Closed) as closed, trio.fail_after(5):
+            await channel.receive()
+        assert closed.value.code == transport.POLICY
+        assert code in closed.value.reason
+    await still_served(bystander)
+
+
+async def test_a_client_of_another_version_gets_a_clear_error(reflector, monkeypatch):
+    monkeypatch.setattr(million.client, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
+    with pytest.raises(million.ClientError, match="protocol version"):
+        async with million.open_client(reflector.url):
+            pass
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(tmp_path):
+    limit = 1 << 20
+    process, url = await start_reflector(str(tmp_path / "store.db"), 0, "--max-queue", str(limit))
+    reflector = psutil.Process(process.proc.pid)
+    try:
+        async with (
+            million.open_client(url) as client,
+            million.join(client, "firehose", Tally) as publisher,
+            trio_websocket.open_websocket_url(url, message_queue_size=1) as sleeper,
+        ):
+            await sleeper.send_message(codec.encode(Hello(protocol.PROTOCOL_VERSION)))
+            await sleeper.get_message()
+            await sleeper.send_message(codec.encode(Join(1, "firehose", Tally.model_name)))
+            with trio.fail_after(5):
+                await publisher.wait_for(lambda model: model.count == 0 and publisher.replica.seq >= 2)
+            baseline = reflector.memory_info().rss
+            blob = "x" * 10_000
+            sent = 0
+            with trio.fail_after(60):
+                while sent < 15_000:  # 150 MB through the reflector, most of it meant for the sleeper
+                    for _ in range(100):
+                        publisher.publish("blob", blob)
+                    sent += 100
+                    await publisher.wait_for(lambda model, sent=sent: model.count == sent)
+            grown = reflector.memory_info().rss - baseline
+            log = await client.status()
+            (session,) = [s for s in log["sessions"] if s["name"] == "firehose"]
+            assert session["participants"] == 1  # the sleeper was dropped
+            assert grown < 64 << 20, f"reflector grew by {grown >> 20} MiB"
+    finally:
+        process.stop()
