@@ -216,7 +216,13 @@ class Replica:
         heapq.heapify(replica.futures)
         replica.future_count = state["future_count"]
         replica.random.state = state["random"]
-        replica.model = converter.structure(state["model"], model_cls)
+        try:
+            replica.model = converter.structure(state["model"], model_cls)
+        except cattrs.BaseValidationError as exc:
+            problems = "; ".join(cattrs.transform_error(exc, path=model_cls.__name__))
+            raise ValueError(
+                f"{session}: the snapshot does not fit {model_cls.__name__}: {problems}"
+            ) from None
         replica.model._replica = replica
         return replica
 

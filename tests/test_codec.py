@@ -1,0 +1,136 @@
+"""The codec: every message round-trips, and bad frames raise ProtocolError only."""
+
+from __future__ import annotations
+
+import contextlib
+
+import attrs
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from million import codec, protocol
+from million.protocol import ErrorCode, ProtocolError
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+EXAMPLES = [
+    protocol.Hello(1, "secret", "bot"),
+    protocol.Join(3, "run-1", "computation", {"n": 7}),
+    protocol.Leave("run-1", "v3"),
+    protocol.Publish("run-1", "v3", "end", {"index": 2, "output": [1, 2]}),
+    protocol.Snapshot("run-1", 10, {"model": {"x": 1}}, "abc"),
+    protocol.Digest("run-1", 10, "abc"),
+    protocol.Ping(9),
+    protocol.StatusRequest(4),
+    protocol.Welcome(1, "c0ffee", "million 0.1.0"),
+    protocol.Event("run-1", 4, 120, "v3", "end", None),
+    protocol.Sync(
+        1,
+        "run-1",
+        "v5",
+        "computation",
+        {"n": 7},
+        130,
+        True,
+        protocol.SnapshotRecord(3, 100, {"model": {}}, "d"),
+        [protocol.Event("run-1", 4, 120, "v3", "end", [1])],
+    ),
+    protocol.Tick("run-1", 200),
+    protocol.SnapshotRequest("run-1", 4),
+    protocol.DigestRequest("run-1", 4),
+    protocol.Left("run-1", "v3"),
+    protocol.Error(ErrorCode.NOT_JOINED, "no", "run-1", 3),
+    protocol.Pong(9),
+    protocol.Status(4, {"sessions": []}),
+]
+
+
+def table_for(message: object) -> dict[str, type]:
+    if type(message) in protocol.CLIENT_MESSAGES.values():
+        return protocol.CLIENT_MESSAGES
+    return protocol.REFLECTOR_MESSAGES
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(message):
+    encoded = codec.encode(message)
+    assert orjson.loads(encoded)["type"] == protocol.MESSAGE_TYPES[type(message)]
+    assert codec.decode(encoded, table_for(message)) == [message]
+
+
+def test_every_message_class_has_an_example():
+    assert {type(m) for m in EXAMPLES} == set(protocol.MESSAGE_TYPES)
+
+
+def test_a_frame_carries_several_messages_in_order():
+    events = [protocol.Event("s", seq, seq * 10, "v1", "t", seq) for seq in range(1, 4)]
+    frame = codec.frame([codec.encode(e) for e in events])
+    assert codec.decode_reflector(frame) == events
+
+
+def test_the_hot_path_event_encoder_matches_the_converter():
+    event = protocol.Event("s", 5, 77, "v2", "topic", {"deep": [1, "two"]})
+    assert codec.encode_event(*attrs.astuple(event, recurse=False)) == codec.encode(event)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"", ErrorCode.MALFORMED),
+        (b"{", ErrorCode.MALFORMED),
+        (b"[1, 2]", ErrorCode.MALFORMED),
+        (b'{"type": 5}', ErrorCode.UNKNOWN_TYPE),
+        (b'{"type": "welcome", "version": 1, "connection": "c", "server": "s"}', ErrorCode.UNKNOWN_TYPE),
+        (b'{"type": "ping", "ref": "1"}', ErrorCode.MALFORMED),
+        (b'{"type": "ping", "ref": true}', ErrorCode.MALFORMED),
+        (b'{"type": "leave", "session": "s"}', ErrorCode.MALFORMED),
+    ],
+)
+def test_bad_frames_raise_protocol_errors_that_say_what_is_wrong(frame, code):
+    with pytest.raises(ProtocolError) as error:
+        codec.decode_client(frame)
+    assert error.value.code == code
+    assert error.value.message
+
+
+def test_a_missing_field_is_named():
+    with pytest.raises(ProtocolError, match="missing field 'view'"):
+        codec.decode_client(b'{"type": "leave", "session": "s"}')
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_decode_or_raise_protocol_error(data):
+    try:
+        messages = codec.decode_client(data)
+    except ProtocolError:
+        return
+    assert all(type(m) in protocol.CLIENT_MESSAGES.values() for m in messages)
+
+
+@given(
+    st.sampled_from(sorted(protocol.MESSAGE_TYPES.values())),
+    st.dictionaries(st.text(max_size=10), json_values),
+)
+def test_arbitrary_fields_decode_or_raise_protocol_error(tag, fields):
+    frame = orjson.dumps({**fields, "type": tag})
+    for table in (protocol.CLIENT_MESSAGES, protocol.REFLECTOR_MESSAGES):
+        try:
+            messages = codec.decode(frame, table)
+        except ProtocolError:
+            continue
+        assert type(messages[0]) is table[tag]
+
+
+@given(st.sampled_from(EXAMPLES), st.data())
+def test_mutated_messages_decode_or_raise_protocol_error(message, data):
+    body = orjson.loads(codec.encode(message))
+    key = data.draw(st.sampled_from(sorted(body)))
+    body[key] = data.draw(json_values)
+    with contextlib.suppress(ProtocolError):
+        codec.decode(orjson.dumps(body), table_for(message))
