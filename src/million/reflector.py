@@ -12,6 +12,7 @@ were caused. Each writer sends everything queued for its connection as one frame
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import ssl
 from collections.abc import AsyncIterator
@@ -221,15 +222,12 @@ class Reflector:
                 await self._serve_connection(conn)
         except transport.Closed:
             pass
-        except trio.Cancelled:
-            conn.close_code, conn.close_reason = (
-                transport.GOING_AWAY,
-                f"{ErrorCode.SHUTDOWN}: reflector stopping",
-            )
-            raise
         except Exception:
             log.exception("connection %s failed", conn.id)
         finally:
+            if trio.current_effective_deadline() == -math.inf and not conn.close_reason:
+                conn.close_code = transport.GOING_AWAY
+                conn.close_reason = f"{ErrorCode.SHUTDOWN}: the reflector is stopping"
             self._drop(conn)
             if conn.close_reason:
                 with trio.CancelScope(shield=True):

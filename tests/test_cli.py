@@ -1,0 +1,94 @@
+"""The ``million`` command: real processes, exit codes and messages without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import trio
+
+import million
+from helpers import start_reflector
+from million import codec, protocol, transport
+from models import Ledger
+
+
+def million_command(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_status_lists_the_sessions_of_a_running_reflector(tmp_path):
+    process, url = await start_reflector(str(tmp_path / "store.db"))
+    try:
+        async with million.open_client(url) as client, million.join(client, "visible", Ledger) as session:
+            session.publish("add", 1)
+            await session.wait_for(lambda model: model.total == 1)
+            result = await trio.to_thread.run_sync(million_command, "status", "--reflector", url, "--json")
+            text = await trio.to_thread.run_sync(million_command, "status", "--reflector", url)
+    finally:
+        process.stop()
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    (visible,) = [s for s in info["sessions"] if s["name"] == "visible"]
+    assert (visible["participants"], visible["seq"], visible["model"]) == (1, 2, "test-ledger")
+    assert text.returncode == 0
+    assert "visible" in text.stdout
+
+
+def test_status_of_an_unreachable_reflector_is_one_line_and_exit_1():
+    result = million_command("status", "--reflector", "ws://127.0.0.1:9")
+    assert result.returncode == 1
+    assert result.stderr.startswith("million status: cannot reach the reflector at ws://127.0.0.1:9")
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["reflector", "--port", "http"], "invalid int value"),
+        (["reflector", "--tick-ms", "0"], "must be a positive integer"),
+        (["reflector", "--store", "/nonexistent/dir/store.db"], "cannot open store"),
+        (["status", "--reflector", "http://127.0.0.1:1"], "not a websocket URL"),
+        (["launch"], "invalid choice"),
+    ],
+)
+def test_wrong_options_get_a_clear_error_and_no_traceback(args, message):
+    result = million_command(*args)
+    assert result.returncode in (1, 2)
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_sigterm_flushes_the_store_and_tells_clients(tmp_path):
+    store = str(tmp_path / "store.db")
+    process, url = await start_reflector(store)
+    async with transport.connect(url) as channel:
+        await channel.send(codec.encode(protocol.Hello(protocol.PROTOCOL_VERSION)))
+        await channel.receive()
+        await channel.send(codec.encode(protocol.Join(1, "farewell", Ledger.model_name)))
+        sync, _ = codec.decode_reflector(await channel.receive())
+        await channel.send(codec.encode(protocol.Publish("farewell", sync.view, "add", "last words")))
+        (event,) = codec.decode_reflector(await channel.receive())
+        assert event.data == "last words"
+        process.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(transport.Closed) as closed, trio.fail_after(10):
+            await channel.receive()
+    assert closed.value.code == transport.GOING_AWAY
+    assert "shutdown" in closed.value.reason
+    assert await trio.to_thread.run_sync(process.proc.wait) == 0
+    stderr = process.proc.stderr.read().decode()
+    assert "SIGTERM, stopping" in stderr
+    assert "Traceback" not in stderr
+    process.stop()
+    process, url = await start_reflector(store)
+    try:
+        async with million.open_client(url) as client, million.join(client, "farewell", Ledger) as session:
+            assert [value for value, *_ in session.model.entries] == ["last words"]
+    finally:
+        process.stop()
