@@ -150,3 +150,14 @@ async def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(t
             assert grown < 64 << 20, f"reflector grew by {grown >> 20} MiB"
     finally:
         process.stop()
+
+
+async def test_a_reflector_with_a_token_refuses_clients_without_it():
+    config = million.ReflectorConfig(port=0, token="open sesame")
+    async with million.open_reflector(config) as reflector:
+        for token in (None, "open sesame!"):
+            with pytest.raises(million.ClientError, match="missing or wrong token"):
+                async with million.open_client(reflector.url, token=token):
+                    pass
+        async with million.open_client(reflector.url, token="open sesame") as client:
+            await client.ping()

@@ -34,7 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="million", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="million", description="Run one computation over many partitions on workers that come and go."
+    )
     parser.add_argument("--version", action="version", version=f"million {__version__}")
     parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
