@@ -125,6 +125,9 @@ class Client:
         self._refs = itertools.count(1)
         self._out: list[bytes] = []
         self._wake = trio.Event()
+        self._drained = trio.Event()
+        self._drained.set()
+        self._max_frame = transport.DEFAULT_MAX_FRAME
         self._connected = False
         self._connections = 0
         self._frames_in = 0
@@ -174,11 +177,17 @@ class Client:
             self._send(Leave(session.name, session.view_id))
             with trio.move_on_after(LEAVE_TIMEOUT):
                 await done.wait()
+                await self.drain()  # the snapshot the reflector may have asked for on the way out
             self._leaving.pop((session.name, session.view_id), None)
         self._forget(session)
 
     def publish(self, name: str, view: str, topic: str, data: Any) -> None:
         self._send(Publish(name, view, topic, data))
+
+    async def drain(self) -> None:
+        """Wait until everything queued has been handed to the connection (or it is gone)."""
+        while self._connected and not self._drained.is_set():
+            await self._drained.wait()
 
     async def ping(self) -> None:
         """A round trip to the reflector."""
@@ -212,10 +221,14 @@ class Client:
         self._send(Join(ref, session.name, session.model_cls.model_name, session.options))
 
     def _send(self, message: Any) -> None:
-        if not self._connected:
-            return
-        self._out.append(codec.encode(message))
+        if self._connected:
+            self._queue(codec.encode(message))
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
         self._wake.set()
+        if self._drained.is_set():
+            self._drained = trio.Event()
 
     # --- the connection ----------------------------------------------------------------
 
@@ -231,7 +244,7 @@ class Client:
                 async with transport.connect(self.url, ssl_context=self.ssl_context) as channel:
                     await self._handshake(channel)
                     delay = 0.05
-                    async with trio.open_nursery() as nursery:
+                    async with tasks.open_nursery() as nursery:
                         nursery.start_soon(self._writer, channel, nursery.cancel_scope)
                         self._on_connected()
                         if not started:
@@ -240,7 +253,13 @@ class Client:
                         reason = await self._reader(channel)
                         nursery.cancel_scope.cancel()
                     log.info("connection to %s closed: %s", self.url, reason)
-            except (OSError, transport.Closed, trio.BrokenResourceError, ProtocolError) as exc:
+            except (
+                OSError,
+                transport.Closed,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                ProtocolError,
+            ) as exc:
                 if not started and trio.current_time() > deadline:
                     raise ClientError(f"cannot reach the reflector at {self.url}: {exc}") from None
                 log.info("connection to %s lost: %s; reconnecting in %.2fs", self.url, exc, delay)
@@ -276,6 +295,7 @@ class Client:
         for group in self._groups.values():
             for session in group.sessions:
                 session.synced = False
+        self._drained.set()
         for done in self._leaving.values():
             done.set()
         for reply in self._replies.values():
@@ -292,6 +312,8 @@ class Client:
             except transport.Closed:
                 scope.cancel()
                 return
+            if not self._out:
+                self._drained.set()
 
     async def _reader(self, channel: transport.Channel) -> transport.Closed:
         """Apply what the reflector sends until the connection closes; returns why."""
@@ -317,7 +339,11 @@ class Client:
         if group is None or group.replica is None:
             return None
         replica = group.replica
-        if replica.apply(event):
+        try:
+            applied = replica.apply(event)
+        except LookupError as exc:  # a gap: resynchronise everything through a new connection
+            raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
+        if applied:
             self._events_applied += 1
             if replica.view_events:
                 _deliver(group, replica.take_view_events())
@@ -338,15 +364,31 @@ class Client:
             return None
         group = session.group
         if sync.full or group.replica is None:
-            group.rebuild(sync)
+            try:
+                group.rebuild(sync)
+            except Exception as exc:  # state this model class cannot take: fail loudly, not forever
+                log.error("%s: cannot rebuild the model: %s", sync.session, exc)
+                group.replica = None
+                session.failed(JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
+                return None
         session.joined(sync.view)
         return group
 
     def _on_snapshot_request(self, request: SnapshotRequest) -> None:
         replica = self._replica_at(request.session, request.seq)
-        if replica is not None:
-            state = replica.snapshot()
-            self._send(Snapshot(request.session, request.seq, state, digest_of(state)))
+        if replica is None:
+            return
+        state = replica.snapshot()
+        message = codec.encode(Snapshot(request.session, request.seq, state, digest_of(state)))
+        if len(message) > self._max_frame:
+            log.error(
+                "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",
+                request.session,
+                len(message),
+                self._max_frame,
+            )
+            return
+        self._queue(message)
 
     def _on_digest_request(self, request: DigestRequest) -> None:
         replica = self._replica_at(request.session, request.seq)
@@ -379,6 +421,7 @@ class Client:
 
     def _on_welcome(self, welcome: Welcome) -> None:
         self.connection_id = welcome.connection
+        self._max_frame = welcome.max_frame
 
 
 def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
@@ -420,4 +463,6 @@ async def open_client(
             lambda task_status: client.run(first_timeout=first_timeout, task_status=task_status)
         )
         yield client
+        with trio.move_on_after(LEAVE_TIMEOUT):
+            await client.drain()
         nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 PROTOCOL_VERSION = 1
+DEFAULT_MAX_FRAME = 1 << 20  # bytes; the reflector's limit is announced in its Welcome
 
 #: Topics the reflector injects into a session's ordered stream.
 VIEW_JOIN = "view-join"
@@ -131,6 +132,7 @@ class Welcome:
     version: int
     connection: str
     server: str
+    max_frame: int = DEFAULT_MAX_FRAME  # the largest frame the reflector accepts
 
 
 @attrs.frozen

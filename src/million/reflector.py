@@ -256,7 +256,9 @@ class Reflector:
                 return False
             conn.label = hello.client
             await conn.channel.send(
-                codec.encode(Welcome(PROTOCOL_VERSION, conn.id, f"million {__version__}"))
+                codec.encode(
+                    Welcome(PROTOCOL_VERSION, conn.id, f"million {__version__}", self.config.max_frame)
+                )
             )
             return True
         conn.close_code, conn.close_reason = transport.POLICY, "no hello within 10 s"
@@ -376,11 +378,13 @@ class Reflector:
         self._batch.times[session.name] = session.time
         self._emit(recipients, raw)
         self._stats["events"] += 1
-        if (
-            session.seq - session.snapshot_seq >= self.config.snapshot_every
-            and session.snapshot_asked is None
-        ):
+        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask(session):
             self._ask_snapshot(session, session.recipients)
+
+    def _may_ask(self, session: Session) -> bool:
+        """No request outstanding, or one left unanswered for a whole interval: ask again."""
+        asked = session.snapshot_asked
+        return asked is None or session.seq - asked[1] >= self.config.snapshot_every
 
     def _ask_snapshot(self, session: Session, candidates: tuple[Conn, ...]) -> None:
         if not candidates:
@@ -409,6 +413,8 @@ class Reflector:
             )
         session = await self._session(message)
         if session.model != message.model or session.options_key != _options_key(message.options):
+            if not session.conns:
+                self._evict.append(session.name)
             raise ProtocolError(
                 ErrorCode.MODEL_MISMATCH,
                 f"session {session.name!r} was created with model {session.model!r} and other options"

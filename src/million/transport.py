@@ -15,9 +15,9 @@ import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
-from million import tasks
+from million import protocol, tasks
 
-DEFAULT_MAX_FRAME = 1 << 20
+DEFAULT_MAX_FRAME = protocol.DEFAULT_MAX_FRAME
 RECEIVE_BUFFER = 1 << 16
 QUEUE = 64  # frames buffered by the websocket reader task
 HANDSHAKE_TIMEOUT = 10.0
