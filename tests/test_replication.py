@@ -257,13 +257,16 @@ async def test_a_diverging_replica_is_detected_and_counted(reflector):
     assert session["divergences"] == 1
 
 
-async def test_the_last_participant_to_leave_leaves_a_snapshot_behind(reflector, client):
-    async with million.join(client, "tidy", Ledger) as session:
+async def test_the_last_participant_to_leave_leaves_a_snapshot_behind(reflector):
+    async with (
+        million.open_client(reflector.url) as client,  # closed right after leaving
+        million.join(client, "tidy", Ledger) as session,
+    ):
         for i in range(10):
             session.publish("add", i)
         await session.wait_for(lambda model: model.total == 10)
     with trio.fail_after(10):
-        while (stored := await reflector.store.load("tidy")) is None or stored.events:
-            await trio.sleep(0.01)
+        while (stored := await reflector.store.load("tidy")) is None or stored.events:  # noqa: ASYNC110
+            await trio.sleep(0.01)  # the store has no event to wait for: poll it
     assert stored.snapshot_seq == 12  # join, ten additions, exit
     assert "tidy" not in [s["name"] for s in reflector.describe()["sessions"]]
