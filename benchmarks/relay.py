@@ -11,8 +11,9 @@ seconds after a warm-up.
 
 Measured: events stamped/s and delivered/s (counted in the clients), publish-to-delivery
 latency (p50, p99), CPU % and peak RSS of the reflector process, CPU % of the clients.
-The machine may have fewer cores than the three busy processes: the figures then show
-the reflector sharing a core with the clients.
+Each participant has one event in flight, so this is a closed loop: throughput is
+100 / round-trip time, and the three processes take turns more than they saturate the
+cores (on a 2-core machine they also compete for them). Profiled runs are slower.
 
     python benchmarks/relay.py                           # both scenarios, SQLite store, 10 s each
     python benchmarks/relay.py --scenario fanout --store memory --duration 5
@@ -158,6 +159,8 @@ def client_process(spec: ClientSpec, pipe: Connection) -> None:
     try:
         report = trio.run(run_client, spec, pipe) if spec.profile is None else _profiled(spec, pipe)
         pipe.send(("result", report))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C reached the whole process group: the parent reports it
     except BaseException:
         pipe.send(("error", traceback.format_exc()))
         raise
@@ -325,6 +328,10 @@ def client_processes(specs: list[ClientSpec]) -> Iterator[list[ClientProcess]]:
             process.start()
             clients.append(ClientProcess(process, parent))
         yield clients
+    except BaseException:
+        for client in clients:
+            client.process.kill()
+        raise
     finally:
         for client in clients:
             client.process.join(DRAIN_TIMEOUT)
@@ -397,10 +404,22 @@ def _measure(
         client.pipe.send("report")
     wall = after[0] - before[0]
     return {
+        "reflector_statistics": reflector_statistics(reflector.url),
         "reflector_cpu_percent": 100 * (after[1] - before[1]) / wall,
         "clients_cpu_percent": 100 * (after[2] - before[2]) / wall,
         "reflector_peak_rss_mib": peak_rss(reflector.process) / (1 << 20),
     }
+
+
+def reflector_statistics(url: str) -> dict[str, int] | None:
+    """The reflector's own counters (whole run), from ``million status``."""
+    command = [sys.executable, "-m", "million", "status", "--reflector", url, "--json"]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+        return json.loads(done.stdout)["statistics"]
+    except (subprocess.SubprocessError, ValueError, KeyError) as exc:
+        print(f"million status failed: {exc}", file=sys.stderr)
+        return None
 
 
 def _log_findings(log: Path) -> dict[str, Any]:
@@ -431,6 +450,7 @@ def summarize(
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "store": args.store,
+        "profiled": args.profile,
         "events_in_per_s": round(stamped),
         "events_out_per_s": round(delivered),
         "latency_p50_ms": round(cuts[49] * 1000, 3),
@@ -439,6 +459,7 @@ def summarize(
         "reflector_peak_rss_mib": round(figures["reflector_peak_rss_mib"], 1),
         "clients_cpu_percent": round(figures["clients_cpu_percent"], 1),
         "goal_met": stamped >= scenario.goal_in and delivered >= scenario.goal_out,
+        "reflector_statistics": figures["reflector_statistics"],
         "checks": _checks(reports),
         "reflector_log": figures["reflector_log"],
     }
@@ -466,32 +487,49 @@ def _checks(reports: list[dict[str, Any]]) -> dict[str, Any]:
 # --- profiles ----------------------------------------------------------------------------
 
 
-def render_profiles(profiles: dict[str, Path]) -> dict[str, str]:
-    """A flat (self time, all frames) and a call-tree text rendering of each saved session."""
+def render_profiles(profiles: dict[str, Path]) -> dict[str, Any]:
+    """Write a flat (self time by function) and a call-tree rendering of each saved session."""
     from pyinstrument.renderers import ConsoleRenderer
     from pyinstrument.session import Session
 
-    rendered = {}
+    rendered: dict[str, Any] = {}
     for who, path in profiles.items():
         if not path.exists():
             print(f"no {who} profile was written ({path})", file=sys.stderr)
             continue
         session = Session.load(str(path))
-        flat = ConsoleRenderer(flat=True, time="percent_of_total", show_all=True, color=False, unicode=True)
-        tree = ConsoleRenderer(time="percent_of_total", color=False, unicode=True)
-        for kind, renderer in (("flat", flat), ("tree", tree)):
-            out = path.with_name(f"{path.stem}-{kind}.txt")
-            out.write_text(renderer.render(session))
-            rendered[f"{who}_{kind}"] = str(out)
+        tree = path.with_name(f"{path.stem}-tree.txt")
+        tree.write_text(ConsoleRenderer(time="percent_of_total", color=False, unicode=True).render(session))
+        flat = path.with_name(f"{path.stem}-flat.txt")
+        shares = flat_profile(session)
+        flat.write_text("".join(f"{share:6.1%}  {where}\n" for where, share in shares))
+        rendered[who] = {"flat": str(flat), "tree": str(tree), "top": shares[:PROFILE_TOP]}
     return rendered
 
 
+def flat_profile(session: Any) -> list[tuple[str, float]]:
+    """Share of the sampled (main thread) wall time spent in each function itself, largest first.
+
+    pyinstrument's own flat renderer also counts its synthetic ``[self]`` frames, twice.
+    """
+    root = session.root_frame()
+    totals: dict[str, float] = {}
+    stack = [root]
+    while stack:
+        frame = stack.pop()
+        stack.extend(frame.children)
+        if not frame.is_synthetic:
+            name = f"{frame.class_name}.{frame.function}" if frame.class_name else frame.function
+            where = f"{name}  {frame.file_path_short}:{frame.line_no}"
+            totals[where] = totals.get(where, 0.0) + frame.total_self_time
+    return sorted(((where, t / root.time) for where, t in totals.items()), key=lambda item: -item[1])
+
+
 def print_profile_tops(summary: dict[str, Any]) -> None:
-    for key, path in summary.get("profiles", {}).items():
-        if key.endswith("_flat"):
-            lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
-            print(f"\n{summary['scenario']}: {key} (self time, top {PROFILE_TOP}; full: {path})")
-            print("\n".join(lines[:PROFILE_TOP]))
+    for who, profile in summary.get("profiles", {}).items():
+        print(f"\n{summary['scenario']}, {who}: self time by function, top {PROFILE_TOP} ({profile['flat']})")
+        for where, share in profile["top"]:
+            print(f"{share:6.1%}  {where}")
 
 
 # --- the command -------------------------------------------------------------------------
@@ -520,6 +558,15 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
             for s in summaries
         ]
         print(f"{label:{width}}" + "".join(f"{cell:>14}" for cell in cells))
+    for s in summaries:
+        stats = s["reflector_statistics"] or {}
+        if stats.get("frames_in") and stats.get("frames_out"):
+            print(
+                f"{s['scenario']}: reflector relayed {stats['events']:,} events in {stats['frames_in']:,}"
+                f" frames in ({stats['events'] / stats['frames_in']:.1f} events per frame) and"
+                f" {stats['frames_out']:,} frames out ({stats['bytes_out'] / stats['frames_out']:,.0f}"
+                " bytes per frame)"
+            )
     for s in summaries:
         checks, log = s["checks"], s["reflector_log"]
         print(
@@ -570,7 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="million-bench-") as workdir:
         for name in names:
             print(f"running {name} ({args.warmup:g} s warm-up, {args.duration:g} s measured) ...", flush=True)
-            summaries.append(run_scenario(SCENARIOS[name], args, Path(workdir)))
+            try:
+                summaries.append(run_scenario(SCENARIOS[name], args, Path(workdir)))
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130
     print_table(summaries)
     for summary in summaries:
         print_profile_tops(summary)
