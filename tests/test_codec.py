@@ -134,3 +134,15 @@ def test_mutated_messages_decode_or_raise_protocol_error(message, data):
     body[key] = data.draw(json_values)
     with contextlib.suppress(ProtocolError):
         codec.decode(orjson.dumps(body), table_for(message))
+
+
+@given(st.sampled_from([protocol.Publish, protocol.Event]), st.data())
+def test_the_hot_path_decoders_agree_with_the_converter(cls, data):
+    fields = {field.name: data.draw(json_values) for field in attrs.fields(cls)}
+    fast = codec._FAST[cls](fields)
+    try:
+        slow = codec.converter.structure(fields, cls)
+    except Exception:
+        assert fast is None
+    else:
+        assert fast == slow

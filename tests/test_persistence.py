@@ -49,7 +49,6 @@ async def test_the_store_keeps_the_latest_snapshot_and_only_the_events_after_it(
         Batch(
             created=[("s", "m", b'{"a":1}')],
             events=[("s", seq, b'{"seq":%d}' % seq) for seq in range(1, 6)],
-            times={"s": 50},
         )
     )
     await store.commit(Batch(snapshots=[("s", 3, 30, b'{"state":3}', "d3")]))
@@ -59,5 +58,4 @@ async def test_the_store_keeps_the_latest_snapshot_and_only_the_events_after_it(
     assert stored is not None
     assert (stored.snapshot_seq, stored.snapshot_time, stored.snapshot_state) == (3, 30, b'{"state":3}')
     assert stored.events == [b'{"seq":4}', b'{"seq":5}']
-    assert stored.time == 50
     assert stored.options == b'{"a":1}'

@@ -35,7 +35,6 @@ from million.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Publish,
     Snapshot,
     SnapshotRequest,
     Status,
@@ -182,7 +181,8 @@ class Client:
         self._forget(session)
 
     def publish(self, name: str, view: str, topic: str, data: Any) -> None:
-        self._send(Publish(name, view, topic, data))
+        if self._connected:
+            self._queue(codec.encode_publish(name, view, topic, data))
 
     async def drain(self) -> None:
         """Wait until everything queued has been handed to the connection (or it is gone)."""

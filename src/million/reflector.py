@@ -375,7 +375,6 @@ class Reflector:
         raw = codec.encode_event(session.name, session.seq, session.time, view, topic, data)
         session.tail.append(raw)
         self._batch.events.append((session.name, session.seq, raw))
-        self._batch.times[session.name] = session.time
         self._emit(recipients, raw)
         self._stats["events"] += 1
         if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask(session):
@@ -601,7 +600,7 @@ def _revive(stored: StoredSession) -> Session:
         options,
         stored.options,
         seq=stored.snapshot_seq + len(stored.events),
-        time=stored.time,
+        time=codec.loads(stored.events[-1])["time"] if stored.events else stored.snapshot_time,
         snapshot_seq=stored.snapshot_seq,
         snapshot_time=stored.snapshot_time,
         snapshot_state=stored.snapshot_state,

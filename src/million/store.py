@@ -18,7 +18,6 @@ CREATE TABLE IF NOT EXISTS sessions (
     name TEXT PRIMARY KEY,
     model TEXT NOT NULL,
     options BLOB NOT NULL,
-    time INTEGER NOT NULL DEFAULT 0,
     snapshot_seq INTEGER NOT NULL DEFAULT 0,
     snapshot_time INTEGER NOT NULL DEFAULT 0,
     snapshot_state BLOB,
@@ -41,7 +40,6 @@ class StoredSession:
     name: str
     model: str
     options: bytes
-    time: int
     snapshot_seq: int
     snapshot_time: int
     snapshot_state: bytes | None
@@ -57,11 +55,10 @@ class Batch:
     created: list[tuple[str, str, bytes]] = attrs.Factory(list)
     events: list[tuple[str, int, bytes]] = attrs.Factory(list)
     snapshots: list[tuple[str, int, int, bytes, str]] = attrs.Factory(list)
-    times: dict[str, int] = attrs.Factory(dict)
     presence: dict[str, bytes] = attrs.Factory(dict)  # the views present, as a JSON list
 
     def __bool__(self) -> bool:
-        return bool(self.created or self.events or self.snapshots or self.times or self.presence)
+        return bool(self.created or self.events or self.snapshots or self.presence)
 
 
 class Store:
@@ -112,11 +109,6 @@ class Store:
                     (seq, time, state, digest, name, seq),
                 )
                 db.execute("DELETE FROM events WHERE session = ? AND seq <= ?", (name, seq))
-            if batch.times:
-                db.executemany(
-                    "UPDATE sessions SET time = MAX(time, ?) WHERE name = ?",
-                    [(time, name) for name, time in batch.times.items()],
-                )
             if batch.presence:
                 db.executemany(
                     "UPDATE sessions SET present = ? WHERE name = ?",
@@ -129,7 +121,7 @@ class Store:
 
     def _load(self, name: str) -> StoredSession | None:
         row = self._db.execute(
-            "SELECT model, options, time, snapshot_seq, snapshot_time, snapshot_state,"
+            "SELECT model, options, snapshot_seq, snapshot_time, snapshot_state,"
             " snapshot_digest, present FROM sessions WHERE name = ?",
             (name,),
         ).fetchone()
