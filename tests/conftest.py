@@ -8,11 +8,13 @@ import pytest
 
 import million
 from million.reflector import ReflectorConfig
+from million.transport import ENGINES
 
 
-@pytest.fixture
-async def reflector() -> AsyncIterator[million.Reflector]:
-    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
+@pytest.fixture(params=ENGINES)
+async def reflector(request: pytest.FixtureRequest) -> AsyncIterator[million.Reflector]:
+    """An in-process reflector, once with each websocket engine."""
+    async with million.open_reflector(ReflectorConfig(port=0, transport=request.param)) as reflector:
         yield reflector
 
 

@@ -84,8 +84,8 @@ async def test_an_error_names_the_request_it_answers(reflector):
 
 async def test_a_frame_over_the_size_limit_closes_that_connection_only(reflector, bystander):
     async with raw(reflector.url) as channel:
-        await channel.send(b"[" + b" " * reflector.config.max_frame + b"]")
         with pytest.raises(transport.Closed) as closed, trio.fail_after(5):
+            await channel.send(b"[" + b" " * reflector.config.max_frame + b"]")
             await channel.receive()
         assert closed.value.code == transport.TOO_BIG
     await still_served(bystander)

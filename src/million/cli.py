@@ -16,6 +16,7 @@ from million import __version__
 from million.client import ClientError, open_client
 from million.reflector import ReflectorConfig, serve_reflector
 from million.store import open_store
+from million.transport import ENGINES
 
 log = logging.getLogger("million")
 
@@ -67,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         help="sessions one connection may be in at once (default: %(default)s)",
     )
     reflector.add_argument(
+        "--transport",
+        choices=ENGINES,
+        default="sansio",
+        help="websocket implementation serving clients (default: %(default)s)",
+    )
+    reflector.add_argument(
         "--token",
         default=os.environ.get("MILLION_TOKEN"),
         help="shared secret clients must present (default: $MILLION_TOKEN)",
@@ -101,6 +108,7 @@ def _reflector(args: argparse.Namespace) -> int:
         max_queue_bytes=args.max_queue,
         max_sessions_per_connection=args.max_sessions,
         token=args.token,
+        transport=args.transport,
     )
     try:
         store = open_store(config.store)

@@ -66,6 +66,7 @@ class ReflectorConfig:
     max_queue_bytes: int = 64 << 20
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
+    transport: str = "sansio"  # or "trio-websocket": see million.transport
 
 
 @attrs.frozen
@@ -205,6 +206,7 @@ class Reflector:
                         self.config.port,
                         ssl_context=self.config.ssl_context,
                         max_frame=self.config.max_frame,
+                        engine=self.config.transport,
                         task_status=task_status,
                     )
                 )
