@@ -17,6 +17,7 @@ cores (on a 2-core machine they also compete for them). Profiled runs are slower
 
     python benchmarks/relay.py                           # both scenarios, SQLite store, 10 s each
     python benchmarks/relay.py --scenario fanout --store memory --duration 5
+    python benchmarks/relay.py --transport trio-websocket   # the reflector on trio-websocket
     python benchmarks/relay.py --profile                 # pyinstrument: reflector and one client
     nox -s bench -- --duration 20
 
@@ -245,10 +246,12 @@ class ReflectorProcess:
 
 
 @contextlib.contextmanager
-def reflector_process(store: str, log: Path, profile: Path | None) -> Iterator[ReflectorProcess]:
+def reflector_process(
+    store: str, transport: str, log: Path, profile: Path | None
+) -> Iterator[ReflectorProcess]:
     """Run ``million reflector`` on a free loopback port; SIGINT it on the way out, always."""
     command = [sys.executable, "-m", "million", "--log-level", "warning", "reflector"]
-    command += ["--host", "127.0.0.1", "--port", "0", "--store", store]
+    command += ["--host", "127.0.0.1", "--port", "0", "--store", store, "--transport", transport]
     if profile is not None:
         command[1:1] = ["-m", "pyinstrument", "-o", str(profile), "-r", "pyisession"]
     with log.open("wb") as out:
@@ -365,7 +368,7 @@ def run_scenario(scenario: Scenario, args: argparse.Namespace, workdir: Path) ->
     store = ":memory:" if args.store == "memory" else str(workdir / f"{scenario.name}.db")
     profiles = _profile_paths(scenario) if args.profile else {}
     log = workdir / f"{scenario.name}-reflector.log"
-    with reflector_process(store, log, profiles.get("reflector")) as reflector:
+    with reflector_process(store, args.transport, log, profiles.get("reflector")) as reflector:
         specs = client_specs(scenario, reflector.url, args, profiles.get("client"))
         with client_processes(specs) as clients:
             figures = _measure(reflector, clients, args)
@@ -450,6 +453,7 @@ def summarize(
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "store": args.store,
+        "transport": args.transport,
         "profiled": args.profile,
         "events_in_per_s": round(stamped),
         "events_out_per_s": round(delivered),
@@ -602,6 +606,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load before measuring")
     parser.add_argument("--store", choices=["sqlite", "memory"], default="sqlite", help="reflector store")
     parser.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    parser.add_argument(
+        "--transport",
+        choices=["sansio", "trio-websocket"],
+        default="sansio",
+        help="reflector websocket engine",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="run the reflector and client 0 under pyinstrument"
     )
