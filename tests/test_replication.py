@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import pytest
 import trio
 
 import million
@@ -270,3 +271,16 @@ async def test_the_last_participant_to_leave_leaves_a_snapshot_behind(reflector)
             await trio.sleep(0.01)  # the store has no event to wait for: poll it
     assert stored.snapshot_seq == 12  # join, ten additions, exit
     assert "tidy" not in [s["name"] for s in reflector.describe()["sessions"]]
+
+
+async def test_joining_without_creating_takes_the_recorded_options(client):
+    with pytest.raises(million.JoinError) as missing:
+        async with million.join(client, "absent", Ledger, create=False):
+            pass
+    assert missing.value.code == "not-found"
+    async with (
+        million.join(client, "recorded", Ledger, options={"target": 3}),
+        million.join(client, "recorded", Ledger, create=False) as second,
+    ):
+        assert second.options == {"target": 3}
+        assert second.model.target == 3

@@ -153,12 +153,14 @@ class Client:
 
     # --- sessions ----------------------------------------------------------------------
 
-    async def join(self, name: str, model_cls: type[Model], options: Any = None) -> Session:
+    async def join(
+        self, name: str, model_cls: type[Model], options: Any = None, *, create: bool = True
+    ) -> Session:
         """Join ``name`` and wait until this participant's replica is at the present."""
         group = self._groups.get(name)
         if group is None:
             group = self._groups[name] = Group(name, model_cls, options)
-        session = Session(self, group, model_cls, options)
+        session = Session(self, group, model_cls, options, create)
         group.sessions.append(session)
         if self._connected:
             self._send_join(session)
@@ -218,7 +220,7 @@ class Client:
     def _send_join(self, session: Session) -> None:
         ref = next(self._refs)
         self._joining[ref] = session
-        self._send(Join(ref, session.name, session.model_cls.model_name, session.options))
+        self._send(Join(ref, session.name, session.model_cls.model_name, session.options, session.create))
 
     def _send(self, message: Any) -> None:
         if self._connected:
@@ -371,6 +373,7 @@ class Client:
                 group.replica = None
                 session.failed(JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
                 return None
+        session.options = sync.options
         session.joined(sync.view)
         return group
 

@@ -42,6 +42,7 @@ class ErrorCode:
     VERSION = "version"  # the client speaks another protocol version
     UNAUTHORIZED = "unauthorized"  # missing or wrong token
     NOT_JOINED = "not-joined"  # publish/leave for a view this connection does not hold
+    NOT_FOUND = "not-found"  # a join that may not create names a session that does not exist
     MODEL_MISMATCH = "model-mismatch"  # join names another model or options
     BAD_NAME = "bad-name"  # session name does not match SESSION_NAME
     LIMIT = "limit"  # a configured limit was exceeded
@@ -71,12 +72,17 @@ class Hello:
 
 @attrs.frozen
 class Join:
-    """Join ``session``; the first join of a session records ``model`` and ``options``."""
+    """Join ``session``; the first join of a session records ``model`` and ``options``.
+
+    With ``create`` false the session must exist and ``options`` is not compared: the
+    joiner takes the options it was created with (they come back in the Sync).
+    """
 
     ref: int  # echoed in the Sync or Error that answers it
     session: str
     model: str
     options: Any = None
+    create: bool = True
 
 
 @attrs.frozen

@@ -413,7 +413,9 @@ class Reflector:
                 f"a connection may hold at most {self.config.max_sessions_per_connection} memberships",
             )
         session = await self._session(message)
-        if session.model != message.model or session.options_key != _options_key(message.options):
+        if session.model != message.model or (
+            message.create and session.options_key != _options_key(message.options)
+        ):
             if not session.conns:
                 self._evict.append(session.name)
             raise ProtocolError(
@@ -476,6 +478,8 @@ class Reflector:
         session = self._sessions.get(name)
         if session is not None:
             return session
+        if stored is None and not message.create:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"there is no session {name!r}")
         if stored is None:
             session = Session(name, message.model, message.options, _options_key(message.options))
             self._batch.created.append((name, message.model, session.options_key))

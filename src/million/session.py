@@ -31,12 +31,15 @@ class JoinError(Exception):
 class Session:
     """One participant's membership of a session: its view id, the model, its view."""
 
-    def __init__(self, client: Client, group: Group, model_cls: type[Model], options: Any) -> None:
+    def __init__(
+        self, client: Client, group: Group, model_cls: type[Model], options: Any, create: bool = True
+    ) -> None:
         self.client = client
         self.group = group
         self.name = group.name
         self.model_cls = model_cls
         self.options = options
+        self.create = create
         self.view_id = ""
         self.view: View | None = None
         self.nursery: trio.Nursery | None = None
@@ -105,14 +108,17 @@ async def join(
     model_cls: type[Model],
     view_cls: Callable[[Session], View] = View,
     options: Any = None,
+    *,
+    create: bool = True,
 ) -> AsyncIterator[Session]:
     """Join session ``name``, replay it to the present, build the view and run it.
 
     The first join of a session creates its model with ``options``; later joins must
-    name the same model class and options. On exit the view's tasks are cancelled and
-    the session is left; the session itself lives on in the reflector.
+    name the same model class and options. With ``create=False`` the session must
+    exist and its options are taken as they are (``session.options``). On exit the
+    view's tasks are cancelled and the session is left; the session itself lives on.
     """
-    session = await client.join(name, model_cls, options)
+    session = await client.join(name, model_cls, options, create=create)
     try:
         async with tasks.open_nursery() as nursery:
             session.nursery = nursery
