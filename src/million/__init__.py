@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from million.client import Client, ClientError, open_client
+from million.hookspecs import hookimpl
 from million.model import Model, Random
 from million.protocol import ProtocolError
 from million.reflector import Reflector, ReflectorConfig, open_reflector
@@ -21,6 +22,7 @@ __all__ = [
     "Session",
     "View",
     "__version__",
+    "hookimpl",
     "join",
     "open_client",
     "open_reflector",

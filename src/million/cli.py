@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
+import attrs
 import trio
+from rich.console import Console
 
-from million import __version__
+from million import __version__, bots, runner, tasks
 from million.client import ClientError, open_client
+from million.display import ProgressDisplay
+from million.plugins import PluginError
 from million.reflector import ReflectorConfig, serve_reflector
+from million.runner import RunConfig, RunError, RunState
+from million.session import JoinError
 from million.store import open_store
 from million.transport import ENGINES
+
+T = TypeVar("T")
 
 log = logging.getLogger("million")
 
@@ -80,6 +90,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     reflector.set_defaults(command=_reflector)
 
+    run = commands.add_parser("run", help="run a computation and print its answer")
+    run.add_argument(
+        "--plugin", required=True, help="the plugin (entry point in group 'million') to compute with"
+    )
+    run.add_argument("--input", type=_json_or_word, default=1, help="the run's input, as JSON (default: 1)")
+    run.add_argument("--partitions", type=_positive, default=10_000, help="partitions (default: %(default)s)")
+    run.add_argument(
+        "--fanout", type=_fanout, default=100, help="partitions or children per session (default: 100)"
+    )
+    run.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="a plugin option, VALUE parsed as JSON where it parses (repeatable)",
+    )
+    run.add_argument("--name", help="name of the run (default: a fresh one); the same name resumes it")
+    run.add_argument("--store", help="store file of the embedded reflector (default: a temporary file)")
+    run.add_argument("--reflector", help="URL of a running reflector (default: start one in this process)")
+    run.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument("--bots", type=_positive, default=16, help="bots per worker process (default: 16)")
+    run.add_argument(
+        "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
+    )
+    run.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    run.add_argument("--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token")
+    run.set_defaults(command=_run)
+
+    work = commands.add_parser("work", help="run bots that work a run until it is done")
+    work.add_argument("--reflector", required=True, help="reflector URL, e.g. ws://127.0.0.1:8765")
+    work.add_argument("--run", required=True, help="name of the run to work on")
+    work.add_argument("--bots", type=_positive, default=16, help="bots per process (default: 16)")
+    work.add_argument("--processes", type=_positive, default=1, help="worker processes (default: 1)")
+    work.add_argument(
+        "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
+    )
+    work.add_argument("--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token")
+    work.set_defaults(command=_work)
+
     status = commands.add_parser("status", help="show a reflector's sessions")
     status.add_argument(
         "--reflector", default="ws://127.0.0.1:8765", help="reflector URL (default: %(default)s)"
@@ -95,6 +145,132 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
     return value
+
+
+def _fanout(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, not {text}")
+    return value
+
+
+def _json_or_word(text: str) -> Any:
+    """JSON where it parses; otherwise the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, _json_or_word(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = RunConfig(
+        plugin=args.plugin,
+        input=args.input,
+        partitions=args.partitions,
+        fanout=args.fanout,
+        options=dict(args.option),
+        name=args.name,
+        store=args.store,
+        reflector=args.reflector,
+        workers=args.workers,
+        bots=args.bots,
+        detach=args.detach,
+        token=args.token,
+    )
+    console = Console(stderr=True)
+    seen: list[RunState] = []
+
+    def watch(state: RunState) -> None:
+        if not seen:
+            seen.append(state)
+        if display is not None:
+            display.update(state)
+
+    display = ProgressDisplay(console) if console.is_terminal and not args.json else None
+    try:
+        with display or contextlib.nullcontext():
+            result = trio.run(_until_signal, runner.run(config, watch=watch))
+    except (PluginError, RunError, ClientError) as exc:
+        print(f"million run: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, PluginError) else 1
+    if result is None:
+        state = seen[0] if seen else None
+        done = f"{state.done:,} of {state.partitions:,} partitions done" if state else "nothing done yet"
+        print(f"million run: interrupted, {done}", file=sys.stderr)
+        if state is not None and state.store is not None:
+            print(f"resume with: million run {_resume_args(args, state)}", file=sys.stderr)
+        return 130
+    if args.store is None and result.store is not None:
+        runner.remove_store(result.store)
+        result = attrs.evolve(result, store=None)
+    if args.json:
+        print(json.dumps(attrs.asdict(result)))
+    else:
+        print(f"answer: {json.dumps(result.answer)}")
+        print(
+            f"{result.partitions:,} partitions (fanout {result.fanout}) in {result.elapsed_s:.2f} s:"
+            f" {result.partitions_per_s:,.0f} partitions/s" + (" (resumed)" if result.resumed else "")
+        )
+    return 0
+
+
+def _resume_args(args: argparse.Namespace, state: RunState) -> str:
+    parts = [f"--plugin {args.plugin}", f"--name {state.name}", f"--store {state.store}"]
+    parts += [
+        f"--partitions {args.partitions}",
+        f"--fanout {args.fanout}",
+        f"--input {json.dumps(args.input)!r}",
+    ]
+    parts += [f"--option {key}={json.dumps(value)!r}" for key, value in args.option]
+    return " ".join(parts)
+
+
+def _work(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        command = [sys.executable, "-m", "million", "--log-level", args.log_level, "work", "--reflector"]
+        command += [args.reflector, "--run", args.run, "--bots", str(args.bots)]
+        command += [] if args.detach else ["--no-detach"]
+        commands = [command] * args.processes
+        trio.run(_until_signal, bots.run_worker_processes_to_end(commands))
+        return 0
+    try:
+        answer = trio.run(
+            _until_signal,
+            bots.run_bots(args.reflector, args.run, args.bots, detach=args.detach, token=args.token),
+        )
+    except (PluginError, ClientError) as exc:
+        print(f"million work: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, PluginError) else 1
+    except JoinError as exc:
+        print(f"million work: cannot join run {args.run}: {exc}", file=sys.stderr)
+        return 1
+    if answer is None:
+        print("million work: stopped", file=sys.stderr)
+    return 0
+
+
+async def _until_signal(job: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``job``; on SIGINT or SIGTERM cancel it and return None."""
+    result: list[T] = []
+
+    async def go(cancel: trio.CancelScope) -> None:
+        result.append(await job)
+        cancel.cancel()
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with tasks.open_nursery() as nursery:
+            nursery.start_soon(go, nursery.cancel_scope)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    return result[0] if result else None
 
 
 def _reflector(args: argparse.Namespace) -> int:

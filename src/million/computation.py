@@ -1,0 +1,346 @@
+"""The partition tree: the ``Computation`` model, the worker that runs it, and the arithmetic.
+
+A session computes ``partitions`` partitions. If they fit in one session (at most
+``fanout``) it is a leaf and its workers compute them with the plugin's ``compute``.
+Otherwise it has ``fanout`` children, named ``<session>-<i>``, which split the
+partitions evenly (``split``) and are computed the same way, recursively. Each
+session prepares its inputs once (``prepare_inputs``) and, when every partition or
+child has an output, collects them (``collect_results``); that output is the
+partition's output in the parent.
+
+Everything a session knows is its replicated model, so any worker can join any
+session at any time, and every worker may leave: the work resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from million.client import Client
+from million.model import Model
+from million.plugins import Plugin
+from million.protocol import VIEW_EXIT
+from million.session import Session, join
+from million.view import View
+
+__all__ = ["Computation", "Progress", "Spec", "Worker", "depth", "progress_session", "split", "work"]
+
+TASKS = ("prepare", "collect")
+
+
+def split(total: int, fanout: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of each of ``fanout`` children sharing ``total`` partitions.
+
+    Sizes differ by at most one, the larger first; integer arithmetic only.
+    """
+    base, extra = divmod(total, fanout)
+    return [(i * base + min(i, extra), base + (1 if i < extra else 0)) for i in range(fanout)]
+
+
+def depth(total: int, fanout: int) -> int:
+    """Levels of sessions for ``total`` partitions: the smallest k with fanout**k >= total."""
+    levels, capacity = 1, fanout
+    while capacity < total:
+        levels, capacity = levels + 1, capacity * fanout
+    return levels
+
+
+@attrs.frozen
+class Spec:
+    """What one session computes; its JSON form is the session's creation options."""
+
+    plugin: str
+    version: str
+    input: Any
+    partitions: int
+    fanout: int
+    options: dict[str, Any] = attrs.Factory(dict)
+    start: int = 0  # global number of the session's first partition
+    parent: str | None = None
+    index: int | None = None  # this session's index in its parent
+
+    @property
+    def leaf(self) -> bool:
+        return self.partitions <= self.fanout
+
+    @property
+    def count(self) -> int:
+        """Partitions (leaf) or children (interior) of this session."""
+        return self.partitions if self.leaf else self.fanout
+
+    def child(self, name: str, index: int, input: Any) -> tuple[str, dict[str, Any]]:
+        """Name and options of child ``index`` of the session ``name``."""
+        start, size = split(self.partitions, self.fanout)[index]
+        spec = attrs.evolve(
+            self, input=input, partitions=size, start=self.start + start, parent=name, index=index
+        )
+        return f"{name}-{index}", spec.to_options()
+
+    def to_options(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Spec:
+        return cls(**options)
+
+
+@attrs.define
+class Computation(Model, name="million.computation"):
+    """The replicated state of one session of the tree."""
+
+    leaf: bool = True
+    count: int = 0
+    inputs: list[Any] | None = None
+    outputs: list[Any] = attrs.Factory(list)
+    completed: list[bool] = attrs.Factory(list)
+    started: list[bool] = attrs.Factory(list)
+    done_by: list[str | None] = attrs.Factory(list)
+    remaining: int = 0
+    workers: dict[str, int] = attrs.Factory(dict)  # view -> partition it works on
+    answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, partition or None]
+    claims: dict[str, str] = attrs.Factory(dict)  # "prepare" / "collect" -> view doing it
+    output: Any = None
+    done: bool = False
+
+    def init(self, options: Any) -> None:
+        spec = Spec.from_options(options)
+        self.leaf, self.count = spec.leaf, spec.count
+        self.outputs = [None] * self.count
+        self.completed = [False] * self.count
+        self.started = [False] * self.count
+        self.done_by = [None] * self.count
+        self.remaining = self.count
+        self.subscribe("request", self.request)
+        self.subscribe("end", self.end)
+        self.subscribe("claim", self.claim)
+        self.subscribe("inputs", self.set_inputs)
+        self.subscribe("output", self.set_output)
+        self.subscribe(VIEW_EXIT, self.exit)
+
+    def request(self, request_id: Any) -> None:
+        """A worker asks for a partition: the answer is recorded under its view."""
+        view = self.sender
+        index = None if self.done or self.inputs is None else self._assign()
+        if index is None:
+            self.workers.pop(view, None)
+        else:
+            self.workers[view] = index
+            self.started[index] = True
+        self.answers[view] = [request_id, index]
+
+    def _assign(self) -> int | None:
+        """A partition nobody has started, else the incomplete one with the fewest workers."""
+        for index in range(self.count):
+            if not self.started[index] and not self.completed[index]:
+                return index
+        load = [0] * self.count
+        for index in self.workers.values():
+            load[index] += 1
+        incomplete = [index for index in range(self.count) if not self.completed[index]]
+        return min(incomplete, key=lambda index: (load[index], index), default=None)
+
+    def end(self, data: Any) -> None:
+        """A partition's output; the first one reported wins, later ones are ignored."""
+        index, output = data["index"], data["output"]
+        if type(index) is not int or not 0 <= index < self.count or self.completed[index]:
+            return
+        self.completed[index] = True
+        self.outputs[index] = output
+        self.done_by[index] = self.sender
+        self.remaining -= 1
+        for view in [view for view, working in self.workers.items() if working == index]:
+            del self.workers[view]
+
+    def claim(self, task: Any) -> None:
+        if task in TASKS and task not in self.claims:
+            self.claims[task] = self.sender
+
+    def set_inputs(self, inputs: Any) -> None:
+        if self.inputs is None and isinstance(inputs, list) and len(inputs) == self.count:
+            self.inputs = inputs
+            self.claims.pop("prepare", None)
+
+    def set_output(self, output: Any) -> None:
+        if not self.done and self.remaining == 0:
+            self.output, self.done = output, True
+            self.claims.pop("collect", None)
+
+    def exit(self, view: str) -> None:
+        self.workers.pop(view, None)
+        self.answers.pop(view, None)
+        for task in [task for task, holder in self.claims.items() if holder == view]:
+            del self.claims[task]
+
+
+@attrs.define
+class Context:
+    """What the workers of one process share."""
+
+    client: Client
+    plugin: Plugin
+    detach: bool = True  # leave a session while working in its child
+    on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
+
+
+@attrs.frozen
+class Outcome:
+    """How a worker's time in a session ended: the session's output, or a child to work."""
+
+    done: bool
+    output: Any = None
+    index: int = -1
+    child: str = ""
+    child_options: dict[str, Any] = attrs.Factory(dict)
+
+
+async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Work in session ``name`` (and below it) until it has an output; return the output.
+
+    ``options=None`` joins the session as it exists (a run's root, found by name).
+    """
+    report = None
+    while True:
+        view = partial(Worker, ctx=ctx, report=report)
+        async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
+            outcome = await session.view.outcome()
+        if outcome.done:
+            return outcome.output
+        output = await work(ctx, outcome.child, outcome.child_options)
+        report = (outcome.index, output)
+
+
+class Worker(View):
+    """A participant that prepares, computes or coordinates partitions, and collects."""
+
+    def __init__(self, session: Session, *, ctx: Context, report: tuple[int, Any] | None = None) -> None:
+        super().__init__(session)
+        self.ctx = ctx
+        self.report = report
+        self.spec = Spec.from_options(session.options)
+        self._requests = 0
+        self._cycle = trio.CancelScope()
+        self._outcome: Outcome | None = None
+        self._finished = trio.Event()
+
+    async def outcome(self) -> Outcome:
+        await self._finished.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+    async def run(self) -> None:
+        while self._outcome is None:
+            with trio.CancelScope() as self._cycle:
+                self._outcome = await self._work()
+        self._finished.set()
+
+    def resynced(self) -> None:
+        self._cycle.cancel()  # requests made under the old view id will never be answered
+
+    async def _work(self) -> Outcome:
+        if self.report is not None:
+            index, output = self.report
+            self.publish("end", {"index": index, "output": output})
+        while True:
+            model = self.model
+            if model.done:
+                return Outcome(True, model.output)
+            if model.inputs is None:
+                await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
+                continue
+            index = await self._request()
+            if index is None:
+                await self._claim("collect", lambda m: m.done, self._collect)
+                continue
+            if not self.spec.leaf:
+                child, options = self.spec.child(self.session.name, index, model.inputs[index])
+                if self.ctx.detach:
+                    return Outcome(False, index=index, child=child, child_options=options)
+                output = await work(self.ctx, child, options)
+            else:
+                output = await self._compute(index, model.inputs[index])
+            if not self.model.completed[index]:
+                self.publish("end", {"index": index, "output": output})
+
+    async def _request(self) -> int | None:
+        self._requests += 1
+        request = self._requests
+        self.publish("request", request)
+        await self.session.wait_for(lambda m: m.answers.get(self.view_id, [None])[0] == request)
+        return self.model.answers[self.view_id][1]
+
+    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> None:
+        self.publish("claim", task)
+        await self.session.wait_for(lambda m: finished(m) or task in m.claims)
+        if finished(self.model):
+            return
+        holder = self.model.claims[task]
+        if holder == self.view_id:
+            await action()
+        await self.session.wait_for(lambda m: finished(m) or m.claims.get(task) != holder)
+
+    async def _prepare(self) -> None:
+        spec = self.spec
+        inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
+        self.publish("inputs", inputs)
+        self._log("prepared")
+
+    async def _compute(self, index: int, input: Any) -> Any:
+        output = await self.ctx.plugin.compute(input, self.spec.start + index, self.spec.options)
+        self._log("computed", index=self.spec.start + index)
+        return output
+
+    async def _collect(self) -> None:
+        spec = self.spec
+        output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        self.publish("output", output)
+        self._log("collected")
+        if spec.leaf and self.ctx.on_leaf_done is not None:
+            self.ctx.on_leaf_done(self.session.name, spec.partitions)
+
+    def _log(self, event: str, **fields: Any) -> None:
+        self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id, **fields})
+
+
+def progress_session(run: str) -> str:
+    """The name of the session that counts a run's finished partitions."""
+    return f"{run}:progress"
+
+
+@attrs.define
+class Progress(Model, name="million.progress"):
+    """Finished leaf sessions of a run, counted once each, and who is working."""
+
+    root: str = ""
+    partitions: int = 0
+    done: int = 0
+    leaves: dict[str, int] = attrs.Factory(dict)  # leaf session -> partitions
+    by_child: dict[int, int] = attrs.Factory(dict)  # first-level child -> partitions done
+    bots: dict[str, int] = attrs.Factory(dict)  # a process's view -> bots it runs
+
+    def init(self, options: Any) -> None:
+        self.root, self.partitions = options["root"], options["partitions"]
+        self.subscribe("leaf", self.leaf)
+        self.subscribe("bots", self.hello)
+        self.subscribe(VIEW_EXIT, self.exit)
+
+    def leaf(self, data: Any) -> None:
+        name, count = data["name"], data["count"]
+        if name in self.leaves or type(count) is not int:
+            return
+        self.leaves[name] = count
+        self.done += count
+        if name != self.root:
+            first = int(name[len(self.root) + 1 :].split("-")[0])
+            self.by_child[first] = self.by_child.get(first, 0) + count
+
+    def hello(self, bots: Any) -> None:
+        if type(bots) is int:
+            self.bots[self.sender] = bots
+
+    def exit(self, view: str) -> None:
+        self.bots.pop(view, None)

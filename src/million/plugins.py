@@ -1,0 +1,115 @@
+"""Finding a plugin by name and calling its hooks.
+
+``load_plugin("demo")`` loads exactly the entry point ``demo`` of the group
+``million`` into its own pluggy manager. ``Plugin`` calls the hooks the way the
+computation needs them: awaited, off the event loop when synchronous, with their
+results checked.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+import orjson
+import pluggy
+import trio
+
+from million import hookspecs
+
+__all__ = ["Plugin", "PluginError", "installed_plugins", "load_plugin", "plugin_from_object"]
+
+GROUP = "million"
+
+
+class PluginError(Exception):
+    """A plugin is missing, of another version, or broke its contract."""
+
+
+class Plugin:
+    """A named, versioned plugin and its pluggy manager."""
+
+    def __init__(self, name: str, version: str, manager: pluggy.PluginManager) -> None:
+        self.name = name
+        self.version = version
+        self.manager = manager
+
+    def __repr__(self) -> str:
+        return f"<plugin {self.name} {self.version}>"
+
+    async def prepare_inputs(self, input: Any, count: int, options: dict[str, Any]) -> list[Any]:
+        inputs = await self._call("prepare_inputs", input=input, count=count, options=options)
+        if not isinstance(inputs, list) or len(inputs) != count:
+            got = f"a list of {len(inputs)}" if isinstance(inputs, list) else type(inputs).__name__
+            raise PluginError(
+                f"plugin {self.name}: prepare_inputs must return a list of {count} inputs, not {got}"
+            )
+        return self._json(inputs, "prepare_inputs")
+
+    async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Any:
+        return self._json(await self._call("compute", input=input, index=index, options=options), "compute")
+
+    async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Any:
+        result = await self._call("collect_results", outputs=outputs, options=options)
+        return self._json(result, "collect_results")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.manager.hook.log(record=record)
+
+    async def _call(self, hook_name: str, **kwargs: Any) -> Any:
+        hook = getattr(self.manager.hook, hook_name)
+        impls = hook.get_hookimpls()
+        if not impls:
+            raise PluginError(f"plugin {self.name} does not implement {hook_name}")
+        if all(inspect.iscoroutinefunction(impl.function) for impl in impls):
+            result = hook(**kwargs)
+        else:  # synchronous code may be CPU-bound: keep it off the event loop
+            result = await trio.to_thread.run_sync(_calling(hook, kwargs), abandon_on_cancel=True)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _json(self, value: Any, hook_name: str) -> Any:
+        try:
+            return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+        except TypeError as exc:
+            raise PluginError(
+                f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"
+            ) from None
+
+
+def _calling(hook: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: hook(**kwargs)
+
+
+def _manager(name: str, module: object) -> pluggy.PluginManager:
+    manager = pluggy.PluginManager("million")
+    manager.add_hookspecs(hookspecs)
+    manager.register(module, name)
+    return manager
+
+
+def installed_plugins() -> dict[str, str]:
+    """Names of the installed plugins and their distributions' versions."""
+    return {ep.name: ep.dist.version if ep.dist else "0" for ep in entry_points(group=GROUP)}
+
+
+def load_plugin(name: str) -> Plugin:
+    """Load the plugin installed under entry point ``name``; PluginError if there is none."""
+    found = list(entry_points(group=GROUP, name=name))
+    if not found:
+        installed = ", ".join(sorted(installed_plugins())) or "none"
+        raise PluginError(f"no plugin named {name!r} is installed (installed: {installed})")
+    entry = found[0]
+    try:
+        module = entry.load()
+    except Exception as exc:
+        raise PluginError(f"plugin {name!r} failed to load: {exc}") from exc
+    return Plugin(name, entry.dist.version if entry.dist else "0", _manager(name, module))
+
+
+def plugin_from_object(name: str, obj: object, version: str = "0") -> Plugin:
+    """A plugin made from an object with hookimpls, without an entry point (tests, scripts)."""
+    return Plugin(name, version, _manager(name, obj))

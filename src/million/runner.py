@@ -1,0 +1,174 @@
+"""``million run``: post a computation, have workers compute it, report the answer.
+
+With no reflector URL the run is self-contained: a reflector starts in this process
+(its store in a temporary file unless one is given) and worker processes start on
+this machine. Running again with the same name and store resumes the run, or returns
+its stored answer at once.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from million.bots import run_worker_processes, worker_command
+from million.client import open_client
+from million.computation import Computation, Progress, Spec, progress_session
+from million.plugins import load_plugin
+from million.reflector import ReflectorConfig, open_reflector
+from million.session import JoinError, Session, join
+
+__all__ = ["RunConfig", "RunError", "RunResult", "run"]
+
+WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
+
+
+class RunError(Exception):
+    """A run that cannot start or go on; the message says why."""
+
+
+@attrs.frozen
+class RunConfig:
+    plugin: str
+    input: Any = 1
+    partitions: int = 10_000
+    fanout: int = 100
+    options: dict[str, Any] = attrs.Factory(dict)
+    name: str | None = None
+    store: str | None = None  # embedded reflector's store; a temporary file if None
+    reflector: str | None = None  # URL of a running reflector; embedded if None
+    workers: int = attrs.Factory(lambda: os.cpu_count() or 1)  # worker processes
+    bots: int = 16  # bots per worker process
+    detach: bool = True
+    token: str | None = None
+
+
+@attrs.frozen
+class RunResult:
+    name: str
+    answer: Any
+    partitions: int
+    fanout: int
+    elapsed_s: float
+    partitions_per_s: float
+    resumed: bool
+    store: str | None
+
+
+@attrs.define
+class RunState:
+    """What a progress display reads while the run goes on."""
+
+    name: str
+    partitions: int
+    fanout: int
+    store: str | None
+    root: Session | None = None
+    progress: Session | None = None
+
+    @property
+    def done(self) -> int:
+        return self.progress.model.done if self.progress is not None else 0
+
+    @property
+    def workers(self) -> int:
+        return sum(self.progress.model.bots.values()) if self.progress is not None else 0
+
+    def by_child(self) -> dict[int, int]:
+        return dict(self.progress.model.by_child) if self.progress is not None else {}
+
+
+async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = None) -> RunResult:
+    """Run the computation described by ``config`` to its answer.
+
+    ``watch`` is called with the run's state whenever it may have changed.
+    """
+    plugin = load_plugin(config.plugin)
+    name = config.name or f"run-{secrets.token_hex(4)}"
+    spec = Spec(plugin.name, plugin.version, config.input, config.partitions, config.fanout, config.options)
+    async with _reflector_url(config) as (url, store):
+        state = RunState(name, config.partitions, config.fanout, store)
+        started = trio.current_time()
+        async with open_client(url, token=config.token, label="run") as client:
+            try:
+                async with (
+                    join(client, name, Computation, options=spec.to_options()) as root,
+                    join(
+                        client,
+                        progress_session(name),
+                        Progress,
+                        options={"root": name, "partitions": spec.partitions},
+                    ) as progress,
+                ):
+                    state.root, state.progress = root, progress
+                    resumed = root.replica.seq > 1
+                    if not root.model.done:
+                        await _compute(config, url, name, state, watch)
+                    answer = root.model.output
+            except JoinError as exc:
+                if exc.code == "model-mismatch":
+                    raise RunError(f"a run named {name!r} with other settings exists in this store") from None
+                raise
+    elapsed = trio.current_time() - started
+    return RunResult(
+        name,
+        answer,
+        spec.partitions,
+        spec.fanout,
+        round(elapsed, 3),
+        round(spec.partitions / elapsed, 1),
+        resumed,
+        store,
+    )
+
+
+async def _compute(
+    config: RunConfig, url: str, name: str, state: RunState, watch: Callable[[RunState], None] | None
+) -> None:
+    root = state.root
+    assert root is not None and state.progress is not None
+    commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.workers)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_worker_processes, commands)
+        while not root.model.done:
+            if watch is not None:
+                watch(state)
+            with trio.move_on_after(0.2):
+                await state.progress.group.wait_changed()
+        if watch is not None:
+            watch(state)
+        nursery.cancel_scope.deadline = trio.current_time() + WORKERS_GRACE  # they stop by themselves
+
+
+@asynccontextmanager
+async def _reflector_url(config: RunConfig) -> AsyncIterator[tuple[str, str | None]]:
+    """The URL of the reflector to use, starting one in this process when none is given."""
+    if config.reflector is not None:
+        yield config.reflector, None
+        return
+    store = config.store or _temporary_store()
+    try:
+        async with open_reflector(ReflectorConfig(port=0, store=store)) as reflector:
+            yield reflector.url, store
+    except OSError as exc:
+        raise RunError(f"cannot start a reflector on store {store}: {exc}") from None
+
+
+def _temporary_store() -> str:
+    directory = Path(tempfile.gettempdir()) / "million"
+    directory.mkdir(exist_ok=True)
+    return str(directory / f"run-{secrets.token_hex(4)}.db")
+
+
+def remove_store(path: str) -> None:
+    """Delete a store file and its WAL companions."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)
