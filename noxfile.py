@@ -8,7 +8,7 @@ nox.options.default_venv_backend = "venv"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[test]", "-e", "src/million_demo")
+    session.install("-e", ".[test]", "-e", "src/million_demo", "-e", "tests/testplugin")
     session.run("pytest", *session.posargs)
 
 

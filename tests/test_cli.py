@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import million_testplugin
 import pytest
 import trio
 
@@ -92,3 +93,52 @@ async def test_sigterm_flushes_the_store_and_tells_clients(tmp_path):
             assert [value for value, *_ in session.model.entries] == ["last words"]
     finally:
         process.stop()
+
+
+def test_run_prints_one_json_object_with_the_answer():
+    result = million_command(
+        "run", "--plugin", "demo", "--partitions", "2000", "--fanout", "10", "--json", "--workers", "2"
+    )
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["answer"] == 2000
+    assert (output["partitions"], output["fanout"]) == (2000, 10)
+    assert output["name"].startswith("run-")
+    assert output["elapsed_s"] > 0 and output["partitions_per_s"] > 0
+    assert "Traceback" not in result.stderr
+
+
+def test_run_resumes_or_returns_the_stored_answer_by_name(tmp_path):
+    store = str(tmp_path / "runs.db")
+    args = ["run", "--plugin", "ordered", "--input", "word", "--partitions", "30", "--fanout", "4"]
+    first = million_command(*args, "--name", "again", "--store", store, "--json")
+    second = million_command(*args, "--name", "again", "--store", store, "--json")
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["answer"] == two["answer"] == million_testplugin.expected("word", 30, 4)
+    assert (one["resumed"], two["resumed"]) == (False, True)
+    other = million_command(*args[:-2], "--fanout", "5", "--name", "again", "--store", store)
+    assert other.returncode == 1
+    assert "a run named 'again' with other settings exists" in other.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--plugin", "nosuch"], "no plugin named 'nosuch' is installed", 2),
+        (["--plugin", "demo", "--fanout", "1"], "must be at least 2", 2),
+        (["--plugin", "demo", "--option", "delay_ms"], "expected KEY=VALUE", 2),
+        (["--plugin", "demo", "--reflector", "ws://127.0.0.1:9"], "cannot reach the reflector", 1),
+    ],
+)
+def test_run_refuses_what_it_cannot_do_in_one_line(args, message, code):
+    result = million_command("run", *args)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_work_against_an_unreachable_reflector_says_so():
+    result = million_command("work", "--reflector", "ws://127.0.0.1:9", "--run", "r")
+    assert result.returncode == 1
+    assert "cannot reach the reflector" in result.stderr

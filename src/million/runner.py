@@ -20,13 +20,13 @@ import attrs
 import trio
 
 from million.bots import run_worker_processes, worker_command
-from million.client import open_client
+from million.client import Client, open_client
 from million.computation import Computation, Progress, Spec, progress_session
 from million.plugins import load_plugin
 from million.reflector import ReflectorConfig, open_reflector
 from million.session import JoinError, Session, join
 
-__all__ = ["RunConfig", "RunError", "RunResult", "run"]
+__all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 
 WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
 
@@ -99,15 +99,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
         started = trio.current_time()
         async with open_client(url, token=config.token, label="run") as client:
             try:
-                async with (
-                    join(client, name, Computation, options=spec.to_options()) as root,
-                    join(
-                        client,
-                        progress_session(name),
-                        Progress,
-                        options={"root": name, "partitions": spec.partitions},
-                    ) as progress,
-                ):
+                async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
                     resumed = root.replica.seq > 1
                     if not root.model.done:
@@ -128,6 +120,17 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
         resumed,
         store,
     )
+
+
+@asynccontextmanager
+async def open_run(client: Client, name: str, spec: Spec) -> AsyncIterator[tuple[Session, Session]]:
+    """Create (or find) run ``name`` and observe it: its root session and its progress."""
+    progress_options = {"root": name, "partitions": spec.partitions}
+    async with (
+        join(client, name, Computation, options=spec.to_options()) as root,
+        join(client, progress_session(name), Progress, options=progress_options) as progress,
+    ):
+        yield root, progress
 
 
 async def _compute(

@@ -1,0 +1,240 @@
+"""The partition tree over a real reflector: arithmetic, answers, first result wins, faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import attrs
+import million_testplugin
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+import million
+from helpers import Process
+from million.bots import run_bots, worker_command
+from million.computation import Computation, Context, Spec, depth, split, work
+from million.plugins import PluginError, load_plugin, plugin_from_object
+from million.reflector import ReflectorConfig
+from million.runner import open_run
+from models import Ledger
+
+
+@pytest.fixture
+async def reflector():
+    """One engine is enough here: the transport is tested elsewhere."""
+    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
+        yield reflector
+
+
+@pytest.mark.parametrize(
+    ("total", "fanout", "sizes"),
+    [
+        (7, 2, [4, 3]),
+        (9, 3, [3, 3, 3]),
+        (17, 4, [5, 4, 4, 4]),
+        (1001, 10, [101] + [100] * 9),
+        (10001, 100, [101] + [100] * 99),
+        (1000001, 100, [10001] + [10000] * 99),
+        (5, 4, [2, 1, 1, 1]),
+    ],
+)
+def test_children_split_evenly_and_tile_the_partitions(total, fanout, sizes):
+    children = split(total, fanout)
+    assert [size for _, size in children] == sizes
+    assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(fanout)]
+
+
+@pytest.mark.parametrize(("total", "fanout"), [(7, 14), (1, 2), (4, 4)])
+def test_what_fits_in_one_session_is_a_leaf(total, fanout):
+    spec = Spec("p", "1", 0, total, fanout)
+    assert spec.leaf and spec.count == total and depth(total, fanout) == 1
+
+
+def tree_depth(total: int, fanout: int) -> int:
+    return 1 if total <= fanout else 1 + max(tree_depth(size, fanout) for _, size in split(total, fanout)[:1])
+
+
+@given(st.integers(1, 10**7), st.integers(2, 1000))
+def test_split_properties_for_any_total_and_fanout(total, fanout):
+    if total > fanout:
+        children = split(total, fanout)
+        sizes = [size for _, size in children]
+        assert sum(sizes) == total
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+        assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(fanout)]
+    levels = tree_depth(total, fanout)
+    assert fanout**levels >= total and (levels == 1 or fanout ** (levels - 1) < total)
+    assert depth(total, fanout) == levels
+
+
+async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool = True) -> Any:
+    """Create the run, work it with ``bots`` bots in this process, return the answer."""
+    async with million.open_client(url) as client, open_run(client, name, spec) as (root, _):
+        await run_bots(url, name, bots, detach=detach)
+        assert root.model.done
+        return root.model.output
+
+
+def ordered_spec(input: Any, partitions: int, fanout: int, **options: Any) -> Spec:
+    return Spec("ordered", "1.2.3", input, partitions, fanout, options)
+
+
+async def test_three_levels_of_seven_over_two(reflector):
+    demo = load_plugin("demo")
+    spec = Spec("demo", demo.version, 2, 7, 2)
+    async with million.open_client(reflector.url) as client, open_run(client, "R", spec) as (root, _):
+        await run_bots(reflector.url, "R", 3)
+        assert root.model.outputs == [8, 6]
+        assert root.model.output == 14
+    names = await reflector.store.names()
+    assert sorted(n for n in names if ":" not in n) == ["R", "R-0", "R-0-0", "R-0-1", "R-1", "R-1-0", "R-1-1"]
+
+
+SLOW = {(10000, 2), (10000, 3), (997, 2)}
+
+
+@pytest.mark.parametrize("bots", [1, 20])
+@pytest.mark.parametrize("fanout", [2, 3, 10, 100])
+@pytest.mark.parametrize("partitions", [1, 2, 99, 100, 101, 997, 10000])
+async def test_answers_are_right_for_any_shape(reflector, partitions, fanout, bots):
+    if (partitions, fanout) in SLOW:
+        pytest.skip("thousands of sessions: too slow for the suite")
+    spec = ordered_spec("in", partitions, fanout)
+    answer = await compute_run(reflector.url, f"shape-{partitions}-{fanout}-{bots}", spec, bots)
+    assert answer == million_testplugin.expected("in", partitions, fanout)
+
+
+async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):
+    spec = ordered_spec("stay", 50, 3)
+    answer = await compute_run(reflector.url, "stay", spec, 4, detach=False)
+    assert answer == million_testplugin.expected("stay", 50, 3)
+
+
+async def test_the_first_result_for_a_partition_wins_everywhere(reflector):
+    spec = ordered_spec("x", 2, 4).to_options()
+    async with (
+        million.open_client(reflector.url) as one,
+        million.open_client(reflector.url) as two,
+        million.join(one, "first", Computation, options=spec) as a,
+        million.join(two, "first", Computation, options=spec) as b,
+    ):
+        a.publish("inputs", ["p", "q"])
+        a.publish("end", {"index": 0, "output": "from a"})
+        await b.wait_for(lambda model: model.completed[0])
+        b.publish("end", {"index": 0, "output": "from b"})
+        b.publish("end", {"index": 1, "output": "b's own"})
+        for session in (a, b):
+            await session.wait_for(lambda model: model.completed[1])
+            assert session.model.outputs == ["from a", "b's own"]
+            assert session.model.done_by == [a.view_id, b.view_id]
+        assert a.replica.digest() == b.replica.digest()
+
+
+async def test_a_worker_killed_mid_partition_loses_nothing(reflector, tmp_path):
+    spec = ordered_spec("k", 3, 4, slow=[0], marker_dir=str(tmp_path))
+    async with million.open_client(reflector.url) as client, open_run(client, "killed", spec) as (root, _):
+        doomed = Process(worker_command(reflector.url, "killed", 1))
+        with trio.fail_after(20):
+            while not (tmp_path / "0").exists():
+                await root.group.wait_changed()
+        doomed.kill()
+        (tmp_path / "go").touch()
+        rescuer = Process(worker_command(reflector.url, "killed", 1))
+        try:
+            with trio.fail_after(30):
+                await root.wait_for(lambda model: model.done)
+        finally:
+            rescuer.stop()
+        assert root.model.output == million_testplugin.expected("k", 3, 4)
+
+
+async def test_a_run_everyone_left_is_finished_by_a_newcomer(reflector, tmp_path):
+    spec = ordered_spec("half", 27, 3, slow=list(range(9, 27)), marker_dir=str(tmp_path))
+    async with (
+        million.open_client(reflector.url) as client,
+        open_run(client, "half", spec) as (root, progress),
+    ):
+        workers = [Process(worker_command(reflector.url, "half", 2)) for _ in range(2)]
+        with trio.fail_after(30):
+            await progress.wait_for(lambda model: model.done >= 9)
+            while len(list(tmp_path.iterdir())) < 2:
+                await progress.group.wait_changed()
+        for worker in workers:
+            worker.stop()  # SIGINT: every participant leaves
+        assert not root.model.done
+        assert progress.model.done < 27
+        (tmp_path / "go").touch()
+        newcomer = Process(worker_command(reflector.url, "half", 1))
+        try:
+            with trio.fail_after(60):
+                await root.wait_for(lambda model: model.done)
+        finally:
+            newcomer.stop()
+        assert root.model.output == million_testplugin.expected("half", 27, 3)
+
+
+async def test_a_cpu_bound_hook_does_not_stall_the_event_loop(reflector):
+    finished = threading.Event()
+
+    class Spinner:
+        @million.hookimpl
+        def prepare_inputs(self, input: Any, count: int, options: Any) -> list[Any]:
+            return [input] * count
+
+        @million.hookimpl
+        def compute(self, input: Any, index: int, options: Any) -> Any:
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                pass
+            finished.set()
+            return input
+
+        @million.hookimpl
+        def collect_results(self, outputs: list[Any], options: Any) -> Any:
+            return outputs
+
+    plugin = plugin_from_object("spinner", Spinner())
+    spec = Spec("spinner", "0", 1, 1, 2)
+    async with (
+        million.open_client(reflector.url) as client,
+        million.join(client, "spin", Computation, options=spec.to_options()) as _,
+        million.open_client(reflector.url) as other,
+        million.join(other, "beside", Ledger) as beside,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(work, Context(client, plugin), "spin", spec.to_options())
+        with trio.fail_after(10):
+            while beside.model.total < 20:
+                beside.publish("add", beside.model.total)
+                await beside.wait_for(lambda model, seen=beside.model.total: model.total > seen)
+        assert not finished.is_set(), "20 round trips waited for the CPU-bound hook"
+
+
+async def test_a_worker_with_another_version_of_the_plugin_declines(reflector):
+    spec = attrs.evolve(ordered_spec("v", 3, 4), version="0.0.1")
+    async with million.open_client(reflector.url) as client, open_run(client, "versions", spec) as (root, _):
+        with pytest.raises(PluginError, match=r"needs plugin ordered 0\.0\.1; this machine has 1\.2\.3"):
+            await run_bots(reflector.url, "versions", 2)
+        assert root.model.inputs is None and root.model.remaining == 3
+
+
+async def test_a_plugin_that_prepares_the_wrong_number_of_inputs_is_named():
+    class Sloppy:
+        @million.hookimpl
+        def prepare_inputs(self, input: Any, count: int, options: Any) -> list[Any]:
+            return [input]
+
+    plugin = plugin_from_object("sloppy", Sloppy())
+    with pytest.raises(PluginError, match="plugin sloppy: prepare_inputs must return a list of 3 inputs"):
+        await plugin.prepare_inputs(1, 3, {})
+
+
+def test_the_demo_plugin_is_found_through_its_entry_point():
+    plugin = load_plugin("demo")
+    assert plugin.name == "demo" and plugin.version
+    with pytest.raises(PluginError, match="no plugin named 'nosuch' is installed"):
+        load_plugin("nosuch")

@@ -1,0 +1,60 @@
+"""A plugin for million's tests, so that nothing is tested only with the demo.
+
+- prepare: input i of a session is ``"<input>/<i>"``: every level leaves a trace.
+- compute: ``"<input>@<global index>"``.
+- collect: a digest of the outputs *in order*, so any reordering changes the answer.
+- option ``slow``: global indexes whose computation creates ``<marker_dir>/<index>``
+  and then waits (up to a minute) until ``<marker_dir>/go`` exists: a test can stop
+  workers in the middle of a partition, then let the rest of the run go.
+
+``expected(...)`` computes the answer the same way without any network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import million
+from million.computation import Spec
+
+
+@million.hookimpl
+def prepare_inputs(input: Any, count: int, options: dict[str, Any]) -> list[Any]:
+    return [f"{input}/{i}" for i in range(count)]
+
+
+@million.hookimpl
+def compute(input: Any, index: int, options: dict[str, Any]) -> Any:
+    if index in options.get("slow", ()):
+        markers = Path(options["marker_dir"])
+        (markers / str(index)).touch()
+        deadline = time.monotonic() + 60
+        while not (markers / "go").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return f"{input}@{index}"
+
+
+@million.hookimpl
+def collect_results(outputs: list[Any], options: dict[str, Any]) -> Any:
+    return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
+
+
+def expected(input: Any, partitions: int, fanout: int) -> Any:
+    """The answer a run must give, computed locally along the same tree."""
+    return _expected(Spec("ordered", "", input, partitions, fanout))
+
+
+def _expected(spec: Spec) -> Any:
+    inputs = prepare_inputs(spec.input, spec.count, spec.options)
+    if spec.leaf:
+        outputs = [compute(inputs[i], spec.start + i, spec.options) for i in range(spec.count)]
+    else:
+        outputs = []
+        for i in range(spec.count):
+            _, options = spec.child("x", i, inputs[i])
+            outputs.append(_expected(Spec.from_options(options)))
+    return collect_results(outputs, spec.options)
