@@ -110,7 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--name", help="name of the run (default: a fresh one); the same name resumes it")
     run.add_argument("--store", help="store file of the embedded reflector (default: a temporary file)")
     run.add_argument("--reflector", help="URL of a running reflector (default: start one in this process)")
-    run.add_argument("--workers", type=_positive, default=os.cpu_count() or 1, help="worker processes")
+    run.add_argument(
+        "--workers",
+        type=_count,
+        default=os.cpu_count() or 1,
+        help="local worker processes; 0 to only post and watch (default: one per core)",
+    )
     run.add_argument("--bots", type=_positive, default=16, help="bots per worker process (default: 16)")
     run.add_argument(
         "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
@@ -144,6 +149,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
