@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from million import codec, protocol
+from million.client import _chunks
 from million.protocol import ErrorCode, ProtocolError
 
 json_values = st.recursive(
@@ -146,3 +147,14 @@ def test_the_hot_path_decoders_agree_with_the_converter(cls, data):
         assert fast is None
     else:
         assert fast == slow
+
+
+encoded_strings = st.binary(min_size=1, max_size=50).map(lambda b: b'"' + b.hex().encode() + b'"')
+
+
+@given(st.lists(encoded_strings, max_size=40))
+def test_outgoing_frames_stay_within_the_limit_and_keep_every_message(parts):
+    limit = 120
+    frames = _chunks(parts, limit)
+    assert [item for frame in frames for item in orjson.loads(frame)] == [orjson.loads(p) for p in parts]
+    assert all(len(frame) <= limit for frame in frames if len(orjson.loads(frame)) > 1)

@@ -49,7 +49,7 @@ __all__ = ["Client", "ClientError", "open_client"]
 
 log = logging.getLogger(__name__)
 
-FRAME_TARGET = 1 << 18  # bytes per outgoing frame; far below the reflector's limit
+FRAME_TARGET = 1 << 18  # bytes per outgoing frame, unless the reflector allows less
 LEAVE_TIMEOUT = 5.0
 FATAL = {ErrorCode.VERSION, ErrorCode.UNAUTHORIZED}
 
@@ -309,7 +309,7 @@ class Client:
             self._wake = trio.Event()
             parts, self._out = self._out, []
             try:
-                for chunk in _chunks(parts):
+                for chunk in _chunks(parts, min(FRAME_TARGET, self._max_frame)):
                     await channel.send(chunk)
             except transport.Closed:
                 scope.cancel()
@@ -372,6 +372,7 @@ class Client:
                 log.error("%s: cannot rebuild the model: %s", sync.session, exc)
                 group.replica = None
                 session.failed(JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
+                self._send(Leave(sync.session, sync.view))
                 return None
         session.options = sync.options
         session.joined(sync.view)
@@ -383,7 +384,7 @@ class Client:
             return
         state = replica.snapshot()
         message = codec.encode(Snapshot(request.session, request.seq, state, digest_of(state)))
-        if len(message) > self._max_frame:
+        if len(message) + 2 > self._max_frame:  # it travels inside a frame's [ ]
             log.error(
                 "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",
                 request.session,
@@ -436,12 +437,15 @@ def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
                 log.exception("%s: view handler for %r failed", group.name, topic)
 
 
-def _chunks(parts: list[bytes]) -> list[bytes]:
-    """Pack encoded messages into as few frames of about FRAME_TARGET bytes as fit."""
+def _chunks(parts: list[bytes], limit: int) -> list[bytes]:
+    """Pack encoded messages into as few frames of at most ``limit`` bytes as fit.
+
+    A single message over the limit still goes alone: the reflector refuses it, loudly.
+    """
     chunks: list[bytes] = []
     start = size = 0
     for i, part in enumerate(parts):
-        if size and size + len(part) > FRAME_TARGET:
+        if size and size + len(part) + 2 > limit:
             chunks.append(codec.frame(parts[start:i]))
             start, size = i, 0
         size += len(part) + 1
