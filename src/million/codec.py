@@ -36,20 +36,25 @@ __all__ = [
     "loads",
 ]
 
-converter = cattrs.Converter()
+
+def strict_converter() -> cattrs.Converter:
+    """A converter that refuses, rather than converts, a value of the wrong primitive type."""
+    strict = cattrs.Converter()
+    for kind in (str, int, bool):
+        strict.register_structure_hook(kind, _strict(kind))
+    return strict
 
 
 def _strict(kind: type) -> Callable[[Any, type], Any]:
     def structure(value: Any, _: type) -> Any:
         if type(value) is not kind:
-            raise ValueError(f"expected {kind.__name__}, got {type(value).__name__}")
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
         return value
 
     return structure
 
 
-for _kind in (str, int, bool):
-    converter.register_structure_hook(_kind, _strict(_kind))
+converter = strict_converter()
 
 _structure_hooks: dict[type, Callable[[Any, type], Any]] = {}
 _unstructure_hooks: dict[type, Callable[[Any], Any]] = {}

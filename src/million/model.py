@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import cattrs
 import orjson
 
+from million.codec import strict_converter
 from million.protocol import Event
 
 __all__ = ["Model", "Random", "Replica", "converter", "model_class"]
@@ -30,16 +31,7 @@ log = logging.getLogger(__name__)
 #: Converter for model state. Register hooks here for field types cattrs does not know.
 #: It is strict: a value that does not fit its field's type fails loudly on restore,
 #: where a lenient conversion (0 into "0") would make replicas silently differ.
-converter = cattrs.Converter()
-
-
-def _strict(kind: type) -> Callable[[Any, type], Any]:
-    def structure(value: Any, _: type) -> Any:
-        if type(value) is not kind:
-            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r:.40}")
-        return value
-
-    return structure
+converter = strict_converter()
 
 
 def _int_keyed(cls: Any) -> bool:
@@ -56,8 +48,6 @@ def _int_keyed_hook(cls: Any) -> Callable[[Any, type], Any]:
     return structure
 
 
-for _kind in (str, int, bool):
-    converter.register_structure_hook(_kind, _strict(_kind))
 converter.register_structure_hook_factory(_int_keyed, _int_keyed_hook)
 
 _DUMP_OPTIONS = orjson.OPT_NON_STR_KEYS
