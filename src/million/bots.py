@@ -1,7 +1,9 @@
 """Headless workers: many bots in one process, and processes of bots.
 
 ``run_bots`` works one run with M bots sharing this process's connection until the
-run has its answer. ``million work`` runs it; ``million run`` starts such processes.
+run has its answer. ``run_lobby_bots`` watches the lobby and shares its bots among
+the open runs, as long as it is left running. ``million work`` runs either;
+``million run`` starts processes of the first kind.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 
 import trio
 
-from million.client import open_client
+from million.client import Client, open_client
 from million.computation import Computation, Context, Progress, Spec, progress_session, work
-from million.plugins import PluginError, load_plugin
-from million.session import join
+from million.lobby import LOBBY, Lobby, share
+from million.plugins import Plugin, PluginError, load_plugin
+from million.session import JoinError, join
 
-__all__ = ["run_bots", "worker_command"]
+__all__ = ["crew", "run_bots", "run_lobby_bots", "worker_command"]
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +33,15 @@ async def run_bots(url: str, run: str, bots: int, *, detach: bool = True, token:
     Raises ``PluginError`` when this machine lacks the run's plugin or has another
     version of it: the run is left untouched.
     """
-    async with (
-        open_client(url, token=token, label=f"bots-{os.getpid()}") as client,
-        join(client, run, Computation, create=False) as root,
-    ):
+    async with open_client(url, token=token, label=f"bots-{os.getpid()}") as client:
+        return await crew(client, run, bots, detach=detach)
+
+
+async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> Any:
+    """``bots`` bots of this process working ``run`` until it is done; returns its answer."""
+    async with join(client, run, Computation, create=False) as root:
         spec = Spec.from_options(root.options)
-        plugin = load_plugin(spec.plugin)
-        if plugin.version != spec.version:
-            raise PluginError(
-                f"run {run} needs plugin {spec.plugin} {spec.version}; this machine has {plugin.version}"
-            )
+        plugin = _plugin_for(run, spec.plugin, spec.version)
         async with join(client, progress_session(run), Progress, create=False) as progress:
             progress.publish("bots", bots)
 
@@ -51,6 +53,51 @@ async def run_bots(url: str, run: str, bots: int, *, detach: bool = True, token:
                 for _ in range(bots):
                     nursery.start_soon(work, ctx, run)
         return root.model.output
+
+
+def _plugin_for(run: str, name: str, version: str) -> Plugin:
+    plugin = load_plugin(name)
+    if plugin.version != version:
+        raise PluginError(f"run {run} needs plugin {name} {version}; this machine has {plugin.version}")
+    return plugin
+
+
+async def run_lobby_bots(url: str, bots: int, *, detach: bool = True, token: str | None = None) -> None:
+    """Share ``bots`` bots among the lobby's open runs, moving on as runs finish or start.
+
+    Runs whose plugin this machine lacks (or has in another version) are skipped with
+    one log line each. Returns only when cancelled.
+    """
+    async with (
+        open_client(url, token=token, label=f"lobby-bots-{os.getpid()}") as client,
+        join(client, LOBBY, Lobby) as lobby,
+        trio.open_nursery() as nursery,
+    ):
+        crews: dict[str, tuple[int, trio.CancelScope]] = {}
+        refused: set[str] = set()
+
+        async def staff(run: str, count: int, scope: trio.CancelScope) -> None:
+            with scope:
+                try:
+                    answer = await crew(client, run, count, detach=detach)
+                except (PluginError, JoinError) as exc:
+                    log.warning("skipping run %s: %s", run, exc)
+                    refused.add(run)
+                    lobby.group.changed()
+                    return
+                lobby.publish("done", {"name": run, "answer": answer})
+
+        while True:
+            wanted = share(bots, [run for run in lobby.model.open_runs() if run not in refused])
+            for run, (count, scope) in list(crews.items()):
+                if wanted.get(run) != count:
+                    scope.cancel()
+                    del crews[run]
+            for run, count in wanted.items():
+                if run not in crews:
+                    crews[run] = (count, trio.CancelScope())
+                    nursery.start_soon(staff, run, count, crews[run][1])
+            await lobby.group.wait_changed()
 
 
 def worker_command(url: str, run: str, bots: int, *, detach: bool = True) -> list[str]:

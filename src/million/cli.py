@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--bots", type=_positive, default=16, help="bots per worker process (default: 16)")
     run.add_argument(
+        "--no-work", dest="workers", action="store_const", const=0, help="only post the run and watch it"
+    )
+    run.add_argument(
         "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
     )
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -126,7 +129,9 @@ def _parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("work", help="run bots that work a run until it is done")
     work.add_argument("--reflector", required=True, help="reflector URL, e.g. ws://127.0.0.1:8765")
-    work.add_argument("--run", required=True, help="name of the run to work on")
+    work.add_argument(
+        "--run", help="work this run until it is done (default: the lobby's runs, until stopped)"
+    )
     work.add_argument("--bots", type=_positive, default=16, help="bots per process (default: 16)")
     work.add_argument("--processes", type=_positive, default=1, help="worker processes (default: 1)")
     work.add_argument(
@@ -247,16 +252,18 @@ def _resume_args(args: argparse.Namespace, state: RunState) -> str:
 def _work(args: argparse.Namespace) -> int:
     if args.processes > 1:
         command = [sys.executable, "-m", "million", "--log-level", args.log_level, "work", "--reflector"]
-        command += [args.reflector, "--run", args.run, "--bots", str(args.bots)]
+        command += [args.reflector, "--bots", str(args.bots)]
+        command += ["--run", args.run] if args.run else []
         command += [] if args.detach else ["--no-detach"]
         commands = [command] * args.processes
         trio.run(_until_signal, bots.run_worker_processes_to_end(commands))
         return 0
+    if args.run is None:
+        job = bots.run_lobby_bots(args.reflector, args.bots, detach=args.detach, token=args.token)
+    else:
+        job = bots.run_bots(args.reflector, args.run, args.bots, detach=args.detach, token=args.token)
     try:
-        answer = trio.run(
-            _until_signal,
-            bots.run_bots(args.reflector, args.run, args.bots, detach=args.detach, token=args.token),
-        )
+        answer = trio.run(_until_signal, job)
     except (PluginError, ClientError) as exc:
         print(f"million work: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, PluginError) else 1

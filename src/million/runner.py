@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import trio
 
+from million import lobby
 from million.bots import run_worker_processes, worker_command
 from million.client import Client, open_client
 from million.computation import Computation, Progress, Spec, progress_session
@@ -103,8 +104,10 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     state.root, state.progress = root, progress
                     resumed = root.replica.seq > 1
                     if not root.model.done:
+                        await _tell_lobby(client, "post", lobby.post(name, spec))
                         await _compute(config, url, name, state, watch)
                     answer = root.model.output
+                    await _tell_lobby(client, "done", {"name": name, "answer": answer})
             except JoinError as exc:
                 if exc.code == "model-mismatch":
                     raise RunError(f"a run named {name!r} with other settings exists in this store") from None
@@ -131,6 +134,12 @@ async def open_run(client: Client, name: str, spec: Spec) -> AsyncIterator[tuple
         join(client, progress_session(name), Progress, options=progress_options) as progress,
     ):
         yield root, progress
+
+
+async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
+    async with join(client, lobby.LOBBY, lobby.Lobby) as session:
+        session.publish(topic, data)
+        await session.wait_for(lambda model: data["name"] in model.runs)
 
 
 async def _compute(
