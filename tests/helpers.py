@@ -25,6 +25,7 @@ class Process:
             env={**os.environ, "PYTHONPATH": str(TESTS), **(env or {})},
         )
         self._stdout = trio.wrap_file(self.proc.stdout)
+        self.errors = ""  # what it wrote to stderr, once it has ended
 
     async def line(self, prefix: str) -> str:
         """The next line of output that starts with ``prefix`` (without it); 20 s at most."""
@@ -56,6 +57,7 @@ class Process:
         self._close()
 
     def _close(self) -> None:
+        self.errors = self.proc.stderr.read().decode()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             stream.close()
 

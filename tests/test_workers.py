@@ -1,0 +1,244 @@
+"""Workers at scale: the lobby, churn, crashes, late joiners and crowds, with real processes."""
+
+from __future__ import annotations
+
+import random
+import sys
+from typing import Any
+
+import million_testplugin
+import pytest
+import trio
+
+import million
+from helpers import Process, start_reflector
+from million.computation import Computation, Spec
+from million.lobby import LOBBY, Lobby, post
+from million.reflector import ReflectorConfig
+from million.runner import open_run
+
+
+@pytest.fixture
+async def reflector():
+    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
+        yield reflector
+
+
+def ordered(input: Any, partitions: int, fanout: int, **options: Any) -> Spec:
+    return Spec("ordered", "1.2.3", input, partitions, fanout, options)
+
+
+def lobby_worker(url: str, bots: int) -> Process:
+    return Process([sys.executable, "-m", "million", "work", "--reflector", url, "--bots", str(bots)])
+
+
+async def post_run(client: million.Client, name: str, spec: Spec) -> None:
+    async with million.join(client, LOBBY, Lobby) as lobby:
+        lobby.publish("post", post(name, spec))
+        await lobby.wait_for(lambda model: name in model.runs)
+
+
+async def finished_everywhere(
+    client: million.Client, name: str, options: dict[str, Any] | None = None, workers: set[str] | None = None
+) -> int:
+    """Check that session ``name`` and every session below it are done and hold one output
+    per partition; returns how many sessions were checked. ``workers`` collects the views
+    that computed partitions."""
+    create = options is not None
+    async with million.join(client, name, Computation, options=options, create=create) as session:
+        model = session.model
+        spec = Spec.from_options(session.options)
+        assert model.done, f"{name} is not finished"
+        assert all(model.completed) and len(model.outputs) == spec.count
+        if spec.leaf:
+            inputs = model.inputs
+            assert model.outputs == [f"{inputs[i]}@{spec.start + i}" for i in range(spec.count)]
+            if workers is not None:
+                workers.update(f"{name}/{view}" for view in model.done_by)
+            return 1
+        children = [spec.child(name, i, model.inputs[i]) for i in range(spec.count)]
+    checked = 1
+    for child, options in children:
+        checked += await finished_everywhere(client, child, options, workers)
+    return checked
+
+
+async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(reflector, tmp_path):
+    gated = ordered("slow", 40, 10, slow=[0], marker_dir=str(tmp_path))
+    quick = ordered("quick", 60, 7)
+    async with million.open_client(reflector.url) as client:
+        async with open_run(client, "gated", gated) as (gated_root, _):
+            await post_run(client, "gated", gated)
+            worker = lobby_worker(reflector.url, 4)
+            try:
+                with trio.fail_after(30):
+                    while not (tmp_path / "0").exists():
+                        await gated_root.group.wait_changed()
+                async with open_run(client, "quick", quick) as (quick_root, _):
+                    await post_run(client, "quick", quick)
+                    with trio.fail_after(30):
+                        await quick_root.wait_for(lambda model: model.done)
+                    assert not gated_root.model.done  # picked up while the workers were busy
+                    (tmp_path / "go").touch()
+                    with trio.fail_after(30):
+                        await gated_root.wait_for(lambda model: model.done)
+                async with million.join(client, LOBBY, Lobby) as lobby:
+                    with trio.fail_after(10):  # the workers tell the lobby
+                        await lobby.wait_for(lambda model: not model.open_runs())
+                    assert lobby.model.runs["quick"]["answer"] == quick_root.model.output
+            finally:
+                worker.stop()
+        assert quick_root.model.output == million_testplugin.expected("quick", 60, 7)
+        assert gated_root.model.output == million_testplugin.expected("slow", 40, 10)
+
+
+async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
+    foreign = Spec("nosuch", "9", 1, 10, 5)
+    mine = ordered("mine", 12, 5)
+    async with million.open_client(reflector.url) as client:
+        async with (
+            open_run(client, "foreign", foreign) as (foreign_root, _),
+            open_run(client, "mine", mine) as (root, _),
+        ):
+            await post_run(client, "foreign", foreign)
+            await post_run(client, "mine", mine)
+            worker = lobby_worker(reflector.url, 2)
+            try:
+                with trio.fail_after(30):
+                    await root.wait_for(lambda model: model.done)
+            finally:
+                worker.stop()
+            assert foreign_root.model.inputs is None
+        assert root.model.output == million_testplugin.expected("mine", 12, 5)
+        assert "skipping run foreign: no plugin named 'nosuch' is installed" in worker.errors
+
+
+async def test_chaos_random_workers_killed_and_replaced(reflector):
+    spec = ordered("chaos", 20_000, 30)
+    rng = random.Random(20261128)
+    async with million.open_client(reflector.url) as client, open_run(client, "chaos", spec) as (root, _):
+        workers = [Process(_run_worker(reflector.url, "chaos", 2)) for _ in range(8)]
+        kills = 0
+        try:
+            with trio.fail_after(240):
+                while not root.model.done:
+                    with trio.move_on_after(rng.uniform(0.5, 2.0)):
+                        await root.wait_for(lambda model: model.done)
+                    if root.model.done:
+                        break
+                    victim = rng.randrange(len(workers))
+                    workers[victim].kill()
+                    workers[victim] = Process(_run_worker(reflector.url, "chaos", 2))
+                    kills += 1
+        finally:
+            for worker in workers:
+                worker.stop()
+        assert kills >= 3
+        assert root.model.output == million_testplugin.expected("chaos", 20_000, 30)
+        assert await finished_everywhere(client, "chaos") == 1 + 30 + 30 * 30
+
+
+def _run_worker(url: str, run: str, bots: int) -> list[str]:
+    return [sys.executable, "-m", "million", "work", "--reflector", url, "--run", run, "--bots", str(bots)]
+
+
+async def test_drain_every_worker_stops_and_new_ones_finish(reflector, tmp_path):
+    spec = ordered("drain", 2_000, 10, slow=list(range(1000, 2000)), marker_dir=str(tmp_path))
+    async with (
+        million.open_client(reflector.url) as client,
+        open_run(client, "drain", spec) as (root, progress),
+    ):
+        workers = [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)]
+        with trio.fail_after(60):
+            while len(list(tmp_path.iterdir())) < 3:
+                await progress.group.wait_changed()
+        for worker in workers:
+            worker.stop()
+        assert not root.model.done and progress.model.done < 2_000
+        (tmp_path / "go").touch()
+        fresh = [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)]
+        try:
+            with trio.fail_after(60):
+                await root.wait_for(lambda model: model.done)
+        finally:
+            for worker in fresh:
+                worker.stop()
+        assert root.model.output == million_testplugin.expected("drain", 2_000, 10)
+
+
+async def test_a_killed_reflector_restarted_on_its_store_finishes_the_run(tmp_path):
+    store = str(tmp_path / "store.db")
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    spec = ordered("crash", 3_000, 20, slow=list(range(1500, 3000)), marker_dir=str(markers))
+    reflector, url = await start_reflector(store)
+    port = int(url.rsplit(":", 1)[1])
+    workers = [Process(_run_worker(url, "crash", 4)) for _ in range(2)]
+    try:
+        async with million.open_client(url) as client, open_run(client, "crash", spec) as (root, progress):
+            with trio.fail_after(60):
+                while len(list(markers.iterdir())) < 2:
+                    await progress.group.wait_changed()
+            reflector.kill()
+            (markers / "go").touch()
+            reflector, _ = await start_reflector(store, port)
+            with trio.fail_after(120):
+                await root.wait_for(lambda model: model.done)
+            assert root.model.output == million_testplugin.expected("crash", 3_000, 20)
+            assert await finished_everywhere(client, "crash") == 1 + 20 + 20 * 20
+    finally:
+        for worker in workers:
+            worker.stop()
+        reflector.stop()
+
+
+async def test_a_late_joiner_replays_a_big_leaf_and_takes_work_at_once(reflector, tmp_path):
+    spec = ordered("late", 1_000, 1_000, slow=list(range(500, 1000)), marker_dir=str(tmp_path))
+    async with million.open_client(reflector.url) as client, open_run(client, "late", spec) as (root, _):
+        early = Process(_run_worker(reflector.url, "late", 1))
+        late = None
+        try:
+            with trio.fail_after(60):
+                while not (tmp_path / "500").exists():
+                    await root.group.wait_changed()
+            assert root.replica.seq > 1000  # half the leaf is done: a long stream to replay
+            members = set(root.model.workers)
+            late = Process(_run_worker(reflector.url, "late", 1))
+            with trio.fail_after(30):
+                await root.wait_for(lambda model: set(model.workers) - members)
+            newcomer = (set(root.model.workers) - members).pop()
+            (tmp_path / "go").touch()
+            with trio.fail_after(60):
+                await root.wait_for(lambda model: model.done)
+        finally:
+            early.stop()
+            if late is not None:
+                late.stop()
+        assert newcomer in root.model.done_by
+        assert root.model.output == million_testplugin.expected("late", 1_000, 1_000)
+
+
+async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsive(reflector):
+    spec = ordered("herd", 10_000, 100)
+    async with (
+        million.open_client(reflector.url) as client,
+        open_run(client, "herd", spec) as (root, _),
+        million.open_client(reflector.url) as watcher,
+    ):
+        herd = [Process(_run_worker(reflector.url, "herd", 100)) for _ in range(2)]
+        try:
+            with trio.fail_after(180):
+                while not root.model.done:
+                    with trio.fail_after(1):
+                        await watcher.status()
+                    with trio.move_on_after(0.1):
+                        await root.wait_for(lambda model: model.done)
+        finally:
+            for worker in herd:
+                worker.stop()
+        assert root.model.output == million_testplugin.expected("herd", 10_000, 100)
+        workers: set[str] = set()
+        await finished_everywhere(client, "herd", workers=workers)
+        assert len(workers) >= 200  # every bot computed in some leaf
+        for worker in herd:
+            assert "Traceback" not in worker.errors and "refused" not in worker.errors
