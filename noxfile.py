@@ -21,7 +21,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     session.install("-e", ".[bench]", "-e", "src/million_demo")
-    if session.posargs[:1] == ["runs"]:
-        session.run("python", "benchmarks/runs.py", *session.posargs[1:])
+    if session.posargs[:1] in (["runs"], ["scale"]):
+        session.run("python", f"benchmarks/{session.posargs[0]}.py", *session.posargs[1:])
     else:
         session.run("python", "benchmarks/relay.py", *session.posargs)

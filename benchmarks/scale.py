@@ -1,0 +1,116 @@
+"""A million partitions on a standalone reflector, and the same under churn.
+
+    python benchmarks/scale.py                          # N = 10,000, 100,000 and 1,000,000
+    python benchmarks/scale.py --partitions 100000 --churn 1.0
+    nox -s bench -- scale
+
+Each run: one ``million reflector`` process with a SQLite store, two ``million work``
+processes of 50 bots each (100 workers), fanout 100, the demo plugin without delay,
+taking their work from the lobby, and ``million run --no-work`` posting the run and
+timing it from its start to its answer. With ``--churn S`` a bot
+process is killed (SIGKILL) every S seconds and a fresh one started, and the same run
+without kills is measured for comparison. Prints partitions/s, the reflector's peak
+memory and the store's size; writes benchmarks/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+MILLION = [sys.executable, "-m", "million"]
+
+
+def start_reflector(store: Path) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [*MILLION, "reflector", "--port", "0", "--store", str(store)], stdout=subprocess.PIPE, text=True
+    )
+    line = process.stdout.readline() if process.stdout else ""
+    return process, line.split("listening on ")[1].split()[0]
+
+
+def start_workers(url: str) -> subprocess.Popen[str]:
+    """A bot process that takes its work from the lobby."""
+    return subprocess.Popen([*MILLION, "work", "--reflector", url, "--bots", "50"], stderr=subprocess.DEVNULL)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(partitions: int, churn: float | None, workdir: Path) -> dict[str, Any]:
+    store = workdir / f"scale-{partitions}-{churn}.db"
+    reflector, url = start_reflector(store)
+    workers = [start_workers(url) for _ in range(2)]
+    command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", str(partitions)]
+    run = subprocess.Popen(
+        [*command, "--fanout", "100", "--no-work", "--json"], stdout=subprocess.PIPE, text=True
+    )
+    kills, rng = 0, random.Random(1)
+    try:
+        while run.poll() is None:
+            if churn is None:
+                run.wait()
+                break
+            time.sleep(churn)
+            if run.poll() is None:
+                victim = rng.randrange(len(workers))
+                workers[victim].kill()
+                workers[victim].wait()
+                workers[victim] = start_workers(url)
+                kills += 1
+        result = json.loads(run.stdout.read() if run.stdout else "{}")
+        rss = peak_rss_mib(reflector.pid)
+    finally:
+        for process in [*workers, reflector]:
+            process.send_signal(signal.SIGINT)
+        for process in [*workers, reflector]:
+            process.wait(30)
+    size = sum(path.stat().st_size for path in workdir.glob(store.name + "*"))
+    assert result["answer"] == partitions, result
+    return {
+        "partitions": partitions,
+        "churn_s": churn,
+        "kills": kills,
+        "elapsed_s": result["elapsed_s"],
+        "partitions_per_s": result["partitions_per_s"],
+        "reflector_peak_rss_mib": round(rss, 1),
+        "store_mib": round(size / 2**20, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--partitions", type=int, action="append", help="repeatable (default: 1e4, 1e5, 1e6)")
+    parser.add_argument("--churn", type=float, help="kill a bot process every CHURN seconds")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for partitions in args.partitions or [10_000, 100_000, 1_000_000]:
+            for churn in [None, args.churn] if args.churn else [None]:
+                row = measure(partitions, churn, Path(tmp))
+                rows.append(row)
+                print(
+                    f"N={row['partitions']:>9,}  churn={row['churn_s']}  kills={row['kills']:>3}"
+                    f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
+                    f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB",
+                    flush=True,
+                )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
