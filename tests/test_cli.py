@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import million
-from helpers import start_reflector
+from helpers import Process, start_reflector
 from million import codec, protocol, transport
 from models import Ledger
 
@@ -142,3 +142,25 @@ def test_work_against_an_unreachable_reflector_says_so():
     result = million_command("work", "--reflector", "ws://127.0.0.1:9", "--run", "r")
     assert result.returncode == 1
     assert "cannot reach the reflector" in result.stderr
+
+
+async def test_ctrl_c_stops_a_run_quietly_and_the_same_name_resumes_it(tmp_path):
+    store, markers = str(tmp_path / "runs.db"), tmp_path / "markers"
+    markers.mkdir()
+    options = ["--option", "slow=[5]", "--option", f"marker_dir={markers}"]
+    args = ["run", "--plugin", "ordered", "--partitions", "20", "--fanout", "4", "--name", "stop"]
+    args += ["--store", store, "--workers", "1", "--bots", "2", *options]
+    first = Process([sys.executable, "-m", "million", *args])
+    with trio.fail_after(30):
+        while not (markers / "5").exists():  # noqa: ASYNC110 (a file appears: no event to wait on)
+            await trio.sleep(0.05)
+    first.proc.send_signal(signal.SIGINT)
+    assert await trio.to_thread.run_sync(first.proc.wait, 30) == 130
+    first.stop()
+    assert "interrupted" in first.errors and "resume with: million run" in first.errors
+    assert "Traceback" not in first.errors
+    (markers / "go").touch()
+    again = await trio.to_thread.run_sync(lambda: million_command(*args, "--json"))
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["answer"] == million_testplugin.expected(1, 20, 4)
+    assert json.loads(again.stdout)["resumed"] is True

@@ -162,14 +162,10 @@ def _fast_publish(item: dict[str, Any]) -> Publish | None:
 
 
 def _fast_event(item: dict[str, Any]) -> Event | None:
-    session, seq, time, view, topic = (item.get(k) for k in ("session", "seq", "time", "view", "topic"))
-    if (
-        type(session) is str
-        and type(seq) is int
-        and type(time) is int
-        and type(view) is str
-        and type(topic) is str
-    ):
+    session, view, topic = item.get("session"), item.get("view"), item.get("topic")
+    seq, time = item.get("seq"), item.get("time")
+    strings = type(session) is str and type(view) is str and type(topic) is str
+    if strings and type(seq) is int and type(time) is int:
         return Event(session, seq, time, view, topic, item.get("data"))
     return None
 
