@@ -39,7 +39,6 @@ ENGINES = ("sansio", "trio-websocket")
 #: Close codes (RFC 6455) with the meaning the reflector gives them.
 NORMAL = 1000
 GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
 POLICY = 1008
 TOO_BIG = 1009
 
