@@ -122,7 +122,7 @@ async def test_the_first_result_for_a_partition_wins_everywhere(reflector):
         million.join(one, "first", Computation, options=spec) as a,
         million.join(two, "first", Computation, options=spec) as b,
     ):
-        a.publish("inputs", ["p", "q"])
+        a.publish("inputs", {"inputs": ["p", "q"]})
         a.publish("end", {"index": 0, "output": "from a"})
         await b.wait_for(lambda model: model.completed[0])
         b.publish("end", {"index": 0, "output": "from b"})

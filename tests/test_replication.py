@@ -86,6 +86,7 @@ async def test_an_empty_session_keeps_its_state_and_its_clock_stops(reflector, m
             first.publish("add", "kept")
             await first.wait_for(lambda model: model.total == 1)
             left_at = first.model.now
+        await client.settle()  # the reflector has seen the leave
         mock_clock.jump(3600)
         async with million.join(client, "empty", Ledger, options=options) as again:
             assert again.model.entries[0][0] == "kept"

@@ -201,7 +201,7 @@ async def test_a_late_joiner_replays_a_big_leaf_and_takes_work_at_once(reflector
             with trio.fail_after(60):
                 while not (tmp_path / "500").exists():
                     await root.group.wait_changed()
-            assert root.replica.seq > 1000  # half the leaf is done: a long stream to replay
+            assert root.replica.seq > 500  # half the leaf is done: a long stream to replay
             members = set(root.model.workers)
             late = Process(_run_worker(reflector.url, "late", 1))
             with trio.fail_after(30):

@@ -69,6 +69,7 @@ class Group:
     sessions: list[Session] = attrs.Factory(list)
     synced_from: int = 0  # seq of the snapshot the replica was last rebuilt from
     replayed: int = 0  # events replayed on top of it
+    departing: int = 0  # memberships left but not yet confirmed by the reflector
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def wait_changed(self) -> None:
@@ -119,7 +120,9 @@ class Client:
         self.errors: deque[Error] = deque(maxlen=100)
         self._groups: dict[str, Group] = {}
         self._joining: dict[int, Session] = {}
-        self._leaving: dict[tuple[str, str], trio.Event] = {}
+        self._departing: dict[tuple[str, str], Group] = {}
+        self._departed = trio.Event()
+        self._departed.set()
         self._replies: dict[int, trio.MemorySendChannel[Any]] = {}
         self._refs = itertools.count(1)
         self._out: list[bytes] = []
@@ -171,20 +174,29 @@ class Client:
             raise
         return session
 
-    async def leave(self, session: Session) -> None:
-        """Leave the session; waits (bounded) for the reflector so it can ask for a snapshot."""
+    def leave(self, session: Session) -> None:
+        """Leave the session without waiting.
+
+        The replica stays until the reflector confirms (``left``), so that it can still
+        answer the snapshot the reflector may ask for on the way out; ``settle`` waits
+        for that.
+        """
         if session.synced and self._connected:
-            done = self._leaving[(session.name, session.view_id)] = trio.Event()
             self._send(Leave(session.name, session.view_id))
-            with trio.move_on_after(LEAVE_TIMEOUT):
-                await done.wait()
-                await self.drain()  # the snapshot the reflector may have asked for on the way out
-            self._leaving.pop((session.name, session.view_id), None)
+            self._departing[(session.name, session.view_id)] = session.group
+            session.group.departing += 1
+            self._departed = trio.Event()
         self._forget(session)
 
     def publish(self, name: str, view: str, topic: str, data: Any) -> None:
         if self._connected:
             self._queue(codec.encode_publish(name, view, topic, data))
+
+    async def settle(self) -> None:
+        """Wait until every leave is confirmed and everything queued is sent."""
+        while self._connected and not self._departed.is_set():
+            await self._departed.wait()
+        await self.drain()
 
     async def drain(self) -> None:
         """Wait until everything queued has been handed to the connection (or it is gone)."""
@@ -214,7 +226,10 @@ class Client:
         group = session.group
         if session in group.sessions:
             group.sessions.remove(session)
-        if not group.sessions and self._groups.get(group.name) is group:
+        self._discard(group)
+
+    def _discard(self, group: Group) -> None:
+        if not group.sessions and not group.departing and self._groups.get(group.name) is group:
             del self._groups[group.name]
 
     def _send_join(self, session: Session) -> None:
@@ -298,8 +313,11 @@ class Client:
             for session in group.sessions:
                 session.synced = False
         self._drained.set()
-        for done in self._leaving.values():
-            done.set()
+        for group in self._departing.values():
+            group.departing = 0
+            self._discard(group)
+        self._departing.clear()
+        self._departed.set()
         for reply in self._replies.values():
             reply.close()
 
@@ -406,9 +424,12 @@ class Client:
         return group.replica
 
     def _on_left(self, left: Left) -> None:
-        done = self._leaving.get((left.session, left.view))
-        if done is not None:
-            done.set()
+        group = self._departing.pop((left.session, left.view), None)
+        if group is not None:
+            group.departing -= 1
+            self._discard(group)
+        if not self._departing:
+            self._departed.set()
 
     def _on_error(self, error: Error) -> None:
         self.errors.append(error)
@@ -471,5 +492,5 @@ async def open_client(
         )
         yield client
         with trio.move_on_after(LEAVE_TIMEOUT):
-            await client.drain()
+            await client.settle()
         nursery.cancel_scope.cancel()

@@ -24,7 +24,7 @@ import trio
 from million.client import Client
 from million.model import Model
 from million.plugins import Plugin
-from million.protocol import VIEW_EXIT
+from million.protocol import VIEW_EXIT, VIEW_JOIN
 from million.session import Session, join
 from million.view import View
 
@@ -94,6 +94,7 @@ class Computation(Model, name="million.computation"):
     """The replicated state of one session of the tree."""
 
     leaf: bool = True
+    root: bool = True
     count: int = 0
     inputs: list[Any] | None = None
     outputs: list[Any] = attrs.Factory(list)
@@ -109,7 +110,7 @@ class Computation(Model, name="million.computation"):
 
     def init(self, options: Any) -> None:
         spec = Spec.from_options(options)
-        self.leaf, self.count = spec.leaf, spec.count
+        self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
         self.started = [False] * self.count
@@ -120,7 +121,17 @@ class Computation(Model, name="million.computation"):
         self.subscribe("claim", self.claim)
         self.subscribe("inputs", self.set_inputs)
         self.subscribe("output", self.set_output)
+        self.subscribe(VIEW_JOIN, self.join)
         self.subscribe(VIEW_EXIT, self.exit)
+
+    def join(self, view: str) -> None:
+        """Whoever joins a child session that nobody prepares prepares it, without asking.
+
+        Only workers open child sessions; a run's root is opened by whoever posts the
+        run, so there the preparer asks (``claim``).
+        """
+        if not self.root and self.inputs is None and "prepare" not in self.claims:
+            self.claims["prepare"] = view
 
     def request(self, request_id: Any) -> None:
         """A worker asks for a partition: the answer is recorded under its view."""
@@ -145,25 +156,36 @@ class Computation(Model, name="million.computation"):
         return min(incomplete, key=lambda index: (load[index], index), default=None)
 
     def end(self, data: Any) -> None:
-        """A partition's output; the first one reported wins, later ones are ignored."""
+        """A partition's output, and with ``next`` the reporter's next request.
+
+        The first output reported wins; later ones are ignored. Whoever completes the
+        last partition collects, without asking.
+        """
         index, output = data["index"], data["output"]
-        if type(index) is not int or not 0 <= index < self.count or self.completed[index]:
-            return
-        self.completed[index] = True
-        self.outputs[index] = output
-        self.done_by[index] = self.sender
-        self.remaining -= 1
-        for view in [view for view, working in self.workers.items() if working == index]:
-            del self.workers[view]
+        if type(index) is int and 0 <= index < self.count and not self.completed[index]:
+            self.completed[index] = True
+            self.outputs[index] = output
+            self.done_by[index] = self.sender
+            self.remaining -= 1
+            for view in [view for view, working in self.workers.items() if working == index]:
+                del self.workers[view]
+            if self.remaining == 0 and "collect" not in self.claims:
+                self.claims["collect"] = self.sender
+        if "next" in data:
+            self.request(data["next"])
 
     def claim(self, task: Any) -> None:
         if task in TASKS and task not in self.claims:
             self.claims[task] = self.sender
 
-    def set_inputs(self, inputs: Any) -> None:
+    def set_inputs(self, data: Any) -> None:
+        """The prepared inputs, and with ``next`` the preparer's first request."""
+        inputs = data["inputs"]
         if self.inputs is None and isinstance(inputs, list) and len(inputs) == self.count:
             self.inputs = inputs
             self.claims.pop("prepare", None)
+        if "next" in data:
+            self.request(data["next"])
 
     def set_output(self, output: Any) -> None:
         if not self.done and self.remaining == 0:
@@ -223,6 +245,7 @@ class Worker(View):
         self.report = report
         self.spec = Spec.from_options(session.options)
         self._requests = 0
+        self._pending: int | None = None
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._finished = trio.Event()
@@ -242,17 +265,23 @@ class Worker(View):
         self._cycle.cancel()  # requests made under the old view id will never be answered
 
     async def _work(self) -> Outcome:
+        """Prepare, compute or coordinate partitions, collect; each step's report
+        carries the next request, so a partition costs one event and one round trip."""
+        self._pending = None
+        await self.session.wait_seen()  # the join may have made this view the preparer
         if self.report is not None:
             index, output = self.report
-            self.publish("end", {"index": index, "output": output})
+            self.publish("end", {"index": index, "output": output, "next": self._next_request()})
         while True:
             model = self.model
             if model.done:
                 return Outcome(True, model.output)
-            if model.inputs is None:
-                await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
-                continue
-            index = await self._request()
+            if self._pending is None:
+                if model.inputs is None:
+                    await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
+                    continue
+                self.publish("request", self._next_request())
+            index = await self._answer()
             if index is None:
                 await self._claim("collect", lambda m: m.done, self._collect)
                 continue
@@ -264,21 +293,29 @@ class Worker(View):
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
-                self.publish("end", {"index": index, "output": output})
+                self.publish("end", {"index": index, "output": output, "next": self._next_request()})
 
-    async def _request(self) -> int | None:
+    def _next_request(self) -> int:
         self._requests += 1
-        request = self._requests
-        self.publish("request", request)
+        self._pending = self._requests
+        return self._requests
+
+    async def _answer(self) -> int | None:
+        """The partition the model gave this view for its pending request (None: none left)."""
+        request, self._pending = self._pending, None
         await self.session.wait_for(lambda m: m.answers.get(self.view_id, [None])[0] == request)
         return self.model.answers[self.view_id][1]
 
     async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> None:
-        self.publish("claim", task)
-        await self.session.wait_for(lambda m: finished(m) or task in m.claims)
-        if finished(self.model):
-            return
-        holder = self.model.claims[task]
+        """Do ``task`` if this view holds its claim (asking for it if nobody does), else
+        wait until it is done or its holder goes away."""
+        holder = self.model.claims.get(task)
+        if holder is None:
+            self.publish("claim", task)
+            await self.session.wait_for(lambda m: finished(m) or task in m.claims)
+            if finished(self.model):
+                return
+            holder = self.model.claims[task]
         if holder == self.view_id:
             await action()
         await self.session.wait_for(lambda m: finished(m) or m.claims.get(task) != holder)
@@ -286,7 +323,7 @@ class Worker(View):
     async def _prepare(self) -> None:
         spec = self.spec
         inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
-        self.publish("inputs", inputs)
+        self.publish("inputs", {"inputs": inputs, "next": self._next_request()})
         self._log("prepared")
 
     async def _compute(self, index: int, input: Any) -> Any:

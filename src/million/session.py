@@ -70,6 +70,11 @@ class Session:
     def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
         self.handlers.setdefault(topic, []).append(handler)
 
+    async def wait_seen(self) -> None:
+        """Wait until the replica has applied this membership's own ``view-join``."""
+        seq = int(self.view_id[1:])  # view ids are ``v<seq of their view-join>``
+        await self.wait_for(lambda _: self.replica.seq >= seq)
+
     async def wait_for(self, predicate: Callable[[Any], bool]) -> None:
         """Wait until ``predicate(model)`` holds after an applied event or timer."""
         while not (self.group.replica is not None and predicate(self.model)):
@@ -127,5 +132,4 @@ async def join(
             yield session
             nursery.cancel_scope.cancel()
     finally:
-        with trio.CancelScope(shield=True):
-            await client.leave(session)
+        client.leave(session)
