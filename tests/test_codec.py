@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from million import codec, protocol
 from million.client import _chunks
+from million.model import digest_of, digest_of_dump, dump_state
 from million.protocol import ErrorCode, ProtocolError
 
 json_values = st.recursive(
@@ -78,6 +79,13 @@ def test_a_frame_carries_several_messages_in_order():
 def test_the_hot_path_event_encoder_matches_the_converter():
     event = protocol.Event("s", 5, 77, "v2", "topic", {"deep": [1, "two"]})
     assert codec.encode_event(*attrs.astuple(event, recurse=False)) == codec.encode(event)
+
+
+def test_the_snapshot_encoder_matches_the_converter():
+    state = {"seq": 3, "model": {"counts": {1: [2, None]}}}
+    snapshot = protocol.Snapshot("s", 3, state, digest_of(state))
+    encoded = codec.encode_snapshot("s", 3, dump_state(state), digest_of_dump(dump_state(state)))
+    assert encoded == codec.encode(snapshot)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import trio
 
 import million
 from helpers import start_reflector
+from million.reflector import ReflectorConfig
 from million.store import Batch, open_store
 from models import Ledger
 
@@ -59,3 +60,24 @@ async def test_the_store_keeps_the_latest_snapshot_and_only_the_events_after_it(
     assert (stored.snapshot_seq, stored.snapshot_time, stored.snapshot_state) == (3, 30, b'{"state":3}')
     assert stored.events == [b'{"seq":4}', b'{"seq":5}']
     assert stored.options == b'{"a":1}'
+
+
+async def test_idle_sessions_beyond_the_limit_leave_memory_and_come_back_whole(tmp_path):
+    config = ReflectorConfig(port=0, store=str(tmp_path / "store.db"), idle_sessions=2)
+    async with million.open_reflector(config) as reflector, million.open_client(reflector.url) as client:
+        for name in ("a", "b", "c"):
+            async with million.join(client, name, Ledger) as session:
+                session.publish("add", name)
+                await session.wait_for(lambda model: model.total == 1)
+            await client.settle()
+        with trio.fail_after(10):
+            while reflector.statistics().idle != 2 or await reflector.store.load("a") is None:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # eviction follows the leaving snapshot: poll for it
+        for name in ("a", "b", "c"):  # "a" from the store, the others from memory
+            async with million.join(client, name, Ledger) as session:
+                assert [value for value, *_ in session.model.entries] == [name]
+                assert [kind for kind, *_ in session.model.presence] == ["join", "exit", "join"]
+        await client.settle()
+        with trio.fail_after(10):
+            while reflector.statistics().idle != 2:  # noqa: ASYNC110
+                await trio.sleep(0.01)

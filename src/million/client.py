@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from million import codec, tasks, transport
-from million.model import Model, Replica, digest_of
+from million.model import Model, Replica, digest_of_dump, dump_state
 from million.protocol import (
     PROTOCOL_VERSION,
     Digest,
@@ -35,7 +35,6 @@ from million.protocol import (
     Ping,
     Pong,
     ProtocolError,
-    Snapshot,
     SnapshotRequest,
     Status,
     StatusRequest,
@@ -400,8 +399,8 @@ class Client:
         replica = self._replica_at(request.session, request.seq)
         if replica is None:
             return
-        state = replica.snapshot()
-        message = codec.encode(Snapshot(request.session, request.seq, state, digest_of(state)))
+        state = dump_state(replica.snapshot())
+        message = codec.encode_snapshot(request.session, request.seq, state, digest_of_dump(state))
         if len(message) + 2 > self._max_frame:  # it travels inside a frame's [ ]
             log.error(
                 "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",

@@ -115,6 +115,20 @@ def encode_event(session: str, seq: int, time: int, view: str, topic: str, data:
     )
 
 
+def encode_snapshot(session: str, seq: int, state: bytes, digest: str) -> bytes:
+    """A ``Snapshot`` whose state is already encoded: the same bytes as ``encode(Snapshot(...))``."""
+    return orjson.dumps(
+        {
+            "session": session,
+            "seq": seq,
+            "state": orjson.Fragment(state),
+            "digest": digest,
+            "type": "snapshot",
+        },
+        option=_OPTIONS,
+    )
+
+
 def frame(parts: Iterable[bytes]) -> bytes:
     """Join encoded messages into one frame (a JSON array)."""
     return b"[" + b",".join(parts) + b"]"

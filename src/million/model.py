@@ -298,8 +298,14 @@ class Replica:
 
 def digest_of(snapshot: dict[str, Any]) -> str:
     """A digest of a snapshot's canonical encoding (field and insertion order kept)."""
-    return hashlib.sha256(orjson.dumps(snapshot, option=_DUMP_OPTIONS)).hexdigest()[:32]
+    return digest_of_dump(dump_state(snapshot))
+
+
+def digest_of_dump(dump: bytes) -> str:
+    """The digest of a snapshot already encoded by ``dump_state``."""
+    return hashlib.sha256(dump).hexdigest()[:32]
 
 
 def dump_state(snapshot: dict[str, Any]) -> bytes:
+    """A snapshot's canonical encoding."""
     return orjson.dumps(snapshot, option=_DUMP_OPTIONS)

@@ -15,6 +15,7 @@ import logging
 import math
 import secrets
 import ssl
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -64,6 +65,7 @@ class ReflectorConfig:
     max_frame: int = transport.DEFAULT_MAX_FRAME
     max_sessions_per_connection: int = 100_000
     max_queue_bytes: int = 64 << 20
+    idle_sessions: int = 1000  # sessions kept in memory after their last participant left
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     transport: str = "sansio"  # or "trio-websocket": see million.transport
@@ -72,7 +74,8 @@ class ReflectorConfig:
 @attrs.frozen
 class ReflectorStatistics:
     connections: int
-    sessions: int
+    sessions: int  # with someone present
+    idle: int  # in memory with nobody present
     events: int
     frames_in: int
     frames_out: int
@@ -165,6 +168,8 @@ class Reflector:
         self.started_at = 0.0
         self._conns: dict[str, Conn] = {}
         self._sessions: dict[str, Session] = {}
+        self._idle: OrderedDict[str, None] = OrderedDict()  # in memory, nobody present: oldest first
+        self._stored: set[str] = set()  # names of the sessions in the store
         self._loading: dict[str, trio.Event] = {}
         self._occupied: dict[str, Session] = {}
         self._outbox: list[tuple[tuple[Conn, ...], bytes]] = []
@@ -187,7 +192,7 @@ class Reflector:
         return f"{scheme}://{self.config.host}:{self.port}"
 
     def statistics(self) -> ReflectorStatistics:
-        stats = dict(self._stats, connections=len(self._conns), sessions=len(self._sessions))
+        stats = dict(self._stats, connections=len(self._conns), sessions=len(self._occupied), idle=len(self._idle))
         return ReflectorStatistics(**stats)
 
     # --- serving -----------------------------------------------------------------------
@@ -195,6 +200,7 @@ class Reflector:
     async def serve(self, *, task_status: trio.TaskStatus[Reflector] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; on the way out, commit what is pending and tell clients."""
         self.started_at = trio.current_time()
+        self._stored = set(await self.store.names())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
@@ -350,9 +356,17 @@ class Reflector:
             for conn in recipients:
                 conn.enqueue(data)
         for name in evict:
-            session = self._sessions.get(name)
-            if session is not None and not session.conns and session.snapshot_asked is None:
+            if self._evictable(name):
+                self._idle[name] = None
+                self._idle.move_to_end(name)
+        while len(self._idle) > self.config.idle_sessions:
+            name, _ = self._idle.popitem(last=False)
+            if self._evictable(name):
                 del self._sessions[name]
+
+    def _evictable(self, name: str) -> bool:
+        session = self._sessions.get(name)
+        return session is not None and not session.conns and session.snapshot_asked is None
 
     async def _ticker(self) -> None:
         interval = self.config.tick_ms / 1000
@@ -426,6 +440,7 @@ class Reflector:
             )
         view = f"v{session.seq + 1}"
         full = conn not in session.conns
+        self._idle.pop(session.name, None)
         now = trio.current_time()
         if not session.conns:
             session.time_base = session.time
@@ -469,12 +484,14 @@ class Reflector:
         session = self._sessions.get(name)
         if session is not None:
             return session
-        self._loading[name] = loaded = trio.Event()
-        try:
-            stored = await self.store.load(name)
-        finally:
-            del self._loading[name]
-            loaded.set()
+        stored = None
+        if name in self._stored:
+            self._loading[name] = loaded = trio.Event()
+            try:
+                stored = await self.store.load(name)
+            finally:
+                del self._loading[name]
+                loaded.set()
         session = self._sessions.get(name)
         if session is not None:
             return session
@@ -483,6 +500,7 @@ class Reflector:
         if stored is None:
             session = Session(name, message.model, message.options, _options_key(message.options))
             self._batch.created.append((name, message.model, session.options_key))
+            self._stored.add(name)
         else:
             session = _revive(stored)
         self._sessions[name] = session
@@ -576,7 +594,7 @@ class Reflector:
         self._emit((conn,), codec.encode(Status(message.ref, self.describe())))
 
     def describe(self) -> dict[str, Any]:
-        """What ``million status`` shows: the reflector and its live sessions."""
+        """What ``million status`` shows: the reflector and its sessions with participants."""
         return {
             "version": __version__,
             "uptime_s": round(trio.current_time() - self.started_at, 3),
@@ -593,7 +611,7 @@ class Reflector:
                     "snapshot_seq": s.snapshot_seq,
                     "divergences": s.divergences,
                 }
-                for s in sorted(self._sessions.values(), key=lambda s: s.name)
+                for s in sorted(self._occupied.values(), key=lambda s: s.name)
             ],
         }
 

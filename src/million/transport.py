@@ -3,10 +3,9 @@
 Both ends see a ``Channel``: send one frame, receive one frame, close with a code and
 a reason. A closed channel raises ``Closed`` from ``send`` and ``receive``.
 
-Clients use trio-websocket. The reflector serves either with trio-websocket or, by
-default, with ``websockets``' sans-IO protocol driven directly from the connection's
-own tasks: no reader task and queue between the socket and the reflector, which
-saves a few scheduler rounds per frame on the reflector's hot path.
+Both ends can use trio-websocket or, by default, ``websockets``' sans-IO protocol
+driven directly from the connection's own tasks: no reader task and queue between the
+socket and its user, which saves a few scheduler rounds per frame on the hot path.
 """
 
 from __future__ import annotations
@@ -21,9 +20,12 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
+from websockets.client import ClientProtocol
 from websockets.frames import Opcode
+from websockets.protocol import Protocol as WebsocketProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 from wsproto.utilities import LocalProtocolError
 
 from million import protocol, tasks
@@ -99,12 +101,13 @@ class SansIOChannel:
     interleaving their bytes on the stream.
     """
 
-    def __init__(self, stream: trio.abc.Stream, ws: ServerProtocol) -> None:
+    def __init__(self, stream: trio.abc.Stream, ws: WebsocketProtocol) -> None:
         self._stream = stream
         self._ws = ws
         self._messages: deque[bytes] = deque()
         self._parts: list[bytes] = []
         self._send_lock = trio.Lock()
+        self._receiving = False
 
     async def send(self, data: bytes) -> None:
         if self._ws.state is not State.OPEN:
@@ -116,10 +119,13 @@ class SansIOChannel:
         while not self._messages:
             if self._ws.state is State.CLOSED or self._ws.close_rcvd is not None:
                 raise self._closed()
+            self._receiving = True
             try:
                 data = await self._stream.receive_some(RECEIVE_BUFFER)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
+            finally:
+                self._receiving = False
             if data:
                 self._ws.receive_data(data)
             else:
@@ -154,7 +160,21 @@ class SansIOChannel:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise Closed(1006, "connection lost") from None
+                    raise await self._lost() from None
+
+    async def _lost(self) -> Closed:
+        """Sending failed: the peer may have closed with a reason that is still unread
+        (unless another task is reading: it will see the reason itself)."""
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            while self._ws.close_rcvd is None and not self._receiving:
+                try:
+                    data = await self._stream.receive_some(RECEIVE_BUFFER)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not data:
+                    break
+                self._ws.receive_data(data)
+        return self._closed()
 
     def _closed(self) -> Closed:
         close = self._ws.close_rcvd or self._ws.close_sent
@@ -182,6 +202,26 @@ async def _accept_sansio(stream: trio.abc.Stream, max_frame: int) -> SansIOChann
         if events:
             channel = SansIOChannel(stream, ws)
             ws.events.extend(events[1:])  # frames that came with the request
+            channel._take_frames()
+            return channel
+
+
+async def _connect_sansio(stream: trio.abc.Stream, url: str, max_frame: int) -> SansIOChannel:
+    """The client side of the opening handshake."""
+    ws = ClientProtocol(parse_uri(url), max_size=max_frame)
+    ws.send_request(ws.connect())
+    await stream.send_all(b"".join(ws.data_to_send()))
+    while True:
+        data = await stream.receive_some(RECEIVE_BUFFER)
+        if not data:
+            raise OSError(f"websocket handshake with {url} failed: the connection closed")
+        ws.receive_data(data)
+        events = ws.events_received()
+        if ws.handshake_exc is not None:
+            raise OSError(f"websocket handshake with {url} failed: {ws.handshake_exc}")
+        if events:
+            channel = SansIOChannel(stream, ws)
+            ws.events.extend(events[1:])  # frames that came with the response
             channel._take_frames()
             return channel
 
@@ -250,7 +290,11 @@ def _port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -
 
 @asynccontextmanager
 async def connect(
-    url: str, *, ssl_context: ssl.SSLContext | None = None, max_frame: int = 1 << 26
+    url: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    max_frame: int = 1 << 26,
+    engine: str = "sansio",
 ) -> AsyncIterator[Channel]:
     """Open a websocket to ``url``; failing to connect or to shake hands raises ``OSError``."""
     parts = urlsplit(url)
@@ -266,25 +310,49 @@ async def connect(
     else:
         stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
-        async with tasks.open_nursery() as nursery:
-            try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        stream,
-                        parts.netloc,
-                        parts.path or "/",
-                        message_queue_size=QUEUE,
-                        max_message_size=max_frame,
-                        receive_buffer_size=RECEIVE_BUFFER,
-                    )
-            except (trio_websocket.HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
-                raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
-            try:
-                yield WebsocketChannel(ws)
-            finally:
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+        if engine == "sansio":
+            async with _sansio_client(stream, url, max_frame) as channel:
+                yield channel
+        else:
+            async with _trio_websocket_client(stream, url, max_frame) as channel:
+                yield channel
     finally:
         await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def _sansio_client(stream: trio.abc.Stream, url: str, max_frame: int) -> AsyncIterator[Channel]:
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            channel = await _connect_sansio(stream, url, max_frame)
+    except (trio.TooSlowError, trio.BrokenResourceError, trio.SSLError) as exc:
+        raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
+@asynccontextmanager
+async def _trio_websocket_client(stream: trio.abc.Stream, url: str, max_frame: int) -> AsyncIterator[Channel]:
+    parts = urlsplit(url)
+    async with tasks.open_nursery() as nursery:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    parts.netloc,
+                    parts.path or "/",
+                    message_queue_size=QUEUE,
+                    max_message_size=max_frame,
+                    receive_buffer_size=RECEIVE_BUFFER,
+                )
+        except (trio_websocket.HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
+        try:
+            yield WebsocketChannel(ws)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
