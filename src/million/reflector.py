@@ -192,7 +192,9 @@ class Reflector:
         return f"{scheme}://{self.config.host}:{self.port}"
 
     def statistics(self) -> ReflectorStatistics:
-        stats = dict(self._stats, connections=len(self._conns), sessions=len(self._occupied), idle=len(self._idle))
+        stats = dict(
+            self._stats, connections=len(self._conns), sessions=len(self._occupied), idle=len(self._idle)
+        )
         return ReflectorStatistics(**stats)
 
     # --- serving -----------------------------------------------------------------------
