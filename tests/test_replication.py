@@ -264,13 +264,13 @@ async def test_the_last_participant_to_leave_leaves_a_snapshot_behind(reflector)
         million.open_client(reflector.url) as client,  # closed right after leaving
         million.join(client, "tidy", Ledger) as session,
     ):
-        for i in range(10):
+        for i in range(70):  # a tail longer than ReflectorConfig.leave_snapshot_after
             session.publish("add", i)
-        await session.wait_for(lambda model: model.total == 10)
+        await session.wait_for(lambda model: model.total == 70)
     with trio.fail_after(10):
         while (stored := await reflector.store.load("tidy")) is None or stored.events:  # noqa: ASYNC110
             await trio.sleep(0.01)  # the store has no event to wait for: poll it
-    assert stored.snapshot_seq == 12  # join, ten additions, exit
+    assert stored.snapshot_seq == 72  # join, 70 additions, exit
     assert "tidy" not in [s["name"] for s in reflector.describe()["sessions"]]
 
 
@@ -285,3 +285,24 @@ async def test_joining_without_creating_takes_the_recorded_options(client):
     ):
         assert second.options == {"target": 3}
         assert second.model.target == 3
+
+
+async def test_a_participant_that_comes_back_gets_only_what_it_missed(reflector):
+    async with (
+        million.open_client(reflector.url) as client,
+        million.open_client(reflector.url) as other,
+        million.join(other, "back", Ledger) as stayer,
+    ):
+        async with million.join(client, "back", Ledger) as first:
+            first.publish("add", "before")
+            await first.wait_for(lambda model: model.total == 1)
+        await client.settle()  # the reflector has seen the leave
+        for i in range(3):
+            stayer.publish("add", i)
+        await stayer.wait_for(lambda model: model.total == 4)
+        async with million.join(client, "back", Ledger) as again:
+            assert again.group.replayed == 3  # the additions: it had seen its own exit
+            assert [value for value, *_ in again.model.entries] == ["before", 0, 1, 2]
+            await again.wait_seen()
+            await stayer.wait_for(lambda _: stayer.replica.seq == again.replica.seq)
+            assert again.replica.digest() == stayer.replica.digest()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import ssl
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = ["Client", "ClientError", "open_client"]
 log = logging.getLogger(__name__)
 
 FRAME_TARGET = 1 << 18  # bytes per outgoing frame, unless the reflector allows less
+KEPT_REPLICAS = 64  # replicas of left sessions kept to rejoin with only the events since
 LEAVE_TIMEOUT = 5.0
 FATAL = {ErrorCode.VERSION, ErrorCode.UNAUTHORIZED}
 
@@ -69,6 +70,7 @@ class Group:
     synced_from: int = 0  # seq of the snapshot the replica was last rebuilt from
     replayed: int = 0  # events replayed on top of it
     departing: int = 0  # memberships left but not yet confirmed by the reflector
+    connection: int = 0  # the connection the replica was synced over
     _changed: trio.Event = attrs.Factory(trio.Event)
 
     async def wait_changed(self) -> None:
@@ -89,6 +91,16 @@ class Group:
         replica.take_view_events()
         self.replica = replica
         self.synced_from = sync.snapshot.seq if sync.snapshot is not None else 0
+        self.replayed = len(sync.events)
+
+    def resume(self, sync: Sync) -> None:
+        """Bring the kept replica to the present with the events since it was left."""
+        replica = self.replica
+        assert replica is not None
+        for event in sync.events:
+            replica.apply(event)  # the ones it already has are skipped
+        replica.advance(sync.time)
+        replica.take_view_events()
         self.replayed = len(sync.events)
 
 
@@ -118,6 +130,7 @@ class Client:
         self.connection_id = ""
         self.errors: deque[Error] = deque(maxlen=100)
         self._groups: dict[str, Group] = {}
+        self._kept: OrderedDict[str, Group] = OrderedDict()  # left groups whose replica is current
         self._joining: dict[int, Session] = {}
         self._departing: dict[tuple[str, str], Group] = {}
         self._departed = trio.Event()
@@ -161,7 +174,10 @@ class Client:
         """Join ``name`` and wait until this participant's replica is at the present."""
         group = self._groups.get(name)
         if group is None:
-            group = self._groups[name] = Group(name, model_cls, options)
+            kept = self._kept.pop(name, None)
+            if kept is None or kept.model_cls is not model_cls:
+                kept = Group(name, model_cls, options)
+            group = self._groups[name] = kept
         session = Session(self, group, model_cls, options, create)
         group.sessions.append(session)
         if self._connected:
@@ -230,11 +246,19 @@ class Client:
     def _discard(self, group: Group) -> None:
         if not group.sessions and not group.departing and self._groups.get(group.name) is group:
             del self._groups[group.name]
+            if self._connected and group.replica is not None and group.connection == self._connections:
+                self._kept[group.name] = group
+                if len(self._kept) > KEPT_REPLICAS:
+                    self._kept.popitem(last=False)
 
     def _send_join(self, session: Session) -> None:
         ref = next(self._refs)
         self._joining[ref] = session
-        self._send(Join(ref, session.name, session.model_cls.model_name, session.options, session.create))
+        group = session.group
+        current = group.replica is not None and group.connection == self._connections
+        have = group.replica.seq if current and group.replica is not None else None
+        model = session.model_cls.model_name
+        self._send(Join(ref, session.name, model, session.options, session.create, have))
 
     def _send(self, message: Any) -> None:
         if self._connected:
@@ -317,6 +341,7 @@ class Client:
             self._discard(group)
         self._departing.clear()
         self._departed.set()
+        self._kept.clear()
         for reply in self._replies.values():
             reply.close()
 
@@ -391,6 +416,12 @@ class Client:
                 session.failed(JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
                 self._send(Leave(sync.session, sync.view))
                 return None
+        elif sync.events:
+            try:
+                group.resume(sync)
+            except LookupError as exc:
+                raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
+        group.connection = self._connections
         session.options = sync.options
         session.joined(sync.view)
         return group

@@ -75,7 +75,9 @@ class Join:
     """Join ``session``; the first join of a session records ``model`` and ``options``.
 
     With ``create`` false the session must exist and ``options`` is not compared: the
-    joiner takes the options it was created with (they come back in the Sync).
+    joiner takes the options it was created with (they come back in the Sync). ``have``
+    is the seq of a replica of the session the client kept from an earlier membership
+    on this connection: the Sync may then carry only the events after it.
     """
 
     ref: int  # echoed in the Sync or Error that answers it
@@ -83,6 +85,7 @@ class Join:
     model: str
     options: Any = None
     create: bool = True
+    have: int | None = None
 
 
 @attrs.frozen
@@ -165,8 +168,8 @@ class SnapshotRecord:
 class Sync:
     """Answer to a Join: who you are in the session and how to reach its present.
 
-    ``full`` is false when this connection already holds the session: the client's
-    replica is current and ``snapshot``/``events`` are omitted.
+    ``full`` is false when the client's replica is to be kept: ``events`` are the ones
+    after the Join's ``have`` (none when this connection already holds the session).
     """
 
     ref: int

@@ -66,6 +66,7 @@ class ReflectorConfig:
     max_sessions_per_connection: int = 100_000
     max_queue_bytes: int = 64 << 20
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
+    leave_snapshot_after: int = 64  # events since the last snapshot that make the last leaver snapshot
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     transport: str = "sansio"  # or "trio-websocket": see million.transport
@@ -452,11 +453,17 @@ class Reflector:
         session.recipients = tuple(session.conns)
         session.views[view] = conn
         conn.memberships[(session.name, view)] = session
-        self._emit((conn,), self._sync(session, message.ref, view, full, session.clock(now)))
+        sync = self._sync(session, message.ref, view, full, message.have, session.clock(now))
+        self._emit((conn,), sync)
         self._append(session, view, VIEW_JOIN, view, session.recipients)
         self._batch.presence[session.name] = codec.dumps(list(session.views))
 
-    def _sync(self, session: Session, ref: int, view: str, full: bool, time: int) -> bytes:
+    def _sync(self, session: Session, ref: int, view: str, full: bool, have: int | None, time: int) -> bytes:
+        """The Sync for a join: everything, only the events after ``have``, or nothing
+        when the connection already holds the session."""
+        resume = full and have is not None and session.snapshot_seq <= have <= session.seq
+        if resume:
+            full = False
         body: dict[str, Any] = {
             "type": "sync",
             "ref": ref,
@@ -476,6 +483,8 @@ class Reflector:
                     "digest": session.snapshot_digest,
                 }
             body["events"] = [codec.fragment(raw) for raw in session.tail]
+        elif resume:
+            body["events"] = [codec.fragment(raw) for raw in session.tail[have - session.snapshot_seq :]]
         return codec.dumps(body)
 
     async def _session(self, message: Join) -> Session:
@@ -519,7 +528,12 @@ class Reflector:
                 ErrorCode.NOT_JOINED, f"view {message.view!r} has not joined session {message.session!r}"
             )
         self._remove(conn, session, message.view)
-        if not session.conns and session.seq > session.snapshot_seq and session.snapshot_asked is None:
+        behind = session.seq - session.snapshot_seq
+        if (
+            not session.conns
+            and session.snapshot_asked is None
+            and behind >= self.config.leave_snapshot_after
+        ):
             self._ask_snapshot(session, (conn,))
         self._emit((conn,), codec.encode(Left(message.session, message.view)))
 
