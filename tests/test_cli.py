@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import sys
 
@@ -129,6 +131,7 @@ def test_run_resumes_or_returns_the_stored_answer_by_name(tmp_path):
         (["--plugin", "demo", "--fanout", "1"], "must be at least 2", 2),
         (["--plugin", "demo", "--option", "delay_ms"], "expected KEY=VALUE", 2),
         (["--plugin", "demo", "--reflector", "ws://127.0.0.1:9"], "cannot reach the reflector", 1),
+        (["--plugin", "demo", "--store", "/nonexistent/dir/store.db"], "cannot open store", 2),
     ],
 )
 def test_run_refuses_what_it_cannot_do_in_one_line(args, message, code):
@@ -164,3 +167,16 @@ async def test_ctrl_c_stops_a_run_quietly_and_the_same_name_resumes_it(tmp_path)
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["answer"] == million_testplugin.expected(1, 20, 4)
     assert json.loads(again.stdout)["resumed"] is True
+
+
+@pytest.mark.parametrize("command", [["reflector", "--port", "0"], ["run", "--plugin", "demo"]])
+def test_a_store_of_another_format_is_refused_in_one_line(tmp_path, command):
+    store = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        db.execute("CREATE TABLE sessions (name TEXT PRIMARY KEY, present BLOB)")
+        db.commit()
+    result = million_command(*command, "--store", str(store))
+    assert result.returncode in (1, 2)
+    assert "it was written by another version of million" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.stderr

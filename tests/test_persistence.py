@@ -55,7 +55,9 @@ async def test_the_store_keeps_the_latest_snapshot_and_only_the_events_after_it(
     await store.commit(Batch(snapshots=[("s", 3, 30, b'{"state":3}', "d3")]))
     await store.commit(Batch(snapshots=[("s", 2, 20, b'{"state":2}', "d2")]))  # older: ignored
     store.close()
-    stored = await open_store(path).load("s")
+    reopened = open_store(path)
+    stored = await reopened.load("s")
+    reopened.close()
     assert stored is not None
     assert (stored.snapshot_seq, stored.snapshot_time, stored.snapshot_state) == (3, 30, b'{"state":3}')
     assert stored.events == [b'{"seq":4}', b'{"seq":5}']
@@ -81,3 +83,20 @@ async def test_idle_sessions_beyond_the_limit_leave_memory_and_come_back_whole(t
         with trio.fail_after(10):
             while reflector.statistics().idle != 2:  # noqa: ASYNC110
                 await trio.sleep(0.01)
+
+
+async def test_a_journal_cut_short_by_a_kill_is_applied_up_to_its_last_whole_batch(tmp_path):
+    store = open_store(str(tmp_path / "first.db"))
+    await store.commit(Batch(created=[("s", "m", b"{}")], events=[("s", 1, b'{"seq":1}')]))
+    await store.commit(Batch(events=[("s", 2, b'{"seq":2}')]))
+    journal = (tmp_path / "first.db.journal").read_bytes()
+    store.close()
+    (tmp_path / "second.db.journal").write_bytes(journal[:-3])  # the kill came mid-write
+    recovered = open_store(str(tmp_path / "second.db"))
+    try:
+        stored = await recovered.load("s")
+        assert stored is not None
+        assert stored.events == [b'{"seq":1}']
+    finally:
+        recovered.close()
+    assert not (tmp_path / "second.db.journal").exists()

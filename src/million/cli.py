@@ -23,7 +23,7 @@ from million.plugins import PluginError
 from million.reflector import ReflectorConfig, serve_reflector
 from million.runner import RunConfig, RunError, RunState
 from million.session import JoinError
-from million.store import open_store
+from million.store import StoreError, open_store
 from million.transport import ENGINES
 
 T = TypeVar("T")
@@ -214,9 +214,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         with display or contextlib.nullcontext():
             result = trio.run(_until_signal, runner.run(config, watch=watch))
-    except (PluginError, RunError, ClientError) as exc:
+    except (PluginError, RunError, ClientError, StoreError) as exc:
         print(f"million run: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, PluginError) else 1
+        return 2 if isinstance(exc, PluginError | StoreError) else 1
     if result is None:
         state = seen[0] if seen else None
         done = f"{state.done:,} of {state.partitions:,} partitions done" if state else "nothing done yet"
@@ -307,8 +307,8 @@ def _reflector(args: argparse.Namespace) -> int:
     )
     try:
         store = open_store(config.store)
-    except Exception as exc:
-        print(f"million reflector: cannot open store {config.store}: {exc}", file=sys.stderr)
+    except StoreError as exc:
+        print(f"million reflector: {exc}", file=sys.stderr)
         return 2
     try:
         trio.run(_serve_until_signal, config, store)

@@ -102,7 +102,7 @@ class Computation(Model, name="million.computation"):
     started: list[bool] = attrs.Factory(list)
     done_by: list[str | None] = attrs.Factory(list)
     remaining: int = 0
-    workers: dict[str, int] = attrs.Factory(dict)  # view -> partition it works on
+    workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
     answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, partition or None]
     claims: dict[str, str] = attrs.Factory(dict)  # "prepare" / "collect" -> view doing it
     output: Any = None
@@ -134,25 +134,26 @@ class Computation(Model, name="million.computation"):
             self.claims["prepare"] = view
 
     def request(self, request_id: Any) -> None:
-        """A worker asks for a partition: the answer is recorded under its view."""
+        """A worker asks for one more partition: the answer is recorded under its view."""
         view = self.sender
-        index = None if self.done or self.inputs is None else self._assign()
-        if index is None:
-            self.workers.pop(view, None)
-        else:
-            self.workers[view] = index
+        index = None if self.done or self.inputs is None else self._assign(view)
+        if index is not None:
+            self.workers.setdefault(view, []).append(index)
             self.started[index] = True
         self.answers[view] = [request_id, index]
 
-    def _assign(self) -> int | None:
-        """A partition nobody has started, else the incomplete one with the fewest workers."""
+    def _assign(self, view: str) -> int | None:
+        """A partition nobody has started, else the incomplete one with the fewest workers
+        that ``view`` does not hold yet."""
         for index in range(self.count):
             if not self.started[index] and not self.completed[index]:
                 return index
         load = [0] * self.count
-        for index in self.workers.values():
-            load[index] += 1
-        incomplete = [index for index in range(self.count) if not self.completed[index]]
+        for held in self.workers.values():
+            for index in held:
+                load[index] += 1
+        mine = self.workers.get(view, ())
+        incomplete = [i for i in range(self.count) if not self.completed[i] and i not in mine]
         return min(incomplete, key=lambda index: (load[index], index), default=None)
 
     def end(self, data: Any) -> None:
@@ -167,8 +168,11 @@ class Computation(Model, name="million.computation"):
             self.outputs[index] = output
             self.done_by[index] = self.sender
             self.remaining -= 1
-            for view in [view for view, working in self.workers.items() if working == index]:
-                del self.workers[view]
+            for view, held in list(self.workers.items()):
+                if index in held:
+                    held.remove(index)
+                    if not held:
+                        del self.workers[view]
             if self.remaining == 0 and "collect" not in self.claims:
                 self.claims["collect"] = self.sender
         if "next" in data:
@@ -207,6 +211,7 @@ class Context:
     plugin: Plugin
     detach: bool = True  # leave a session while working in its child
     on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
+    window: int = 2  # leaf partitions a worker holds: it asks for the next before doing this one
 
 
 @attrs.frozen
@@ -244,8 +249,9 @@ class Worker(View):
         self.ctx = ctx
         self.report = report
         self.spec = Spec.from_options(session.options)
-        self._requests = 0
-        self._pending: int | None = None
+        self._asked = 0  # requests published, numbered from 1
+        self._reported: set[int] = set()  # partitions this view has done or handed to a child
+        self._window = ctx.window if self.spec.leaf else 1
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._finished = trio.Event()
@@ -265,26 +271,26 @@ class Worker(View):
         self._cycle.cancel()  # requests made under the old view id will never be answered
 
     async def _work(self) -> Outcome:
-        """Prepare, compute or coordinate partitions, collect; each step's report
-        carries the next request, so a partition costs one event and one round trip."""
-        self._pending = None
+        """Prepare, compute or coordinate partitions, collect; each report carries the
+        next request, so a partition costs one event and, with a window of W, 1/W of a
+        round trip."""
+        self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view the preparer
         if self.report is not None:
             index, output = self.report
-            self.publish("end", {"index": index, "output": output, "next": self._next_request()})
+            self.publish("end", {"index": index, "output": output, "next": self._ask()})
         while True:
             model = self.model
             if model.done:
                 return Outcome(True, model.output)
-            if self._pending is None:
-                if model.inputs is None:
-                    await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
-                    continue
-                self.publish("request", self._next_request())
-            index = await self._answer()
+            if model.inputs is None:
+                await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
+                continue
+            index = await self._next()
             if index is None:
                 await self._claim("collect", lambda m: m.done, self._collect)
                 continue
+            self._reported.add(index)
             if not self.spec.leaf:
                 child, options = self.spec.child(self.session.name, index, model.inputs[index])
                 if self.ctx.detach:
@@ -293,18 +299,31 @@ class Worker(View):
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
-                self.publish("end", {"index": index, "output": output, "next": self._next_request()})
+                self.publish("end", {"index": index, "output": output, "next": self._ask()})
 
-    def _next_request(self) -> int:
-        self._requests += 1
-        self._pending = self._requests
-        return self._requests
+    def _ask(self) -> int:
+        self._asked += 1
+        return self._asked
 
-    async def _answer(self) -> int | None:
-        """The partition the model gave this view for its pending request (None: none left)."""
-        request, self._pending = self._pending, None
-        await self.session.wait_for(lambda m: m.answers.get(self.view_id, [None])[0] == request)
-        return self.model.answers[self.view_id][1]
+    async def _next(self) -> int | None:
+        """A partition this view holds and has not done; None once every one is complete."""
+        while True:
+            model = self.model
+            if model.remaining == 0:
+                return None
+            held = [index for index in model.workers.get(self.view_id, ()) if index not in self._reported]
+            answered, last = model.answers.get(self.view_id, (0, None))
+            if answered == self._asked and len(held) < self._window and (last is not None or not held):
+                self.publish("request", self._ask())
+                continue
+            if held:
+                return held[0]
+            await self.session.wait_for(
+                lambda m, seen=answered: m.remaining == 0 or self._answered(m) != seen
+            )
+
+    def _answered(self, model: Any) -> int:
+        return model.answers.get(self.view_id, (0,))[0]
 
     async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> None:
         """Do ``task`` if this view holds its claim (asking for it if nobody does), else
@@ -323,7 +342,7 @@ class Worker(View):
     async def _prepare(self) -> None:
         spec = self.spec
         inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
-        self.publish("inputs", {"inputs": inputs, "next": self._next_request()})
+        self.publish("inputs", {"inputs": inputs, "next": self._ask()})
         self._log("prepared")
 
     async def _compute(self, index: int, input: Any) -> Any:

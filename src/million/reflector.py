@@ -3,7 +3,7 @@
 It knows sessions, participants and opaque JSON; nothing about what models do.
 
 Everything a connection's messages cause is appended, in order, to one outbox and
-one store batch. The pump task commits the batch to the store (group commit) and
+one store batch. The pump task commits the batch to the store (its journal) and
 only then hands the outbox to the connections' writer tasks, so nothing is relayed
 that a restart could lose, and each connection sees its messages in the order they
 were caused. Each writer sends everything queued for its connection as one frame.
@@ -207,6 +207,7 @@ class Reflector:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
+                nursery.start_soon(self.store.keep_applying)
                 nursery.start_soon(self._ticker)
                 self.port = await nursery.start(
                     lambda task_status: transport.serve(
