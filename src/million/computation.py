@@ -254,6 +254,7 @@ class Worker(View):
         self._window = ctx.window if self.spec.leaf else 1
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
+        self._output: Any = None  # what this view collected
         self._finished = trio.Event()
 
     async def outcome(self) -> Outcome:
@@ -284,11 +285,13 @@ class Worker(View):
             if model.done:
                 return Outcome(True, model.output)
             if model.inputs is None:
-                await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
+                if await self._claim("prepare", lambda m: m.inputs is not None, self._prepare):
+                    await self.session.wait_for(lambda m: m.inputs is not None)
                 continue
             index = await self._next()
             if index is None:
-                await self._claim("collect", lambda m: m.done, self._collect)
+                if await self._claim("collect", lambda m: m.done, self._collect):
+                    return Outcome(True, self._output)  # no need to wait for it to come back
                 continue
             self._reported.add(index)
             if not self.spec.leaf:
@@ -325,19 +328,21 @@ class Worker(View):
     def _answered(self, model: Any) -> int:
         return model.answers.get(self.view_id, (0,))[0]
 
-    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> None:
-        """Do ``task`` if this view holds its claim (asking for it if nobody does), else
-        wait until it is done or its holder goes away."""
+    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> bool:
+        """Do ``task`` if this view holds its claim (asking for it if nobody does) and
+        return True, else wait until it is done or its holder goes away."""
         holder = self.model.claims.get(task)
         if holder is None:
             self.publish("claim", task)
             await self.session.wait_for(lambda m: finished(m) or task in m.claims)
             if finished(self.model):
-                return
+                return False
             holder = self.model.claims[task]
         if holder == self.view_id:
             await action()
+            return True
         await self.session.wait_for(lambda m: finished(m) or m.claims.get(task) != holder)
+        return False
 
     async def _prepare(self) -> None:
         spec = self.spec
@@ -352,8 +357,8 @@ class Worker(View):
 
     async def _collect(self) -> None:
         spec = self.spec
-        output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
-        self.publish("output", output)
+        self._output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        self.publish("output", self._output)
         self._log("collected")
         if spec.leaf and self.ctx.on_leaf_done is not None:
             self.ctx.on_leaf_done(self.session.name, spec.partitions)
