@@ -5,7 +5,7 @@
     nox -s bench -- scale
 
 Each run: one ``million reflector`` process with a SQLite store, two ``million work``
-processes of 50 bots each (100 workers), fanout 100, the demo plugin without delay,
+processes of 50 bots each (100 workers), fanout 100 (``--fanout``), the demo plugin without delay,
 taking their work from the lobby, and ``million run --no-work`` posting the run and
 timing it from its start to its answer. With ``--churn S`` a bot
 process is killed (SIGKILL) every S seconds and a fresh one started, and the same run
@@ -50,13 +50,13 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def measure(partitions: int, churn: float | None, workdir: Path) -> dict[str, Any]:
+def measure(partitions: int, churn: float | None, workdir: Path, fanout: int = 100) -> dict[str, Any]:
     store = workdir / f"scale-{partitions}-{churn}.db"
     reflector, url = start_reflector(store)
     workers = [start_workers(url) for _ in range(2)]
     command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", str(partitions)]
     run = subprocess.Popen(
-        [*command, "--fanout", "100", "--no-work", "--json"], stdout=subprocess.PIPE, text=True
+        [*command, "--fanout", str(fanout), "--no-work", "--json"], stdout=subprocess.PIPE, text=True
     )
     kills, rng = 0, random.Random(1)
     try:
@@ -82,6 +82,7 @@ def measure(partitions: int, churn: float | None, workdir: Path) -> dict[str, An
     assert result["answer"] == partitions, result
     return {
         "partitions": partitions,
+        "fanout": fanout,
         "churn_s": churn,
         "kills": kills,
         "elapsed_s": result["elapsed_s"],
@@ -95,15 +96,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partitions", type=int, action="append", help="repeatable (default: 1e4, 1e5, 1e6)")
     parser.add_argument("--churn", type=float, help="kill a bot process every CHURN seconds")
+    parser.add_argument("--fanout", type=int, default=100)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for partitions in args.partitions or [10_000, 100_000, 1_000_000]:
             for churn in [None, args.churn] if args.churn else [None]:
-                row = measure(partitions, churn, Path(tmp))
+                row = measure(partitions, churn, Path(tmp), args.fanout)
                 rows.append(row)
                 print(
-                    f"N={row['partitions']:>9,}  churn={row['churn_s']}  kills={row['kills']:>3}"
+                    f"N={row['partitions']:>9,}  F={row['fanout']}  churn={row['churn_s']}"
+                    f"  kills={row['kills']:>3}"
                     f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
                     f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB",
                     flush=True,

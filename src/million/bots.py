@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import subprocess
 import sys
 from typing import Any
@@ -27,13 +28,21 @@ __all__ = ["crew", "run_bots", "run_lobby_bots", "worker_command"]
 log = logging.getLogger(__name__)
 
 
-async def run_bots(url: str, run: str, bots: int, *, detach: bool = True, token: str | None = None) -> Any:
+async def run_bots(
+    url: str,
+    run: str,
+    bots: int,
+    *,
+    detach: bool = True,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> Any:
     """Work run ``run`` with ``bots`` bots until it is done; returns its answer.
 
     Raises ``PluginError`` when this machine lacks the run's plugin or has another
     version of it: the run is left untouched.
     """
-    async with open_client(url, token=token, label=f"bots-{os.getpid()}") as client:
+    async with open_client(url, token=token, label=f"bots-{os.getpid()}", ssl_context=ssl_context) as client:
         return await crew(client, run, bots, detach=detach)
 
 
@@ -62,14 +71,21 @@ def _plugin_for(run: str, name: str, version: str) -> Plugin:
     return plugin
 
 
-async def run_lobby_bots(url: str, bots: int, *, detach: bool = True, token: str | None = None) -> None:
+async def run_lobby_bots(
+    url: str,
+    bots: int,
+    *,
+    detach: bool = True,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
     """Share ``bots`` bots among the lobby's open runs, moving on as runs finish or start.
 
     Runs whose plugin this machine lacks (or has in another version) are skipped with
     one log line each. Returns only when cancelled.
     """
     async with (
-        open_client(url, token=token, label=f"lobby-bots-{os.getpid()}") as client,
+        open_client(url, token=token, label=f"lobby-bots-{os.getpid()}", ssl_context=ssl_context) as client,
         join(client, LOBBY, Lobby) as lobby,
         trio.open_nursery() as nursery,
     ):
@@ -107,22 +123,29 @@ def worker_command(url: str, run: str, bots: int, *, detach: bool = True) -> lis
 
 
 async def run_worker_processes(
-    commands: list[list[str]], *, task_status: Any = trio.TASK_STATUS_IGNORED
+    commands: list[list[str]],
+    *,
+    env: dict[str, str] | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run worker processes until they end or this task is cancelled (then they are stopped)."""
+    """Run worker processes until they end or this task is cancelled (then they are stopped).
+
+    ``env`` is added to this process's environment for them.
+    """
+    full_env = {**os.environ, **(env or {})}
     async with trio.open_nursery() as nursery:
         for command in commands:
-            nursery.start_soon(_worker_process, command)
+            nursery.start_soon(_worker_process, command, full_env)
         task_status.started()
 
 
-async def _worker_process(command: list[str]) -> None:
-    result = await trio.run_process(command, check=False, stdin=subprocess.DEVNULL, stderr=None)
+async def _worker_process(command: list[str], env: dict[str, str]) -> None:
+    result = await trio.run_process(command, check=False, stdin=subprocess.DEVNULL, stderr=None, env=env)
     if result.returncode not in (0, -2, -15, 130):
         log.warning("worker process %s exited with %s", command, result.returncode)
 
 
-async def run_worker_processes_to_end(commands: list[list[str]]) -> bool:
+async def run_worker_processes_to_end(commands: list[list[str]], env: dict[str, str]) -> bool:
     """Run worker processes until all have ended."""
-    await run_worker_processes(commands)
+    await run_worker_processes(commands, env=env)
     return True

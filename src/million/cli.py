@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -17,7 +20,7 @@ import trio
 from rich.console import Console
 
 from million import __version__, bots, runner, tasks
-from million.client import ClientError, open_client
+from million.client import ClientError, client_env, open_client, ssl_context
 from million.display import ProgressDisplay
 from million.plugins import PluginError
 from million.reflector import ReflectorConfig, serve_reflector
@@ -84,10 +87,17 @@ def _parser() -> argparse.ArgumentParser:
         help="websocket implementation serving clients (default: %(default)s)",
     )
     reflector.add_argument(
-        "--token",
-        default=os.environ.get("MILLION_TOKEN"),
-        help="shared secret clients must present (default: $MILLION_TOKEN)",
+        "--token-file",
+        type=Path,
+        help="file holding the secret clients must present (default: $MILLION_TOKEN, if set)",
     )
+    reflector.add_argument(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without a token: anyone who can reach it may join",
+    )
+    reflector.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
+    reflector.add_argument("--keyfile", type=Path, help="TLS private key (PEM), if not in --certfile")
     reflector.set_defaults(command=_reflector)
 
     run = commands.add_parser("run", help="run a computation and print its answer")
@@ -124,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
     )
     run.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    run.add_argument("--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token")
+    _client_arguments(run)
     run.set_defaults(command=_run)
 
     work = commands.add_parser("work", help="run bots that work a run until it is done")
@@ -137,17 +147,28 @@ def _parser() -> argparse.ArgumentParser:
     work.add_argument(
         "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
     )
-    work.add_argument("--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token")
+    _client_arguments(work)
     work.set_defaults(command=_work)
 
     status = commands.add_parser("status", help="show a reflector's sessions")
     status.add_argument(
         "--reflector", default="ws://127.0.0.1:8765", help="reflector URL (default: %(default)s)"
     )
-    status.add_argument("--token", default=os.environ.get("MILLION_TOKEN"))
+    _client_arguments(status)
     status.add_argument("--json", action="store_true", help="print machine-readable JSON")
     status.set_defaults(command=_status)
     return parser
+
+
+def _client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token (default: $MILLION_TOKEN)"
+    )
+    parser.add_argument(
+        "--cafile",
+        default=os.environ.get("MILLION_CAFILE"),
+        help="certificates (PEM) to trust for wss:// besides the system's (default: $MILLION_CAFILE)",
+    )
 
 
 def _positive(text: str) -> int:
@@ -200,6 +221,7 @@ def _run(args: argparse.Namespace) -> int:
         bots=args.bots,
         detach=args.detach,
         token=args.token,
+        cafile=args.cafile,
     )
     console = Console(stderr=True)
     seen: list[RunState] = []
@@ -256,12 +278,19 @@ def _work(args: argparse.Namespace) -> int:
         command += ["--run", args.run] if args.run else []
         command += [] if args.detach else ["--no-detach"]
         commands = [command] * args.processes
-        trio.run(_until_signal, bots.run_worker_processes_to_end(commands))
+        env = client_env(args.token, args.cafile)
+        trio.run(_until_signal, bots.run_worker_processes_to_end(commands, env))
         return 0
+    try:
+        context = ssl_context(args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"million work: cannot load --cafile {args.cafile}: {exc}", file=sys.stderr)
+        return 2
+    settings = {"detach": args.detach, "token": args.token, "ssl_context": context}
     if args.run is None:
-        job = bots.run_lobby_bots(args.reflector, args.bots, detach=args.detach, token=args.token)
+        job = bots.run_lobby_bots(args.reflector, args.bots, **settings)
     else:
-        job = bots.run_bots(args.reflector, args.run, args.bots, detach=args.detach, token=args.token)
+        job = bots.run_bots(args.reflector, args.run, args.bots, **settings)
     try:
         answer = trio.run(_until_signal, job)
     except (PluginError, ClientError) as exc:
@@ -302,9 +331,20 @@ def _reflector(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         max_queue_bytes=args.max_queue,
         max_sessions_per_connection=args.max_sessions,
-        token=args.token,
         transport=args.transport,
     )
+    try:
+        config = attrs.evolve(config, token=_reflector_token(args), ssl_context=_server_tls(args))
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"million reflector: {exc}", file=sys.stderr)
+        return 2
+    if config.token is None and not args.insecure and not _loopback(config.host):
+        print(
+            f"million reflector: refusing to listen on {config.host} without a token: anyone who can"
+            " reach it could join every session. Give --token-file (or $MILLION_TOKEN), or --insecure.",
+            file=sys.stderr,
+        )
+        return 2
     try:
         store = open_store(config.store)
     except StoreError as exc:
@@ -341,9 +381,46 @@ async def _serve_until_signal(config: ReflectorConfig, store) -> None:
     )
 
 
+def _reflector_token(args: argparse.Namespace) -> str | None:
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as exc:
+            raise OSError(f"cannot read the token file: {exc}") from None
+        if not token:
+            raise ValueError(f"the token file {args.token_file} is empty")
+        return token
+    return os.environ.get("MILLION_TOKEN") or None
+
+
+def _server_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if args.certfile is None:
+        if args.keyfile is not None:
+            raise ValueError("--keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.certfile, args.keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the TLS certificate {args.certfile}: {exc}") from None
+    return context
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _status(args: argparse.Namespace) -> int:
     async def fetch() -> object:
-        async with open_client(args.reflector, token=args.token, label="status", first_timeout=2) as client:
+        context = ssl_context(args.cafile)
+        async with open_client(
+            args.reflector, token=args.token, label="status", first_timeout=2, ssl_context=context
+        ) as client:
             with trio.fail_after(5):
                 return await client.status()
 

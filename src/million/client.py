@@ -479,6 +479,17 @@ class Client:
         self._max_frame = welcome.max_frame
 
 
+def ssl_context(cafile: str | None) -> ssl.SSLContext | None:
+    """The context for ``wss://`` URLs that also trusts ``cafile``; None: the system's."""
+    return ssl.create_default_context(cafile=cafile) if cafile else None
+
+
+def client_env(token: str | None, cafile: str | None) -> dict[str, str]:
+    """Environment variables that give a child process the same token and trust."""
+    env = {"MILLION_TOKEN": token, "MILLION_CAFILE": cafile}
+    return {key: value for key, value in env.items() if value}
+
+
 def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
     for session in list(group.sessions):
         for topic, data in events:

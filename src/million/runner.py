@@ -13,6 +13,7 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import trio
 
 from million import lobby
 from million.bots import run_worker_processes, worker_command
-from million.client import Client, open_client
+from million.client import Client, client_env, open_client, ssl_context
 from million.computation import Computation, Progress, Spec, progress_session
 from million.plugins import load_plugin
 from million.reflector import ReflectorConfig, open_reflector
@@ -50,6 +51,7 @@ class RunConfig:
     bots: int = 16  # bots per worker process
     detach: bool = True
     token: str | None = None
+    cafile: str | None = None  # certificates to trust for wss:// besides the system's
 
 
 @attrs.frozen
@@ -98,7 +100,9 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
     async with _reflector_url(config) as (url, store):
         state = RunState(name, config.partitions, config.fanout, store)
         started = trio.current_time()
-        async with open_client(url, token=config.token, label="run") as client:
+        async with open_client(
+            url, token=config.token, label="run", ssl_context=ssl_context(config.cafile)
+        ) as client:
             try:
                 async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
@@ -148,8 +152,9 @@ async def _compute(
     root = state.root
     assert root is not None and state.progress is not None
     commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.workers)]
+    env = client_env(config.token, config.cafile)
     async with trio.open_nursery() as nursery:
-        await nursery.start(run_worker_processes, commands)
+        await nursery.start(partial(run_worker_processes, commands, env=env))
         while not root.model.done:
             if watch is not None:
                 watch(state)
@@ -182,5 +187,5 @@ def _temporary_store() -> str:
 
 def remove_store(path: str) -> None:
     """Delete a store file and its WAL companions."""
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", ".journal", ".journal-applying"):
         Path(path + suffix).unlink(missing_ok=True)

@@ -325,8 +325,9 @@ async def _sansio_client(stream: trio.abc.Stream, url: str, max_frame: int) -> A
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             channel = await _connect_sansio(stream, url, max_frame)
-    except (trio.TooSlowError, trio.BrokenResourceError, trio.SSLError) as exc:
-        raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
+    except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+        reason = exc.__cause__ or exc  # a TLS failure is the cause of a broken stream
+        raise OSError(f"websocket handshake with {url} failed: {reason}") from None
     try:
         yield channel
     finally:

@@ -1,0 +1,104 @@
+"""Locking a reflector: tokens, loopback by default, TLS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trio
+import trustme
+
+import million
+from helpers import start_reflector
+from million import codec, protocol, transport
+from million.protocol import ErrorCode, Hello, Join
+from models import Ledger
+
+
+def million_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_a_reflector_without_a_token_refuses_to_listen_beyond_loopback(tmp_path):
+    result = million_command("reflector", "--host", "0.0.0.0", "--port", "0", "--store", ":memory:")
+    assert result.returncode == 2
+    assert "refusing to listen on 0.0.0.0 without a token" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--token-file", "/nonexistent/token"], "cannot read the token file"),
+        (["--certfile", "/nonexistent/cert.pem"], "cannot load the TLS certificate"),
+        (["--keyfile", "/nonexistent/key.pem"], "--keyfile needs --certfile"),
+    ],
+)
+def test_unusable_security_options_get_one_line(args, message):
+    result = million_command("reflector", "--port", "0", "--store", ":memory:", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_wrong_token_gets_a_reason_and_no_session_data(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token\n")
+    args = ("--host", "0.0.0.0", "--token-file", str(secret))
+    process, url = await start_reflector(str(tmp_path / "store.db"), 0, *args)
+    url = url.replace("0.0.0.0", "127.0.0.1")
+    try:
+        async with (
+            million.open_client(url, token="s3cret-token") as client,
+            million.join(client, "private", Ledger) as session,
+        ):
+            assert session.view_id
+        async with transport.connect(url) as channel:
+            await channel.send(codec.encode(Hello(protocol.PROTOCOL_VERSION, "guess")))
+            await channel.send(codec.encode(Join(1, "private", Ledger.model_name)))
+            (error,) = codec.decode_reflector(await channel.receive())
+            assert isinstance(error, protocol.Error)
+            assert error.code == ErrorCode.UNAUTHORIZED
+            with pytest.raises(transport.Closed) as closed, trio.fail_after(5):
+                await channel.receive()  # nothing else: no sync, no event
+            assert closed.value.code == transport.POLICY
+            assert "missing or wrong token" in closed.value.reason
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def tls(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(paths["ca"])
+    cert.private_key_and_cert_chain_pem.write_to_path(paths["cert"])
+    cert.private_key_pem.write_to_path(paths["key"])
+    return paths
+
+
+async def test_a_run_over_tls_with_a_token_gets_the_right_answer(tmp_path, tls):
+    secret = tmp_path / "token"
+    secret.write_text("over-tls")
+    tls_args = ("--certfile", str(tls["cert"]), "--keyfile", str(tls["key"]), "--token-file", str(secret))
+    process, url = await start_reflector(str(tmp_path / "store.db"), 0, *tls_args)
+    assert url.startswith("wss://")
+    try:
+        trusted = ("--reflector", url, "--cafile", str(tls["ca"]), "--token", "over-tls")
+        run = million_command("run", "--plugin", "demo", "--partitions", "500", "--fanout", "10", *trusted,
+                              "--workers", "1", "--bots", "4", "--input", "3", "--json")  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["answer"] == 1500
+        status = million_command("status", *trusted, "--json")
+        assert status.returncode == 0, status.stderr
+        untrusted = million_command("status", "--reflector", url, "--token", "over-tls")
+        assert untrusted.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        assert len(untrusted.stderr.strip().splitlines()) == 1
+    finally:
+        process.stop()
