@@ -43,6 +43,26 @@ async def test_status_lists_the_sessions_of_a_running_reflector(tmp_path):
     assert "visible" in text.stdout
 
 
+async def test_status_shows_the_lobby_runs_with_their_progress_and_answer(tmp_path):
+    process, url = await start_reflector(str(tmp_path / "store.db"))
+    try:
+        run = await trio.to_thread.run_sync(
+            million_command, "run", "--reflector", url, "--plugin", "demo", "--partitions", "300",
+            "--fanout", "10", "--input", "2", "--name", "shown", "--workers", "1", "--bots", "3",
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        result = await trio.to_thread.run_sync(million_command, "status", "--reflector", url, "--json")
+        text = await trio.to_thread.run_sync(million_command, "status", "--reflector", url)
+    finally:
+        process.stop()
+    (shown,) = json.loads(result.stdout)["runs"]
+    assert shown["name"] == "shown"
+    assert (shown["state"], shown["answer"], shown["partitions"]) == ("done", 600, 300)
+    assert shown["completed"] == 300
+    assert "shown                demo" in text.stdout
+    assert "300 of 300 partitions  answer 600" in text.stdout
+
+
 def test_status_of_an_unreachable_reflector_is_one_line_and_exit_1():
     result = million_command("status", "--reflector", "ws://127.0.0.1:9")
     assert result.returncode == 1

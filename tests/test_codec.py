@@ -23,13 +23,14 @@ json_values = st.recursive(
 
 EXAMPLES = [
     protocol.Hello(1, "secret", "bot"),
-    protocol.Join(3, "run-1", "computation", {"n": 7}),
+    protocol.Join(3, "run-1", "computation", {"n": 7}, True, 12),
     protocol.Leave("run-1", "v3"),
     protocol.Publish("run-1", "v3", "end", {"index": 2, "output": [1, 2]}),
     protocol.Snapshot("run-1", 10, {"model": {"x": 1}}, "abc"),
     protocol.Digest("run-1", 10, "abc"),
     protocol.Ping(9),
-    protocol.StatusRequest(4),
+    protocol.StatusRequest(4, ["run-1:progress"]),
+    protocol.Summarize("run-1", "v3", {"state": "working", "completed": 3}),
     protocol.Welcome(1, "c0ffee", "million 0.1.0"),
     protocol.Event("run-1", 4, 120, "v3", "end", None),
     protocol.Sync(

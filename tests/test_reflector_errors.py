@@ -161,3 +161,33 @@ async def test_a_reflector_with_a_token_refuses_clients_without_it():
                     pass
         async with million.open_client(reflector.url, token="open sesame") as client:
             await client.ping()
+
+
+async def test_a_flooding_connection_is_slowed_and_others_are_served_meanwhile():
+    config = million.ReflectorConfig(port=0, max_messages_per_s=200)
+    async with (
+        million.open_reflector(config) as reflector,
+        million.open_client(reflector.url) as flooder,
+        million.open_client(reflector.url) as bystander,
+        million.join(flooder, "flood", Tally) as session,
+    ):
+        for _ in range(1000):  # five seconds' worth at the limit, sent at once
+            session.publish("blob", "x")
+        with trio.fail_after(10):
+            while reflector.statistics().throttled == 0:
+                await session.group.wait_changed()
+            await bystander.ping()
+        assert session.model.count < 1000  # answered while the flood was still held back
+        with trio.fail_after(30):
+            await session.wait_for(lambda model: model.count == 1000)  # nothing lost
+
+
+async def test_a_summary_over_the_limit_is_refused_and_the_last_good_one_kept(reflector, client):
+    async with million.join(client, "summed", Ledger) as session:
+        session.summarize({"state": "working", "completed": 1})
+        session.summarize({"blob": "x" * reflector.config.max_summary})
+        await client.ping()  # answered after both: the error is in
+        assert client.errors[-1].code == ErrorCode.LIMIT
+        assert "a summary may have at most 4096 bytes" in client.errors[-1].message
+        info = await client.status(["summed"])
+        assert info["summaries"] == {"summed": {"state": "working", "completed": 1}}

@@ -18,7 +18,15 @@ from typing import Any
 import trio
 
 from million.client import Client, open_client
-from million.computation import Computation, Context, Progress, Spec, progress_session, work
+from million.computation import (
+    Computation,
+    Context,
+    Progress,
+    Spec,
+    progress_session,
+    report_progress,
+    work,
+)
 from million.lobby import LOBBY, Lobby, share
 from million.plugins import Plugin, PluginError, load_plugin
 from million.session import JoinError, join
@@ -59,6 +67,7 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
 
             ctx = Context(client, plugin, detach, leaf_done)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(report_progress, run, progress, root)
                 for _ in range(bots):
                     nursery.start_soon(work, ctx, run)
         return root.model.output

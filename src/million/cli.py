@@ -20,12 +20,15 @@ import trio
 from rich.console import Console
 
 from million import __version__, bots, runner, tasks
-from million.client import ClientError, client_env, open_client, ssl_context
+from million.client import Client, ClientError, client_env, open_client, ssl_context
+from million.computation import progress_session
 from million.display import ProgressDisplay
+from million.lobby import LOBBY, Lobby
 from million.plugins import PluginError
+from million.protocol import ErrorCode
 from million.reflector import ReflectorConfig, serve_reflector
 from million.runner import RunConfig, RunError, RunState
-from million.session import JoinError
+from million.session import JoinError, join
 from million.store import StoreError, open_store
 from million.transport import ENGINES
 
@@ -79,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive,
         default=100_000,
         help="sessions one connection may be in at once (default: %(default)s)",
+    )
+    reflector.add_argument(
+        "--max-rate",
+        type=_positive,
+        default=200_000,
+        help="messages per second one connection may send; beyond it, it is slowed (default: %(default)s)",
     )
     reflector.add_argument(
         "--transport",
@@ -331,6 +340,7 @@ def _reflector(args: argparse.Namespace) -> int:
         max_frame=args.max_frame,
         max_queue_bytes=args.max_queue,
         max_sessions_per_connection=args.max_sessions,
+        max_messages_per_s=args.max_rate,
         transport=args.transport,
     )
     try:
@@ -422,11 +432,17 @@ def _status(args: argparse.Namespace) -> int:
             args.reflector, token=args.token, label="status", first_timeout=2, ssl_context=context
         ) as client:
             with trio.fail_after(5):
-                return await client.status()
+                runs = await _lobby_runs(client)
+                info = await client.status([progress_session(name) for name in runs])
+        summaries = info.pop("summaries")
+        info["runs"] = [
+            {"name": name, **run, **summaries.get(progress_session(name), {})} for name, run in runs.items()
+        ]
+        return info
 
     try:
         info = trio.run(fetch)
-    except (ClientError, trio.TooSlowError) as exc:
+    except (ClientError, JoinError, trio.TooSlowError) as exc:
         print(f"million status: {exc or 'the reflector did not answer within 5 s'}", file=sys.stderr)
         return 1
     if args.json:
@@ -441,6 +457,28 @@ def _status(args: argparse.Namespace) -> int:
     for session in info["sessions"]:
         print(
             f"  {session['name']:30} {session['model']:20} participants {session['participants']:4}"
-            f"  seq {session['seq']:8}  divergences {session['divergences']}"
+            f"  seq {session['seq']:8}  {session['events_per_s']:8,.0f} events/s"
+            f"  {session['events_since_snapshot']:6} since snapshot  divergences {session['divergences']}"
         )
+    if info["runs"]:
+        print("runs in the lobby:")
+    for run in info["runs"]:
+        line = f"  {run['name']:20} {run['plugin']} {run['version']}  {run['state']:5}"
+        line += f"  {run.get('completed', 0):,} of {run['partitions']:,} partitions"
+        if run["state"] == "done":
+            line += f"  answer {json.dumps(run['answer'])}"
+        else:
+            line += f"  {run.get('rate', 0):,}/s  {run.get('workers', 0)} workers"
+        print(line)
     return 0
+
+
+async def _lobby_runs(client: Client) -> dict[str, dict[str, Any]]:
+    """The runs the lobby lists, by name; none if nobody ever posted one."""
+    try:
+        async with join(client, LOBBY, Lobby, create=False) as lobby:
+            return dict(lobby.model.runs)
+    except JoinError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            return {}
+        raise

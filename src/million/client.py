@@ -38,6 +38,7 @@ from million.protocol import (
     SnapshotRequest,
     Status,
     StatusRequest,
+    Summarize,
     Sync,
     Tick,
     Welcome,
@@ -222,9 +223,13 @@ class Client:
         """A round trip to the reflector."""
         await self._request(Ping(next(self._refs)))
 
-    async def status(self) -> Any:
-        """The reflector's description of itself and its sessions."""
-        reply = await self._request(StatusRequest(next(self._refs)))
+    def summarize(self, name: str, view: str, data: Any) -> None:
+        self._send(Summarize(name, view, data))
+
+    async def status(self, summaries: list[str] | None = None) -> Any:
+        """The reflector's description of itself and its sessions, with the latest
+        summaries of the sessions named in ``summaries``."""
+        reply = await self._request(StatusRequest(next(self._refs), summaries or []))
         return reply.info
 
     async def _request(self, message: Ping | StatusRequest) -> Any:

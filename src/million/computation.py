@@ -14,6 +14,8 @@ session at any time, and every worker may leave: the work resumes where it stopp
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -22,15 +24,29 @@ import attrs
 import trio
 
 from million.client import Client
+from million.codec import dumps
 from million.model import Model
 from million.plugins import Plugin
 from million.protocol import VIEW_EXIT, VIEW_JOIN
 from million.session import Session, join
 from million.view import View
 
-__all__ = ["Computation", "Progress", "Spec", "Worker", "depth", "progress_session", "split", "work"]
+__all__ = [
+    "Computation",
+    "Progress",
+    "Spec",
+    "Worker",
+    "depth",
+    "progress_session",
+    "report_progress",
+    "split",
+    "summary",
+    "work",
+]
 
 TASKS = ("prepare", "collect")
+SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
+SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
 
 
 def split(total: int, fanout: int) -> list[tuple[int, int]]:
@@ -255,6 +271,7 @@ class Worker(View):
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._output: Any = None  # what this view collected
+        self._summarized = -math.inf
         self._finished = trio.Event()
 
     async def outcome(self) -> Outcome:
@@ -282,6 +299,7 @@ class Worker(View):
             self.publish("end", {"index": index, "output": output, "next": self._ask()})
         while True:
             model = self.model
+            self._summarize()
             if model.done:
                 return Outcome(True, model.output)
             if model.inputs is None:
@@ -359,12 +377,81 @@ class Worker(View):
         spec = self.spec
         self._output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
         self.publish("output", self._output)
+        self.session.summarize(summary(self.model, done=True, output=self._output))
         self._log("collected")
         if spec.leaf and self.ctx.on_leaf_done is not None:
             self.ctx.on_leaf_done(self.session.name, spec.partitions)
 
+    def _summarize(self) -> None:
+        now = trio.current_time()
+        if now - self._summarized >= SUMMARY_EVERY:
+            self._summarized = now
+            self.session.summarize(summary(self.model))
+
     def _log(self, event: str, **fields: Any) -> None:
         self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id, **fields})
+
+
+def summary(model: Computation, *, done: bool = False, output: Any = None) -> dict[str, Any]:
+    """What a session of the tree is doing, for ``million status`` and the web page."""
+    done = done or model.done
+    if done:
+        state = "done"
+    elif model.inputs is None:
+        state = "preparing"
+    elif model.remaining == 0:
+        state = "collecting"
+    else:
+        state = "working"
+    data: dict[str, Any] = {
+        "state": state,
+        "leaf": model.leaf,
+        "count": model.count,
+        "completed": model.count if done else model.count - model.remaining,
+        "working": len(model.workers),
+    }
+    if model.count <= SUMMARY_WORKERS:
+        data["completed_at"] = [i for i, completed in enumerate(model.completed) if completed or done]
+        load: dict[int, int] = {}
+        for held in model.workers.values():
+            for index in held:
+                load[index] = load.get(index, 0) + 1
+        data["workers"] = load
+    if done:
+        data["output"] = short(model.output if model.done else output)
+    return data
+
+
+def short(value: Any, limit: int = 512) -> Any:
+    """``value`` if its JSON is short enough for a summary, else a note of its size."""
+    size = len(dumps(value))
+    return value if size <= limit else f"<{size} bytes>"
+
+
+async def report_progress(run: str, progress: Session, root: Session) -> None:
+    """Summarize a run on its progress session every ``SUMMARY_EVERY`` s until it is done."""
+    seen: deque[tuple[float, int]] = deque()
+    while True:
+        now, model, finished = trio.current_time(), progress.model, root.model.done
+        seen.append((now, model.done))
+        while now - seen[0][0] > 5:
+            seen.popleft()
+        since, before = seen[0]
+        progress.summarize(
+            {
+                "run": run,
+                "state": "done" if finished else "open",
+                "partitions": model.partitions,
+                "completed": model.partitions if finished else model.done,
+                "rate": round((model.done - before) / (now - since)) if now > since else 0,
+                "workers": sum(model.bots.values()),
+                "answer": short(root.model.output) if finished else None,
+            }
+        )
+        if finished:
+            return
+        with trio.move_on_after(SUMMARY_EVERY):
+            await root.wait_for(lambda m: m.done)
 
 
 def progress_session(run: str) -> str:

@@ -129,8 +129,19 @@ class Ping:
 
 
 @attrs.frozen
+class Summarize:
+    """A participant's summary of its session (any JSON, small): the latest one is kept
+    and shown by ``status`` and the web page; the reflector never interprets it."""
+
+    session: str
+    view: str
+    data: Any = None
+
+
+@attrs.frozen
 class StatusRequest:
     ref: int = 0
+    summaries: list[str] = attrs.field(factory=list)  # sessions whose summaries to include
 
 
 # --- reflector to client -------------------------------------------------------------
@@ -243,6 +254,7 @@ CLIENT_MESSAGES: dict[str, type] = {
     "digest": Digest,
     "ping": Ping,
     "status": StatusRequest,
+    "summary": Summarize,
 }
 
 REFLECTOR_MESSAGES: dict[str, type] = {

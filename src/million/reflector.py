@@ -16,7 +16,7 @@ import math
 import secrets
 import ssl
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -44,6 +44,7 @@ from million.protocol import (
     SnapshotRequest,
     Status,
     StatusRequest,
+    Summarize,
     Tick,
     Welcome,
     check_session_name,
@@ -65,6 +66,9 @@ class ReflectorConfig:
     max_frame: int = transport.DEFAULT_MAX_FRAME
     max_sessions_per_connection: int = 100_000
     max_queue_bytes: int = 64 << 20
+    max_messages_per_s: int = 200_000  # per connection; beyond it, its reading pauses
+    max_summary: int = 4096  # bytes of one session summary
+    summaries: int = 100_000  # session summaries kept, the most recent
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
     leave_snapshot_after: int = 64  # events since the last snapshot that make the last leaver snapshot
     token: str | None = None
@@ -84,6 +88,7 @@ class ReflectorStatistics:
     bytes_out: int
     divergences: int
     errors: int
+    throttled: int  # pauses of a connection that sent over max_messages_per_s
 
 
 @attrs.define(eq=False)
@@ -101,6 +106,8 @@ class Conn:
     close_code: int = transport.NORMAL
     close_reason: str = ""
     max_queue_bytes: int = 0
+    allowance: float = 0.0  # messages it may still send now (token bucket)
+    refilled: float = 0.0
 
     def enqueue(self, data: bytes) -> None:
         if self.close_reason:
@@ -133,6 +140,7 @@ class Session:
     seq: int = 0
     time: int = 0
     occupied_since: float | None = None
+    occupied_seq: int = 0  # seq when someone last came into the empty session
     snapshot_seq: int = 0
     snapshot_time: int = 0
     snapshot_state: bytes | None = None
@@ -171,6 +179,7 @@ class Reflector:
         self._sessions: dict[str, Session] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()  # in memory, nobody present: oldest first
         self._stored: set[str] = set()  # names of the sessions in the store
+        self._summaries: OrderedDict[str, bytes] = OrderedDict()  # session -> latest summary
         self._loading: dict[str, trio.Event] = {}
         self._occupied: dict[str, Session] = {}
         self._outbox: list[tuple[tuple[Conn, ...], bytes]] = []
@@ -185,6 +194,7 @@ class Reflector:
             Digest: self._on_digest,
             Ping: self._on_ping,
             StatusRequest: self._on_status,
+            Summarize: self._on_summary,
         }
 
     @property
@@ -228,7 +238,13 @@ class Reflector:
 
     async def _handle(self, channel: transport.Channel) -> None:
         # Whatever happens here must never reach the server's nursery: other clients go on.
-        conn = Conn(secrets.token_hex(4), channel, max_queue_bytes=self.config.max_queue_bytes)
+        conn = Conn(
+            secrets.token_hex(4),
+            channel,
+            max_queue_bytes=self.config.max_queue_bytes,
+            allowance=self.config.max_messages_per_s,
+            refilled=trio.current_time(),
+        )
         try:
             if await self._handshake(conn):
                 await self._serve_connection(conn)
@@ -299,6 +315,10 @@ class Reflector:
             except ProtocolError as exc:
                 self._error(conn, exc)
                 continue
+            pause = self._throttle(conn, len(messages))
+            if pause:
+                stats["throttled"] += 1
+                await trio.sleep(pause)  # its socket backs up: the sender slows, nobody else does
             for message in messages:
                 try:
                     handler = handlers.get(type(message))
@@ -312,6 +332,15 @@ class Reflector:
                         )
                 except ProtocolError as exc:
                     self._error(conn, exc, getattr(message, "session", None), getattr(message, "ref", None))
+
+    def _throttle(self, conn: Conn, messages: int) -> float:
+        """Seconds ``conn`` must wait before its ``messages`` are handled (token bucket
+        of one second's allowance)."""
+        rate = self.config.max_messages_per_s
+        now = trio.current_time()
+        conn.allowance = min(rate, conn.allowance + (now - conn.refilled) * rate) - messages
+        conn.refilled = now
+        return -conn.allowance / rate if conn.allowance < 0 else 0.0
 
     async def _writer(self, conn: Conn, scope: trio.CancelScope) -> None:
         stats = self._stats
@@ -449,6 +478,7 @@ class Reflector:
         if not session.conns:
             session.time_base = session.time
             session.occupied_since = now
+            session.occupied_seq = session.seq
             self._occupied[session.name] = session
         session.conns[conn] = session.conns.get(conn, 0) + 1
         session.recipients = tuple(session.conns)
@@ -604,14 +634,44 @@ class Reflector:
                 "session %s diverged at event %d: digests %s and %s", session.name, seq, first, digest
             )
 
+    def _on_summary(self, conn: Conn, message: Summarize) -> None:
+        if (message.session, message.view) not in conn.memberships:
+            raise ProtocolError(
+                ErrorCode.NOT_JOINED, f"view {message.view!r} has not joined session {message.session!r}"
+            )
+        raw = codec.compact(codec.dumps(message.data))
+        if len(raw) > self.config.max_summary:
+            raise ProtocolError(
+                ErrorCode.LIMIT, f"a summary may have at most {self.config.max_summary} bytes, not {len(raw)}"
+            )
+        self._summaries[message.session] = raw
+        self._summaries.move_to_end(message.session)
+        if len(self._summaries) > self.config.summaries:
+            self._summaries.popitem(last=False)
+
+    def summaries(self, names: Iterable[str]) -> dict[str, Any]:
+        """The latest summaries of the sessions ``names`` that have one."""
+        return {name: codec.loads(self._summaries[name]) for name in names if name in self._summaries}
+
+    def summaries_under(self, root: str, limit: int) -> dict[str, Any]:
+        """Summaries of ``root`` and the sessions below it (``root-...``), at most ``limit``,
+        shallowest first."""
+        prefix = f"{root}-"
+        names = [name for name in self._summaries if name == root or name.startswith(prefix)]
+        names.sort(key=lambda name: (name.count("-"), name))
+        return self.summaries(names[:limit])
+
     def _on_ping(self, conn: Conn, message: Ping) -> None:
         self._emit((conn,), codec.encode(Pong(message.ref)))
 
     def _on_status(self, conn: Conn, message: StatusRequest) -> None:
-        self._emit((conn,), codec.encode(Status(message.ref, self.describe())))
+        info = self.describe()
+        info["summaries"] = self.summaries(message.summaries[:1000])
+        self._emit((conn,), codec.encode(Status(message.ref, info)))
 
     def describe(self) -> dict[str, Any]:
         """What ``million status`` shows: the reflector and its sessions with participants."""
+        now = trio.current_time()
         return {
             "version": __version__,
             "uptime_s": round(trio.current_time() - self.started_at, 3),
@@ -625,12 +685,18 @@ class Reflector:
                     "connections": len(s.conns),
                     "seq": s.seq,
                     "time": s.time,
+                    "events_per_s": _rate(s.seq - s.occupied_seq, now - (s.occupied_since or now)),
                     "snapshot_seq": s.snapshot_seq,
+                    "events_since_snapshot": s.seq - s.snapshot_seq,
                     "divergences": s.divergences,
                 }
                 for s in sorted(self._occupied.values(), key=lambda s: s.name)
             ],
         }
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else 0.0
 
 
 def _revive(stored: StoredSession) -> Session:

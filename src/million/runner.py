@@ -23,7 +23,7 @@ import trio
 from million import lobby
 from million.bots import run_worker_processes, worker_command
 from million.client import Client, client_env, open_client, ssl_context
-from million.computation import Computation, Progress, Spec, progress_session
+from million.computation import Computation, Progress, Spec, progress_session, report_progress
 from million.plugins import load_plugin
 from million.reflector import ReflectorConfig, open_reflector
 from million.session import JoinError, Session, join
@@ -155,6 +155,7 @@ async def _compute(
     env = client_env(config.token, config.cafile)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(run_worker_processes, commands, env=env))
+        nursery.start_soon(report_progress, name, state.progress, root)
         while not root.model.done:
             if watch is not None:
                 watch(state)
