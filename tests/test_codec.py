@@ -30,7 +30,7 @@ EXAMPLES = [
     protocol.Digest("run-1", 10, "abc"),
     protocol.Ping(9),
     protocol.StatusRequest(4, ["run-1:progress"]),
-    protocol.Summarize("run-1", "v3", {"state": "working", "completed": 3}),
+    protocol.Summarize("run-1", "v3", 17, {"state": "working", "completed": 3}),
     protocol.Welcome(1, "c0ffee", "million 0.1.0"),
     protocol.Event("run-1", 4, 120, "v3", "end", None),
     protocol.Sync(

@@ -105,6 +105,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="listen on a non-loopback address without a token: anyone who can reach it may join",
     )
+    reflector.add_argument(
+        "--http",
+        type=int,
+        metavar="PORT",
+        help="also serve the live web page of the runs and /metrics on PORT (0: any free port)",
+    )
     reflector.add_argument("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
     reflector.add_argument("--keyfile", type=Path, help="TLS private key (PEM), if not in --certfile")
     reflector.set_defaults(command=_reflector)
@@ -341,6 +347,7 @@ def _reflector(args: argparse.Namespace) -> int:
         max_queue_bytes=args.max_queue,
         max_sessions_per_connection=args.max_sessions,
         max_messages_per_s=args.max_rate,
+        http_port=args.http,
         transport=args.transport,
     )
     try:
@@ -378,6 +385,8 @@ async def _serve_until_signal(config: ReflectorConfig, store) -> None:
                 f"million reflector {__version__} listening on {reflector.url} (store {store.path})",
                 flush=True,
             )
+            if reflector.web_url is not None:
+                print(f"million reflector: the runs are on {reflector.web_url}", flush=True)
             async for signum in signals:
                 print(
                     f"million reflector: {signal.Signals(signum).name}, stopping", file=sys.stderr, flush=True

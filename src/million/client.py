@@ -164,6 +164,11 @@ class Client:
     def connected(self) -> bool:
         return self._connected
 
+    @property
+    def connections(self) -> int:
+        """Connections made so far: the number of the current one."""
+        return self._connections
+
     def statistics(self) -> ClientStatistics:
         return ClientStatistics(self._connections, self._frames_in, self._events_applied, len(self._groups))
 
@@ -223,8 +228,8 @@ class Client:
         """A round trip to the reflector."""
         await self._request(Ping(next(self._refs)))
 
-    def summarize(self, name: str, view: str, data: Any) -> None:
-        self._send(Summarize(name, view, data))
+    def summarize(self, name: str, view: str, seq: int, data: Any) -> None:
+        self._send(Summarize(name, view, seq, data))
 
     async def status(self, summaries: list[str] | None = None) -> Any:
         """The reflector's description of itself and its sessions, with the latest

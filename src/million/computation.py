@@ -239,6 +239,7 @@ class Outcome:
     index: int = -1
     child: str = ""
     child_options: dict[str, Any] = attrs.Factory(dict)
+    connection: int | None = None  # the connection that sent the output this worker collected
 
 
 async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -> Any:
@@ -246,21 +247,30 @@ async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -
 
     ``options=None`` joins the session as it exists (a run's root, found by name).
     """
+    output, _ = await _work_in(ctx, name, options)
+    return output
+
+
+async def _work_in(ctx: Context, name: str, options: dict[str, Any] | None) -> tuple[Any, int | None]:
+    """``work``, and the connection that sent the output if this worker collected it
+    (None when the output came back from the session)."""
     report = None
     while True:
         view = partial(Worker, ctx=ctx, report=report)
         async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
             outcome = await session.view.outcome()
         if outcome.done:
-            return outcome.output
-        output = await work(ctx, outcome.child, outcome.child_options)
-        report = (outcome.index, output)
+            return outcome.output, outcome.connection
+        output, connection = await _work_in(ctx, outcome.child, outcome.child_options)
+        report = (outcome.index, output, connection)
 
 
 class Worker(View):
     """A participant that prepares, computes or coordinates partitions, and collects."""
 
-    def __init__(self, session: Session, *, ctx: Context, report: tuple[int, Any] | None = None) -> None:
+    def __init__(
+        self, session: Session, *, ctx: Context, report: tuple[int, Any, int | None] | None = None
+    ) -> None:
         super().__init__(session)
         self.ctx = ctx
         self.report = report
@@ -271,6 +281,7 @@ class Worker(View):
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._output: Any = None  # what this view collected
+        self._collected_on = 0  # the connection that sent it
         self._summarized = -math.inf
         self._finished = trio.Event()
 
@@ -295,11 +306,13 @@ class Worker(View):
         self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view the preparer
         if self.report is not None:
-            index, output = self.report
+            index, output, connection = self.report
+            if not self._sent_on(connection):
+                return self._child_outcome(index)
             self.publish("end", {"index": index, "output": output, "next": self._ask()})
         while True:
             model = self.model
-            self._summarize()
+            self._summarize(force=model.done)
             if model.done:
                 return Outcome(True, model.output)
             if model.inputs is None:
@@ -309,18 +322,31 @@ class Worker(View):
             index = await self._next()
             if index is None:
                 if await self._claim("collect", lambda m: m.done, self._collect):
-                    return Outcome(True, self._output)  # no need to wait for it to come back
+                    # No need to wait for it to come back: see _sent_on.
+                    return Outcome(True, self._output, connection=self._collected_on)
                 continue
             self._reported.add(index)
             if not self.spec.leaf:
-                child, options = self.spec.child(self.session.name, index, model.inputs[index])
                 if self.ctx.detach:
-                    return Outcome(False, index=index, child=child, child_options=options)
-                output = await work(self.ctx, child, options)
+                    return self._child_outcome(index)
+                child, options = self.spec.child(self.session.name, index, model.inputs[index])
+                output, connection = await _work_in(self.ctx, child, options)
+                while not self._sent_on(connection):
+                    output, connection = await _work_in(self.ctx, child, options)
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
                 self.publish("end", {"index": index, "output": output, "next": self._ask()})
+
+    def _child_outcome(self, index: int) -> Outcome:
+        child, options = self.spec.child(self.session.name, index, self.model.inputs[index])
+        return Outcome(False, index=index, child=child, child_options=options)
+
+    def _sent_on(self, connection: int | None) -> bool:
+        """Whether a child's output sent on ``connection`` is surely ahead of what this view
+        sends now: same connection, same order. After a reconnect it may have been lost,
+        and a parent must never hold an output its child does not: check the child again."""
+        return connection is None or connection == self.ctx.client.connections
 
     def _ask(self) -> int:
         self._asked += 1
@@ -376,15 +402,18 @@ class Worker(View):
     async def _collect(self) -> None:
         spec = self.spec
         self._output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        self._collected_on = self.ctx.client.connections
         self.publish("output", self._output)
-        self.session.summarize(summary(self.model, done=True, output=self._output))
+        # It describes the session after the output, which comes after all this replica has.
+        seq = self.session.replica.seq + 1
+        self.session.summarize(summary(self.model, done=True, output=self._output), seq)
         self._log("collected")
         if spec.leaf and self.ctx.on_leaf_done is not None:
             self.ctx.on_leaf_done(self.session.name, spec.partitions)
 
-    def _summarize(self) -> None:
+    def _summarize(self, *, force: bool = False) -> None:
         now = trio.current_time()
-        if now - self._summarized >= SUMMARY_EVERY:
+        if force or now - self._summarized >= SUMMARY_EVERY:
             self._summarized = now
             self.session.summarize(summary(self.model))
 

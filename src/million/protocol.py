@@ -130,11 +130,13 @@ class Ping:
 
 @attrs.frozen
 class Summarize:
-    """A participant's summary of its session (any JSON, small): the latest one is kept
-    and shown by ``status`` and the web page; the reflector never interprets it."""
+    """A participant's summary of its session (any JSON, small) as of event ``seq``: the
+    one with the highest ``seq`` is kept and shown by ``status`` and the web page; the
+    reflector never interprets it."""
 
     session: str
     view: str
+    seq: int
     data: Any = None
 
 

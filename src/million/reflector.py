@@ -18,6 +18,7 @@ import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import attrs
@@ -50,6 +51,7 @@ from million.protocol import (
     check_session_name,
 )
 from million.store import Batch, Store, StoredSession, open_store
+from million.web import serve_web
 
 __all__ = ["Reflector", "ReflectorConfig", "open_reflector", "serve_reflector"]
 
@@ -74,6 +76,7 @@ class ReflectorConfig:
     token: str | None = None
     ssl_context: ssl.SSLContext | None = None
     transport: str = "sansio"  # or "trio-websocket": see million.transport
+    http_port: int | None = None  # the web page and metrics (million.web); None: not served
 
 
 @attrs.frozen
@@ -174,12 +177,13 @@ class Reflector:
         self.config = config
         self.store = store
         self.port = 0
+        self.http_port: int | None = None
         self.started_at = 0.0
         self._conns: dict[str, Conn] = {}
         self._sessions: dict[str, Session] = {}
         self._idle: OrderedDict[str, None] = OrderedDict()  # in memory, nobody present: oldest first
         self._stored: set[str] = set()  # names of the sessions in the store
-        self._summaries: OrderedDict[str, bytes] = OrderedDict()  # session -> latest summary
+        self._summaries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # session -> (seq, summary)
         self._loading: dict[str, trio.Event] = {}
         self._occupied: dict[str, Session] = {}
         self._outbox: list[tuple[tuple[Conn, ...], bytes]] = []
@@ -196,6 +200,14 @@ class Reflector:
             StatusRequest: self._on_status,
             Summarize: self._on_summary,
         }
+
+    @property
+    def web_url(self) -> str | None:
+        """The page's address, if it is served."""
+        if self.http_port is None:
+            return None
+        scheme = "https" if self.config.ssl_context else "http"
+        return f"{scheme}://{self.config.host}:{self.http_port}/"
 
     @property
     def url(self) -> str:
@@ -230,6 +242,16 @@ class Reflector:
                         task_status=task_status,
                     )
                 )
+                if self.config.http_port is not None:
+                    self.http_port = await nursery.start(
+                        partial(
+                            serve_web,
+                            self,
+                            self.config.host,
+                            self.config.http_port,
+                            ssl_context=self.config.ssl_context,
+                        )
+                    )
                 log.info("reflector listening on %s (store %s)", self.url, self.store.path)
                 task_status.started(self)
         finally:
@@ -644,14 +666,19 @@ class Reflector:
             raise ProtocolError(
                 ErrorCode.LIMIT, f"a summary may have at most {self.config.max_summary} bytes, not {len(raw)}"
             )
-        self._summaries[message.session] = raw
+        if message.seq < self._summaries.get(message.session, (0, b""))[0]:
+            return  # a participant that lags behind described an older state
+        self._summaries[message.session] = (message.seq, raw)
         self._summaries.move_to_end(message.session)
         if len(self._summaries) > self.config.summaries:
             self._summaries.popitem(last=False)
 
+    def summary_names(self) -> list[str]:
+        return list(self._summaries)
+
     def summaries(self, names: Iterable[str]) -> dict[str, Any]:
         """The latest summaries of the sessions ``names`` that have one."""
-        return {name: codec.loads(self._summaries[name]) for name in names if name in self._summaries}
+        return {name: codec.loads(self._summaries[name][1]) for name in names if name in self._summaries}
 
     def summaries_under(self, root: str, limit: int) -> dict[str, Any]:
         """Summaries of ``root`` and the sessions below it (``root-...``), at most ``limit``,

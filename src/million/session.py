@@ -67,11 +67,12 @@ class Session:
         self.client.publish(self.name, self.view_id, topic, data)
         return True
 
-    def summarize(self, data: Any) -> None:
-        """Tell the reflector what this session is at, in a few words (latest wins);
-        ``million status`` and the web page show it."""
-        if self.synced:
-            self.client.summarize(self.name, self.view_id, data)
+    def summarize(self, data: Any, seq: int | None = None) -> None:
+        """Tell the reflector what this session is at, in a few words; ``million status``
+        and the web page show it. ``seq`` is the event it describes (default: the last
+        one applied); the reflector keeps the summary of the latest event."""
+        if self.synced and self.group.replica is not None:
+            self.client.summarize(self.name, self.view_id, seq or self.group.replica.seq, data)
 
     def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
         self.handlers.setdefault(topic, []).append(handler)

@@ -23,6 +23,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from time import perf_counter
 
 import attrs
 import trio
@@ -102,6 +103,8 @@ class Store:
         self.path = path
         self._pending: list[Batch] = []
         self._pending_bytes = 0
+        self.applies = 0  # SQLite transactions so far, and their total duration
+        self.apply_seconds = 0.0
         self._due = trio.Event()
         self._journal: Path | None = None if path == ":memory:" else Path(f"{path}.journal")
         self._applying = self._journal.with_suffix(".journal-applying") if self._journal else None
@@ -185,7 +188,13 @@ class Store:
                 self._apply(list(_read_journal(journal)))
                 journal.unlink()
 
+    @property
+    def pending_bytes(self) -> int:
+        """Journaled bytes not yet in SQLite."""
+        return self._pending_bytes
+
     def _apply(self, batches: list[Batch]) -> None:
+        started = perf_counter()
         db = self._db
         db.execute("BEGIN")
         try:
@@ -197,6 +206,8 @@ class Store:
             raise
         if self._applying is not None:
             self._applying.unlink(missing_ok=True)
+        self.applies += 1
+        self.apply_seconds += perf_counter() - started
 
     def _check_version(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
