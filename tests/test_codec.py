@@ -167,3 +167,15 @@ def test_outgoing_frames_stay_within_the_limit_and_keep_every_message(parts):
     frames = _chunks(parts, limit)
     assert [item for frame in frames for item in orjson.loads(frame)] == [orjson.loads(p) for p in parts]
     assert all(len(frame) <= limit for frame in frames if len(orjson.loads(frame)) > 1)
+
+
+@given(
+    st.sampled_from(EXAMPLES), st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), max_size=6)
+)
+def test_frames_with_bytes_flipped_inserted_or_cut_decode_or_raise_protocol_error(message, edits):
+    frame = bytearray(codec.encode(message))
+    for position, replacement in edits:
+        at = position % (len(frame) + 1)
+        frame[at : at + len(replacement) % 2 + 1] = replacement
+    with contextlib.suppress(ProtocolError):
+        codec.decode(bytes(frame), table_for(message))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import random
 import subprocess
 import sys
 
+import million_testplugin
+import psutil
 import pytest
 import trio
 import trustme
 
 import million
-from helpers import start_reflector
+from helpers import Process, start_reflector
 from million import codec, protocol, transport
 from million.protocol import ErrorCode, Hello, Join
 from models import Ledger
@@ -102,3 +106,100 @@ async def test_a_run_over_tls_with_a_token_gets_the_right_answer(tmp_path, tls):
         assert len(untrusted.stderr.strip().splitlines()) == 1
     finally:
         process.stop()
+
+
+def fuzz_frames(rng: random.Random, count: int) -> list[bytes]:
+    """Random bytes, mangled messages, messages of random fields, and some valid ones."""
+    templates = [
+        codec.encode(message)
+        for message in (
+            Join(1, f"fuzz-{rng.randrange(5)}", Ledger.model_name),
+            protocol.Publish("fuzz-1", "v1", "add", 1),
+            protocol.Leave("fuzz-1", "v1"),
+            protocol.Summarize("fuzz-1", "v1", 3, {"state": "x"}),
+            protocol.Snapshot("fuzz-1", 2, {"model": {}}, "d"),
+            protocol.Digest("fuzz-1", 2, "d"),
+            protocol.StatusRequest(5, ["fuzz-1"]),
+            protocol.Ping(7),
+        )
+    ]
+    types = sorted(protocol.CLIENT_MESSAGES)
+    values = [None, True, -1, 2**70, "", "x" * 300, [], {}, [1, [2]], {"a": {"b": None}}]
+    frames = []
+    for _ in range(count):
+        kind = rng.random()
+        if kind < 0.2:
+            frame = rng.randbytes(rng.randrange(300))
+        elif kind < 0.6:
+            frame = bytearray(rng.choice(templates))
+            for _ in range(rng.randrange(1, 5)):
+                at = rng.randrange(len(frame) + 1)
+                frame[at : at + rng.randrange(3)] = rng.randbytes(rng.randrange(3))
+            frame = bytes(frame)
+        elif kind < 0.85:
+            fields = {
+                rng.choice(["session", "view", "ref", "seq", "data", "x"]): rng.choice(values)
+                for _ in range(3)
+            }
+            frame = json.dumps({**fields, "type": rng.choice(types)}).encode()  # big ints too
+        else:
+            frame = rng.choice(templates)
+        frames.append(frame)
+    return frames
+
+
+async def fuzz(url: str, seed: int, count: int) -> int:
+    """Send ``count`` fuzz frames over one connection (again after being closed); returns
+    how many connections it took."""
+    rng = random.Random(seed)
+    frames = fuzz_frames(rng, count)
+    connections = 0
+    while frames:
+        connections += 1
+        async with transport.connect(url) as channel:
+            await channel.send(codec.encode(Hello(protocol.PROTOCOL_VERSION)))
+            await channel.receive()  # welcome
+            async with trio.open_nursery() as nursery:
+
+                async def drain() -> None:
+                    with contextlib.suppress(transport.Closed):
+                        while True:
+                            await channel.receive()
+
+                nursery.start_soon(drain)
+                with contextlib.suppress(transport.Closed):
+                    while frames:
+                        await channel.send(frames[-1])
+                        frames.pop()
+                nursery.cancel_scope.cancel()
+    return connections
+
+
+async def test_ten_thousand_fuzz_frames_beside_a_run_leave_it_right_and_memory_bounded(tmp_path):
+    reflector, url = await start_reflector(str(tmp_path / "store.db"))
+    memory = psutil.Process(reflector.proc.pid)
+    options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
+    run = Process(
+        [sys.executable, "-m", "million", "run", "--reflector", url, "--plugin", "ordered", "--input", "f",
+         "--partitions", "2000", "--fanout", "20", "--name", "fuzzed", "--workers", "1", "--bots", "6",
+         "--json", *options]
+    )  # fmt: skip
+    try:
+        with trio.fail_after(60):
+            while not (tmp_path / "0").exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)  # the run is under way, held at partition 0
+        baseline = memory.memory_info().rss
+        async with trio.open_nursery() as nursery:
+            for seed in range(5):
+                nursery.start_soon(fuzz, url, seed, 2_000)
+        grown = memory.memory_info().rss - baseline
+        (tmp_path / "go").touch()
+        result = json.loads(await run.line(""))
+        assert result["answer"] == million_testplugin.expected("f", 2000, 20)
+        assert grown < 64 << 20, f"the reflector grew by {grown >> 20} MiB"
+        async with million.open_client(url) as client:
+            stats = (await client.status())["statistics"]  # still serving
+        assert stats["errors"] > 5_000  # most fuzz frames reached the decoder and were refused
+    finally:
+        run.stop()
+        reflector.stop()
