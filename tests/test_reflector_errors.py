@@ -191,3 +191,19 @@ async def test_a_summary_over_the_limit_is_refused_and_the_last_good_one_kept(re
         assert "a summary may have at most 4096 bytes" in client.errors[-1].message
         info = await client.status(["summed"])
         assert info["summaries"] == {"summed": {"state": "working", "completed": 1}}
+
+
+async def test_memberships_beyond_the_limit_are_refused_and_the_connection_stays():
+    config = million.ReflectorConfig(port=0, max_sessions_per_connection=2)
+    async with (
+        million.open_reflector(config) as reflector,
+        million.open_client(reflector.url) as client,
+        million.join(client, "one", Ledger),
+        million.join(client, "two", Ledger),
+    ):
+        with pytest.raises(million.JoinError) as refused:
+            async with million.join(client, "three", Ledger):
+                pass
+        assert refused.value.code == ErrorCode.LIMIT
+        assert "at most 2 memberships" in str(refused.value)
+        await client.ping()

@@ -203,3 +203,12 @@ async def test_ten_thousand_fuzz_frames_beside_a_run_leave_it_right_and_memory_b
     finally:
         run.stop()
         reflector.stop()
+
+
+async def test_insecure_lets_a_reflector_without_a_token_listen_beyond_loopback(tmp_path):
+    process, url = await start_reflector(":memory:", 0, "--host", "0.0.0.0", "--insecure")
+    try:
+        async with million.open_client(url.replace("0.0.0.0", "127.0.0.1")) as client:
+            await client.ping()
+    finally:
+        process.stop()
