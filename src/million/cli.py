@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         help="messages per second one connection may send; beyond it, it is slowed (default: %(default)s)",
     )
     reflector.add_argument(
+        "--max-summary",
+        type=_positive,
+        default=4096,
+        help="bytes of one session summary (default: %(default)s)",
+    )
+    reflector.add_argument(
         "--transport",
         choices=ENGINES,
         default="sansio",
@@ -347,6 +353,7 @@ def _reflector(args: argparse.Namespace) -> int:
         max_queue_bytes=args.max_queue,
         max_sessions_per_connection=args.max_sessions,
         max_messages_per_s=args.max_rate,
+        max_summary=args.max_summary,
         http_port=args.http,
         transport=args.transport,
     )

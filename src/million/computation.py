@@ -14,7 +14,6 @@ session at any time, and every worker may leave: the work resumes where it stopp
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -282,7 +281,7 @@ class Worker(View):
         self._outcome: Outcome | None = None
         self._output: Any = None  # what this view collected
         self._collected_on = 0  # the connection that sent it
-        self._summarized = -math.inf
+        self._summarized = trio.current_time()  # a short visit only reports its end
         self._finished = trio.Event()
 
     async def outcome(self) -> Outcome:
