@@ -14,6 +14,7 @@ session at any time, and every worker may leave: the work resumes where it stopp
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -46,6 +47,7 @@ __all__ = [
 TASKS = ("prepare", "collect")
 SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
 SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
+SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
 
 
 def split(total: int, fanout: int) -> list[tuple[int, int]]:
@@ -227,6 +229,7 @@ class Context:
     detach: bool = True  # leave a session while working in its child
     on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
     window: int = 2  # leaf partitions a worker holds: it asks for the next before doing this one
+    summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
 
 
 @attrs.frozen
@@ -250,17 +253,19 @@ async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -
     return output
 
 
-async def _work_in(ctx: Context, name: str, options: dict[str, Any] | None) -> tuple[Any, int | None]:
+async def _work_in(
+    ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0
+) -> tuple[Any, int | None]:
     """``work``, and the connection that sent the output if this worker collected it
     (None when the output came back from the session)."""
     report = None
     while True:
-        view = partial(Worker, ctx=ctx, report=report)
+        view = partial(Worker, ctx=ctx, report=report, depth=depth)
         async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
             outcome = await session.view.outcome()
         if outcome.done:
             return outcome.output, outcome.connection
-        output, connection = await _work_in(ctx, outcome.child, outcome.child_options)
+        output, connection = await _work_in(ctx, outcome.child, outcome.child_options, depth + 1)
         report = (outcome.index, output, connection)
 
 
@@ -268,11 +273,17 @@ class Worker(View):
     """A participant that prepares, computes or coordinates partitions, and collects."""
 
     def __init__(
-        self, session: Session, *, ctx: Context, report: tuple[int, Any, int | None] | None = None
+        self,
+        session: Session,
+        *,
+        ctx: Context,
+        report: tuple[int, Any, int | None] | None = None,
+        depth: int = 0,
     ) -> None:
         super().__init__(session)
         self.ctx = ctx
         self.report = report
+        self.depth = depth  # levels below the session ``work`` started in
         self.spec = Spec.from_options(session.options)
         self._asked = 0  # requests published, numbered from 1
         self._reported: set[int] = set()  # partitions this view has done or handed to a child
@@ -281,7 +292,6 @@ class Worker(View):
         self._outcome: Outcome | None = None
         self._output: Any = None  # what this view collected
         self._collected_on = 0  # the connection that sent it
-        self._summarized = trio.current_time()  # a short visit only reports its end
         self._finished = trio.Event()
 
     async def outcome(self) -> Outcome:
@@ -329,9 +339,9 @@ class Worker(View):
                 if self.ctx.detach:
                     return self._child_outcome(index)
                 child, options = self.spec.child(self.session.name, index, model.inputs[index])
-                output, connection = await _work_in(self.ctx, child, options)
+                output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
                 while not self._sent_on(connection):
-                    output, connection = await _work_in(self.ctx, child, options)
+                    output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
@@ -411,9 +421,14 @@ class Worker(View):
             self.ctx.on_leaf_done(self.session.name, spec.partitions)
 
     def _summarize(self, *, force: bool = False) -> None:
-        now = trio.current_time()
-        if force or now - self._summarized >= SUMMARY_EVERY:
-            self._summarized = now
+        """Summarize the session, at most every ``SUMMARY_EVERY`` s per process, unless
+        ``force``. Below the first level only the end is summarized: the web page counts
+        those sessions rather than showing them."""
+        if self.depth > SUMMARY_DEPTH and not force:
+            return
+        now, name = trio.current_time(), self.session.name
+        if force or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
+            self.ctx.summarized[name] = now
             self.session.summarize(summary(self.model))
 
     def _log(self, event: str, **fields: Any) -> None:
@@ -457,7 +472,8 @@ def short(value: Any, limit: int = 512) -> Any:
 
 
 async def report_progress(run: str, progress: Session, root: Session) -> None:
-    """Summarize a run on its progress session every ``SUMMARY_EVERY`` s until it is done."""
+    """Summarize a run on its progress session, and its root, every ``SUMMARY_EVERY`` s
+    until it is done."""
     seen: deque[tuple[float, int]] = deque()
     while True:
         now, model, finished = trio.current_time(), progress.model, root.model.done
@@ -476,6 +492,7 @@ async def report_progress(run: str, progress: Session, root: Session) -> None:
                 "answer": short(root.model.output) if finished else None,
             }
         )
+        root.summarize(summary(root.model))
         if finished:
             return
         with trio.move_on_after(SUMMARY_EVERY):
