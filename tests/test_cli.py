@@ -78,6 +78,8 @@ def test_status_of_an_unreachable_reflector_is_one_line_and_exit_1():
         (["reflector", "--tick-ms", "0"], "must be a positive integer"),
         (["reflector", "--store", "/nonexistent/dir/store.db"], "cannot open store"),
         (["status", "--reflector", "http://127.0.0.1:1"], "not a websocket URL"),
+        (["status", "--cafile", "/nonexistent/ca.pem"], "cannot load --cafile"),
+        (["run", "--plugin", "demo", "--cafile", "/nonexistent/ca.pem"], "cannot load --cafile"),
         (["launch"], "invalid choice"),
     ],
 )
@@ -200,3 +202,17 @@ def test_a_store_of_another_format_is_refused_in_one_line(tmp_path, command):
     assert "it was written by another version of million" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http"])
+async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, flag):
+    process, url = await start_reflector(":memory:")
+    busy = url.rsplit(":", 1)[1]
+    try:
+        args = ["--port", "0", "--http", busy] if flag == "--http" else ["--port", busy]
+        result = await trio.to_thread.run_sync(million_command, "reflector", "--store", ":memory:", *args)
+    finally:
+        process.stop()
+    assert result.returncode == 1
+    assert "cannot listen" in result.stderr and busy in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+
+import pytest
 import trio
 
 import million
@@ -100,3 +104,41 @@ async def test_a_journal_cut_short_by_a_kill_is_applied_up_to_its_last_whole_bat
     finally:
         recovered.close()
     assert not (tmp_path / "second.db.journal").exists()
+
+
+async def test_batches_survive_an_apply_that_sqlite_refuses(tmp_path):
+    path = str(tmp_path / "store.db")
+    store = open_store(path)
+    try:
+        await store.commit(Batch(created=[("s", "m", b"{}")], events=[("s", 1, b'{"seq":1}')]))
+        with contextlib.closing(sqlite3.connect(path)) as blocker:
+            blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the file
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await store.apply()
+            await store.commit(Batch(events=[("s", 2, b'{"seq":2}')]))
+            blocker.rollback()
+        stored = await store.load("s")
+        assert stored is not None
+        assert stored.events == [b'{"seq":1}', b'{"seq":2}']
+    finally:
+        store.close()
+    assert not list(tmp_path.glob("store.db.journal*"))
+
+
+async def test_a_kill_during_an_apply_leaves_two_journals_and_both_are_applied(tmp_path):
+    store = open_store(str(tmp_path / "first.db"))
+    await store.commit(Batch(created=[("s", "m", b"{}")], events=[("s", 1, b'{"seq":1}')]))
+    older = (tmp_path / "first.db.journal").read_bytes()
+    await store.commit(Batch(events=[("s", 2, b'{"seq":2}')]))
+    newer = (tmp_path / "first.db.journal").read_bytes()[len(older) :]
+    store.close()
+    (tmp_path / "second.db.journal-applying").write_bytes(older)
+    (tmp_path / "second.db.journal").write_bytes(newer)
+    recovered = open_store(str(tmp_path / "second.db"))
+    try:
+        stored = await recovered.load("s")
+        assert stored is not None
+        assert stored.events == [b'{"seq":1}', b'{"seq":2}']
+    finally:
+        recovered.close()
+    assert not list(tmp_path.glob("second.db.journal*"))

@@ -306,3 +306,15 @@ async def test_a_participant_that_comes_back_gets_only_what_it_missed(reflector)
             await again.wait_seen()
             await stayer.wait_for(lambda _: stayer.replica.seq == again.replica.seq)
             assert again.replica.digest() == stayer.replica.digest()
+
+
+async def test_a_join_given_up_on_the_way_leaves_no_participant_behind(reflector):
+    async with million.open_client(reflector.url) as client:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            async with million.join(client, "ghost", Ledger):  # the join is sent, then cancelled
+                pass
+        await client.ping()  # the sync has come back: the client has sent a leave for it
+        await client.ping()  # and the reflector has handled that leave
+        info = await client.status()
+    assert "ghost" not in [session["name"] for session in info["sessions"]]

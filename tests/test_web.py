@@ -14,6 +14,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import million
 from helpers import Process, start_reflector
+from million import transport
 from million.reflector import ReflectorConfig
 from models import Ledger
 
@@ -117,3 +118,38 @@ async def test_the_page_follows_a_real_run_to_its_answer(tmp_path):
     finally:
         run.stop()
         reflector.stop()
+
+
+async def test_idle_connections_and_odd_summaries_do_not_stop_the_web_port(mock_clock):
+    mock_clock.rate = 1  # real speed, but it can jump
+    async with (
+        million.open_reflector(ReflectorConfig(port=0, http_port=0)) as reflector,
+        million.open_client(reflector.url) as client,
+        million.join(client, "odd:progress", Ledger) as progress,
+        million.join(client, "odd", Ledger) as root,
+    ):
+        progress.summarize(5)  # anyone may publish anything: not a run's summary
+        root.summarize("x")
+        await client.ping()
+        idle = await trio.open_tcp_stream("127.0.0.1", reflector.http_port)
+        async with idle:
+            mock_clock.jump(11)  # past the deadline for a request
+            with trio.fail_after(5):
+                assert await idle.receive_some() == b""  # closed, nothing else
+        async with transport.connect(f"ws://127.0.0.1:{reflector.http_port}/live") as live:
+            await live.send(json.dumps({"run": "odd"}).encode())
+            with trio.fail_after(5):
+                while (view := json.loads(await live.receive()))["tree"] is None:
+                    pass
+        assert view["runs"] == []
+        assert view["tree"]["root"] is None
+        assert (await http_get(reflector.http_port, "/metrics"))[0] == 200
+
+
+async def test_another_sites_page_may_not_read_the_runs_without_a_token():
+    async with million.open_reflector(ReflectorConfig(port=0, http_port=0)) as reflector:
+        port = reflector.http_port
+        upgrade = "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        status, _ = await http_get(port, "/live", upgrade + key + "Origin: http://evil.example\r\n")
+        assert status == 403

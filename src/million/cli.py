@@ -21,7 +21,7 @@ from rich.console import Console
 
 from million import __version__, bots, runner, tasks
 from million.client import Client, ClientError, client_env, open_client, ssl_context
-from million.computation import progress_session
+from million.computation import is_run_summary, progress_session
 from million.display import ProgressDisplay
 from million.lobby import LOBBY, Lobby
 from million.plugins import PluginError
@@ -229,6 +229,8 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if _trust(args, "run") is False:
+        return 2
     config = RunConfig(
         plugin=args.plugin,
         input=args.input,
@@ -302,10 +304,8 @@ def _work(args: argparse.Namespace) -> int:
         env = client_env(args.token, args.cafile)
         trio.run(_until_signal, bots.run_worker_processes_to_end(commands, env))
         return 0
-    try:
-        context = ssl_context(args.cafile)
-    except (OSError, ssl.SSLError) as exc:
-        print(f"million work: cannot load --cafile {args.cafile}: {exc}", file=sys.stderr)
+    context = _trust(args, "work")
+    if context is False:
         return 2
     settings = {"detach": args.detach, "token": args.token, "ssl_context": context}
     if args.run is None:
@@ -377,7 +377,7 @@ def _reflector(args: argparse.Namespace) -> int:
     try:
         trio.run(_serve_until_signal, config, store)
     except OSError as exc:
-        print(f"million reflector: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        print(f"million reflector: cannot listen: {exc}", file=sys.stderr)
         return 1
     finally:
         store.close()
@@ -386,7 +386,7 @@ def _reflector(args: argparse.Namespace) -> int:
 
 async def _serve_until_signal(config: ReflectorConfig, store) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+        async with tasks.open_nursery() as nursery:
             reflector = await nursery.start(serve_reflector, config, store)
             print(
                 f"million reflector {__version__} listening on {reflector.url} (store {store.path})",
@@ -441,9 +441,21 @@ def _loopback(host: str) -> bool:
         return False
 
 
+def _trust(args: argparse.Namespace, command: str) -> ssl.SSLContext | bool | None:
+    """The TLS context for ``--cafile``; False (and a message) if it cannot be loaded."""
+    try:
+        return ssl_context(args.cafile)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"million {command}: cannot load --cafile {args.cafile}: {exc}", file=sys.stderr)
+        return False
+
+
 def _status(args: argparse.Namespace) -> int:
+    context = _trust(args, "status")
+    if context is False:
+        return 2
+
     async def fetch() -> object:
-        context = ssl_context(args.cafile)
         async with open_client(
             args.reflector, token=args.token, label="status", first_timeout=2, ssl_context=context
         ) as client:
@@ -451,9 +463,10 @@ def _status(args: argparse.Namespace) -> int:
                 runs = await _lobby_runs(client)
                 info = await client.status([progress_session(name) for name in runs])
         summaries = info.pop("summaries")
-        info["runs"] = [
-            {"name": name, **run, **summaries.get(progress_session(name), {})} for name, run in runs.items()
-        ]
+        info["runs"] = []
+        for name, run in runs.items():
+            progress = summaries.get(progress_session(name))
+            info["runs"].append({"name": name, **run, **(progress if is_run_summary(progress) else {})})
         return info
 
     try:
@@ -479,14 +492,22 @@ def _status(args: argparse.Namespace) -> int:
     if info["runs"]:
         print("runs in the lobby:")
     for run in info["runs"]:
-        line = f"  {run['name']:20} {run['plugin']} {run['version']}  {run['state']:5}"
-        line += f"  {run.get('completed', 0):,} of {run['partitions']:,} partitions"
-        if run["state"] == "done":
-            line += f"  answer {json.dumps(run['answer'])}"
-        else:
-            line += f"  {run.get('rate', 0):,}/s  {run.get('workers', 0)} workers"
-        print(line)
+        print(_run_line(run))
     return 0
+
+
+def _run_line(run: dict[str, Any]) -> str:
+    """One run of the lobby; its fields come from participants, so nothing is assumed."""
+
+    def count(key: str) -> str:
+        value = run.get(key, 0)
+        return f"{value:,}" if type(value) is int else str(value)
+
+    line = f"  {run['name']:20} {run.get('plugin')} {run.get('version')}  {run.get('state')!s:5}"
+    line += f"  {count('completed')} of {count('partitions')} partitions"
+    if run.get("state") == "done":
+        return line + f"  answer {json.dumps(run.get('answer'))}"
+    return line + f"  {count('rate')}/s  {count('workers')} workers"
 
 
 async def _lobby_runs(client: Client) -> dict[str, dict[str, Any]]:

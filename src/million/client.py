@@ -206,7 +206,8 @@ class Client:
             self._send(Leave(session.name, session.view_id))
             self._departing[(session.name, session.view_id)] = session.group
             session.group.departing += 1
-            self._departed = trio.Event()
+            if self._departed.is_set():
+                self._departed = trio.Event()
         self._forget(session)
 
     def publish(self, name: str, view: str, topic: str, data: Any) -> None:
@@ -417,6 +418,9 @@ class Client:
         if session is None:
             return None
         group = session.group
+        if session not in group.sessions:  # the join was given up (cancelled) on the way
+            self._send(Leave(sync.session, sync.view))
+            return None
         if sync.full or group.replica is None:
             try:
                 group.rebuild(sync)

@@ -471,6 +471,12 @@ def short(value: Any, limit: int = 512) -> Any:
     return value if size <= limit else f"<{size} bytes>"
 
 
+def is_run_summary(summary: Any) -> bool:
+    """Whether ``summary`` has the fields ``report_progress`` writes (anyone may write any)."""
+    fields = {"run": str, "state": str, "partitions": int, "completed": int, "rate": int, "workers": int}
+    return isinstance(summary, dict) and all(type(summary.get(key)) is kind for key, kind in fields.items())
+
+
 async def report_progress(run: str, progress: Session, root: Session) -> None:
     """Summarize a run on its progress session, and its root, every ``SUMMARY_EVERY`` s
     until it is done."""

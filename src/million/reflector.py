@@ -227,7 +227,7 @@ class Reflector:
         self.started_at = trio.current_time()
         self._stored = set(await self.store.names())
         try:
-            async with trio.open_nursery() as nursery:
+            async with tasks.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
                 nursery.start_soon(self.store.keep_applying)
                 nursery.start_soon(self._ticker)

@@ -101,7 +101,8 @@ class Store:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._pending: list[Batch] = []
+        self._pending: list[Batch] = []  # in the journal, not yet in SQLite
+        self._applying_batches: list[Batch] = []  # in the rotated journal, going into SQLite
         self._pending_bytes = 0
         self.applies = 0  # SQLite transactions so far, and their total duration
         self.apply_seconds = 0.0
@@ -110,6 +111,9 @@ class Store:
         self._applying = self._journal.with_suffix(".journal-applying") if self._journal else None
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from None
+        try:
             if path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -118,7 +122,10 @@ class Store:
             self._db.execute(f"PRAGMA user_version={VERSION}")
             self._recover()
             self._file = open(self._journal, "ab", buffering=0) if self._journal else None  # noqa: SIM115
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, StoreError) as exc:
+            self._db.close()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open store {path}: {exc}") from None
         self._lock = trio.Lock()
 
@@ -137,13 +144,22 @@ class Store:
             await trio.lowlevel.checkpoint()
 
     async def apply(self) -> None:
-        """Move every journaled batch into SQLite."""
+        """Move every journaled batch into SQLite.
+
+        If SQLite fails, the batches stay in memory and in their journal, and the next
+        apply (or the next start) tries them again first.
+        """
         async with self._lock:
-            if not self._pending:
-                return
-            batches, self._pending, self._pending_bytes = self._pending, [], 0
-            self._rotate()
-            await trio.to_thread.run_sync(self._apply, batches)
+            for _ in range(2):  # a batch left by a failed apply, then the journal's
+                if not self._applying_batches:
+                    if not self._pending:
+                        return
+                    self._applying_batches, self._pending, self._pending_bytes = self._pending, [], 0
+                    self._rotate()
+                await trio.to_thread.run_sync(self._apply, self._applying_batches)
+                self._applying_batches = []
+                if self._applying is not None:
+                    self._applying.unlink(missing_ok=True)
 
     async def keep_applying(self) -> None:
         """Apply in the background until cancelled."""
@@ -164,15 +180,22 @@ class Store:
             return await trio.to_thread.run_sync(self._names)
 
     def close(self) -> None:
-        """Apply what is journaled and close."""
-        if self._pending:
-            self._apply(self._pending)
-            self._pending = []
-        if self._file is not None:
-            self._file.close()
-            if self._journal is not None:
-                self._journal.unlink(missing_ok=True)
-        self._db.close()
+        """Apply what is journaled and close; if SQLite fails, the journals stay for the
+        next start."""
+        try:
+            for batches, journal in (
+                (self._applying_batches, self._applying),
+                (self._pending, self._journal),
+            ):
+                if batches:
+                    self._apply(batches)
+                if self._file is not None and journal is not None:
+                    journal.unlink(missing_ok=True)
+            self._applying_batches, self._pending = [], []
+        finally:
+            if self._file is not None:
+                self._file.close()
+            self._db.close()
 
     def _rotate(self) -> None:
         """Start a new journal; the old one is kept until its batches are in SQLite."""
@@ -186,7 +209,7 @@ class Store:
         for journal in (self._applying, self._journal):
             if journal is not None and journal.exists():
                 self._apply(list(_read_journal(journal)))
-                journal.unlink()
+                journal.unlink(missing_ok=True)
 
     @property
     def pending_bytes(self) -> int:
@@ -204,8 +227,6 @@ class Store:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        if self._applying is not None:
-            self._applying.unlink(missing_ok=True)
         self.applies += 1
         self.apply_seconds += perf_counter() - started
 
@@ -213,7 +234,6 @@ class Store:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
         (tables,) = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
         if tables and version != VERSION:
-            self._db.close()
             raise StoreError(
                 f"cannot open store {self.path}: it was written by another version of million"
                 f" (store format {version}, this one reads {VERSION}); use a new file"

@@ -15,7 +15,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import trio
@@ -275,14 +275,24 @@ async def serve(
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    task_status.started(_port(listeners[0]))
+    listeners = await listen(host, port, ssl_context)
+    task_status.started(port_of(listeners[0]))
     await trio.serve_listeners(handle_stream, listeners)
 
 
-def _port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -> int:
+async def listen(host: str, port: int, ssl_context: ssl.SSLContext | None) -> list[trio.abc.Listener]:
+    """TCP listeners on ``host:port`` (TLS with ``ssl_context``); the error names the address."""
+    try:
+        listeners: list[trio.abc.Listener] = list(await trio.open_tcp_listeners(port, host=host))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{host}:{port}: {exc.strerror or exc}") from None
+    if ssl_context is not None:
+        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
+    return listeners
+
+
+def port_of(listener: Any) -> int:
+    """The port a listener from ``listen`` is bound to."""
     if isinstance(listener, trio.SSLListener):
         listener = listener.transport_listener
     return listener.socket.getsockname()[1]

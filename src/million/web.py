@@ -17,6 +17,7 @@ path needs it, as ``?token=...`` or an ``Authorization: Bearer`` header.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import ssl
 from importlib import resources
@@ -32,12 +33,15 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from million import __version__, tasks, transport
+from million.computation import is_run_summary
 from million.transport import RECEIVE_BUFFER, SansIOChannel
 
 if TYPE_CHECKING:
     from million.reflector import Reflector
 
 __all__ = ["serve_web"]
+
+log = logging.getLogger(__name__)
 
 PUSH_EVERY = 0.5  # seconds between the page's updates
 CHILDREN = 1000  # first-level sessions shown one by one; deeper ones are counted
@@ -58,9 +62,11 @@ async def serve_web(
     registry.register(_Collector(reflector))
 
     async def handle(stream: trio.abc.Stream) -> None:
+        # Whatever happens here must never reach the server's nursery: the reflector goes on.
         try:
+            request, ws = None, ServerProtocol(max_size=4096)
             with trio.move_on_after(transport.HANDSHAKE_TIMEOUT):
-                request, ws = await _read_request(stream)
+                request = await _read_request(stream, ws)
             if request is None:
                 return
             target = urlsplit(request.path)
@@ -71,33 +77,42 @@ async def serve_web(
             elif target.path == "/metrics":
                 await _respond(stream, ws, 200, "text/plain; version=0.0.4", generate_latest(registry))
             elif target.path == "/live":
-                await _live(reflector, stream, ws, request)
+                if reflector.config.token is None and not _same_origin(request):
+                    await _respond(stream, ws, 403, "text/plain", b"another site's page may not read this\n")
+                else:
+                    await _live(reflector, stream, ws, request)
             else:
                 await _respond(stream, ws, 404, "text/plain", b"not found\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, transport.Closed):
             pass
+        except Exception:
+            log.exception("web request failed")
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    if ssl_context is not None:
-        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    task_status.started(transport._port(listeners[0]))
+    listeners = await transport.listen(host, port, ssl_context)
+    task_status.started(transport.port_of(listeners[0]))
     await trio.serve_listeners(handle, listeners)
 
 
-async def _read_request(stream: trio.abc.Stream) -> tuple[Request | None, ServerProtocol]:
-    ws = ServerProtocol(max_size=4096)
+async def _read_request(stream: trio.abc.Stream, ws: ServerProtocol) -> Request | None:
     while True:
         data = await stream.receive_some(RECEIVE_BUFFER)
         if not data:
-            return None, ws
+            return None
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
-                return event, ws
+                return event
         if ws.handshake_exc is not None:
-            return None, ws
+            return None
+
+
+def _same_origin(request: Request) -> bool:
+    """Whether the websocket was opened by a page of this server (or by no page at all):
+    without a token, nothing else stops any site the user visits from reading the runs."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("Host")
 
 
 def _authorized(token: str | None, request: Request, query: str) -> bool:
@@ -111,7 +126,7 @@ def _authorized(token: str | None, request: Request, query: str) -> bool:
 
 
 async def _respond(stream: trio.abc.Stream, ws: ServerProtocol, status: int, kind: str, body: bytes) -> None:
-    reasons = {200: "OK", 401: "Unauthorized", 404: "Not Found"}
+    reasons = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
     headers = Headers(
         [("Content-Type", kind), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
     )
@@ -146,8 +161,9 @@ async def _live(reflector: Reflector, stream: trio.abc.Stream, ws: ServerProtoco
 
 def view(reflector: Reflector, run: str | None) -> dict[str, Any]:
     """What the page shows: the reflector, the runs, and the tree of ``run``."""
-    progress = reflector.summaries(name for name in reflector.summary_names() if name.endswith(PROGRESS))
-    runs = sorted(progress.values(), key=lambda summary: summary.get("run", ""))
+    names = [name for name in reflector.summary_names() if name.endswith(PROGRESS)]
+    runs = [run for run in reflector.summaries(names).values() if is_run_summary(run)]
+    runs.sort(key=lambda run: run["run"])
     stats = reflector.statistics()
     return {
         "reflector": {"version": __version__, "statistics": attrs.asdict(stats)},
@@ -163,7 +179,7 @@ def tree(reflector: Reflector, run: str) -> dict[str, Any]:
     below = below_done = 0
     summaries = reflector.summaries_under(run, limit=1_000_000)
     for name, summary in summaries.items():
-        if name == run:
+        if name == run or not isinstance(summary, dict):
             continue
         rest = name[len(prefix) :]
         if rest.isdigit():
@@ -172,9 +188,10 @@ def tree(reflector: Reflector, run: str) -> dict[str, Any]:
             below += 1
             below_done += summary.get("state") == "done"
     children.sort(key=lambda child: child[0])
+    root = summaries.get(run)
     return {
         "run": run,
-        "root": summaries.get(run),
+        "root": root if isinstance(root, dict) else None,
         "children": children[:CHILDREN],
         "more_children": max(0, len(children) - CHILDREN),
         "below": {"sessions": below, "done": below_done},
