@@ -9,7 +9,7 @@ import trio
 import million
 from helpers import start_participant, start_reflector
 from million.reflector import ReflectorConfig
-from models import DigestOnTarget, Ledger, Publisher, Tagged
+from models import DigestOnTarget, Ledger, Publisher, Tagged, Tally
 
 
 class Publish50(Publisher):
@@ -318,3 +318,11 @@ async def test_a_join_given_up_on_the_way_leaves_no_participant_behind(reflector
         await client.ping()  # and the reflector has handled that leave
         info = await client.status()
     assert "ghost" not in [session["name"] for session in info["sessions"]]
+
+
+async def test_a_participant_sending_big_events_while_their_echoes_come_back_does_not_stall(reflector):
+    async with million.open_client(reflector.url) as client, million.join(client, "big", Tally) as session:
+        for _ in range(20):
+            session.publish("blob", "y" * 200_000)  # both ways' socket buffers fill at once
+        with trio.fail_after(20):
+            await session.wait_for(lambda model: model.count == 20)

@@ -204,11 +204,15 @@ class Client:
         """
         if session.synced and self._connected:
             self._send(Leave(session.name, session.view_id))
-            self._departing[(session.name, session.view_id)] = session.group
-            session.group.departing += 1
-            if self._departed.is_set():
-                self._departed = trio.Event()
+            self._depart(session.name, session.view_id, session.group)
         self._forget(session)
+
+    def _depart(self, name: str, view: str, group: Group) -> None:
+        """Keep ``group`` until the reflector confirms that ``view`` left."""
+        self._departing[(name, view)] = group
+        group.departing += 1
+        if self._departed.is_set():
+            self._departed = trio.Event()
 
     def publish(self, name: str, view: str, topic: str, data: Any) -> None:
         if self._connected:
@@ -239,11 +243,17 @@ class Client:
         return reply.info
 
     async def _request(self, message: Ping | StatusRequest) -> Any:
+        """Send ``message`` and wait for its answer; ``ClientError`` if the connection is
+        down or goes down first."""
+        if not self._connected:
+            raise ClientError(f"not connected to the reflector at {self.url}")
         send, receive = trio.open_memory_channel[Any](1)
         self._replies[message.ref] = send
         try:
             self._send(message)
             return await receive.receive()
+        except trio.EndOfChannel:
+            raise ClientError(f"the connection to {self.url} was lost before it answered") from None
         finally:
             self._replies.pop(message.ref, None)
 
@@ -418,7 +428,7 @@ class Client:
         if session is None:
             return None
         group = session.group
-        if session not in group.sessions:  # the join was given up (cancelled) on the way
+        if self._groups.get(group.name) is not group:  # given up, and nobody else here uses it
             self._send(Leave(sync.session, sync.view))
             return None
         if sync.full or group.replica is None:
@@ -436,6 +446,10 @@ class Client:
             except LookupError as exc:
                 raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
         group.connection = self._connections
+        if session not in group.sessions:  # the join was given up on the way: leave again
+            self._send(Leave(sync.session, sync.view))
+            self._depart(sync.session, sync.view, group)
+            return group
         session.options = sync.options
         session.joined(sync.view)
         return group

@@ -428,7 +428,8 @@ class Worker(View):
             return
         now, name = trio.current_time(), self.session.name
         if force or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
-            self.ctx.summarized[name] = now
+            if not force:  # only the first levels' sessions are remembered: a bounded number
+                self.ctx.summarized[name] = now
             self.session.summarize(summary(self.model))
 
     def _log(self, event: str, **fields: Any) -> None:

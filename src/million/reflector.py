@@ -622,6 +622,8 @@ class Reflector:
     def _on_snapshot(self, conn: Conn, message: Snapshot) -> None:
         session = self._sessions.get(message.session)
         asked = session.snapshot_asked if session is not None else None
+        if session is not None and asked is not None and message.seq < asked[1] and conn in session.conns:
+            return  # the answer to a request made again since: too late to be used
         if session is None or asked is None or asked[0] is not conn or asked[1] != message.seq:
             raise ProtocolError(ErrorCode.UNEXPECTED, "a snapshot nobody asked for")
         session.snapshot_asked = None

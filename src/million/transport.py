@@ -110,10 +110,11 @@ class SansIOChannel:
         self._receiving = False
 
     async def send(self, data: bytes) -> None:
-        if self._ws.state is not State.OPEN:
-            raise self._closed()
-        self._ws.send_binary(data)
-        await self._flush()
+        async with self._send_lock:
+            if self._ws.state is not State.OPEN:
+                raise self._closed()
+            self._ws.send_binary(data)
+            await self._send_pending()
 
     async def receive(self) -> bytes:
         while not self._messages:
@@ -131,17 +132,22 @@ class SansIOChannel:
             else:
                 self._ws.receive_eof()
             self._take_frames()
-            await self._flush()  # pongs, close replies, the close of a failed connection
+            # Pongs, close replies, the close of a failed connection. A reader never waits
+            # for a sender: two peers each blocked writing while neither reads would hang.
+            if not self._send_lock.locked():
+                async with self._send_lock:
+                    await self._send_pending()
             if self._ws.close_sent is not None and not self._messages:
                 raise self._closed()
         return self._messages.popleft()
 
     async def close(self, code: int = NORMAL, reason: str = "") -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
-            if self._ws.state is State.OPEN:
-                self._ws.send_close(code, reason[:120])
             with contextlib.suppress(Closed):
-                await self._flush()
+                async with self._send_lock:
+                    if self._ws.state is State.OPEN:
+                        self._ws.send_close(code, reason[:120])
+                    await self._send_pending()
                 while self._ws.state is not State.CLOSED:  # wait for the peer's close reply
                     await self.receive()
 
@@ -153,14 +159,14 @@ class SansIOChannel:
                     self._messages.append(b"".join(self._parts))
                     self._parts = []
 
-    async def _flush(self) -> None:
-        async with self._send_lock:
-            data = b"".join(self._ws.data_to_send())
-            if data:
-                try:
-                    await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    raise await self._lost() from None
+    async def _send_pending(self) -> None:
+        """Write what the protocol has queued; the caller holds the send lock."""
+        data = b"".join(self._ws.data_to_send())
+        if data:
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise await self._lost() from None
 
     async def _lost(self) -> Closed:
         """Sending failed: the peer may have closed with a reason that is still unread
@@ -311,14 +317,21 @@ async def connect(
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise OSError(f"not a websocket URL: {url!r} (expected ws://HOST:PORT or wss://HOST:PORT)")
     secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)
-    if secure:
-        context = ssl_context or ssl.create_default_context()
-        stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-            parts.hostname, port, ssl_context=context, https_compatible=True
-        )
-    else:
-        stream = await trio.open_tcp_stream(parts.hostname, port)
+    try:
+        port = parts.port or (443 if secure else 80)
+    except ValueError as exc:
+        raise OSError(f"not a websocket URL: {url!r} ({exc})") from None
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            if secure:
+                context = ssl_context or ssl.create_default_context()
+                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    parts.hostname, port, ssl_context=context, https_compatible=True
+                )
+            else:
+                stream = await trio.open_tcp_stream(parts.hostname, port)
+    except trio.TooSlowError:
+        raise OSError(f"no answer from {parts.hostname}:{port} within {HANDSHAKE_TIMEOUT:.0f} s") from None
     try:
         if engine == "sansio":
             async with _sansio_client(stream, url, max_frame) as channel:
@@ -341,7 +354,8 @@ async def _sansio_client(stream: trio.abc.Stream, url: str, max_frame: int) -> A
     try:
         yield channel
     finally:
-        await channel.close()
+        with trio.CancelScope(shield=True):  # a normal close, even when leaving by cancellation
+            await channel.close()
 
 
 @asynccontextmanager
@@ -364,6 +378,6 @@ async def _trio_websocket_client(stream: trio.abc.Stream, url: str, max_frame: i
         try:
             yield WebsocketChannel(ws)
         finally:
-            with trio.move_on_after(CLOSE_TIMEOUT):
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await ws.aclose()
             nursery.cancel_scope.cancel()
