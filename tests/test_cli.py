@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import million_testplugin
+import psutil
 import pytest
 import trio
 
@@ -216,3 +217,23 @@ async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, flag):
     assert result.returncode == 1
     assert "cannot listen" in result.stderr and busy in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_run_whose_worker_processes_all_die_says_so_and_ends(tmp_path):
+    options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
+    run = Process(
+        [sys.executable, "-m", "million", "run", "--plugin", "ordered", "--partitions", "50",
+         "--fanout", "10", "--workers", "2", "--bots", "2", "--json", *options]
+    )  # fmt: skip
+    try:
+        with trio.fail_after(60):
+            while not (tmp_path / "0").exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)  # a worker is computing: the run is under way
+        for worker in psutil.Process(run.proc.pid).children():
+            worker.kill()
+        with trio.fail_after(30):
+            code = await trio.to_thread.run_sync(run.proc.wait)
+    finally:
+        run.stop()
+    assert code == 1
+    assert "every worker process ended before the run was done" in run.errors

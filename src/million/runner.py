@@ -13,14 +13,13 @@ import secrets
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import attrs
 import trio
 
-from million import lobby
+from million import lobby, tasks
 from million.bots import run_worker_processes, worker_command
 from million.client import Client, client_env, open_client, ssl_context
 from million.computation import Computation, Progress, Spec, progress_session, report_progress
@@ -153,12 +152,20 @@ async def _compute(
     assert root is not None and state.progress is not None
     commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.workers)]
     env = client_env(config.token, config.cafile)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(partial(run_worker_processes, commands, env=env))
+    workers_ended = trio.Event()
+
+    async def workers(task_status: trio.TaskStatus[None]) -> None:
+        await run_worker_processes(commands, env=env, task_status=task_status)
+        workers_ended.set()
+
+    async with tasks.open_nursery() as nursery:
+        await nursery.start(workers)
         nursery.start_soon(report_progress, name, state.progress, root)
         while not root.model.done:
             if watch is not None:
                 watch(state)
+            if commands and workers_ended.is_set() and config.reflector is None:
+                raise RunError("every worker process ended before the run was done; see their errors above")
             with trio.move_on_after(0.2):
                 await state.progress.group.wait_changed()
         if watch is not None:
