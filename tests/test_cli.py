@@ -237,3 +237,22 @@ async def test_a_run_whose_worker_processes_all_die_says_so_and_ends(tmp_path):
         run.stop()
     assert code == 1
     assert "every worker process ended before the run was done" in run.errors
+
+
+async def test_the_workers_of_a_killed_run_stop_by_themselves(tmp_path):
+    options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
+    run = Process(
+        [sys.executable, "-m", "million", "run", "--plugin", "ordered", "--partitions", "50",
+         "--fanout", "10", "--workers", "2", "--bots", "2", "--json", *options]
+    )  # fmt: skip
+    try:
+        with trio.fail_after(60):
+            while not (tmp_path / "0").exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)  # a worker is computing: the run is under way
+        workers = psutil.Process(run.proc.pid).children()
+        assert len(workers) == 2
+    finally:
+        run.kill()  # SIGKILL: no chance to stop its workers
+    (tmp_path / "go").touch()
+    _, alive = await trio.to_thread.run_sync(lambda: psutil.wait_procs(workers, timeout=30))
+    assert alive == []

@@ -126,8 +126,9 @@ async def run_lobby_bots(
 
 
 def worker_command(url: str, run: str, bots: int, *, detach: bool = True) -> list[str]:
-    """The command line of one worker process for ``run``."""
+    """The command line of one worker process for ``run``; it ends if this process dies."""
     command = [sys.executable, "-m", "million", "work", "--reflector", url, "--run", run, "--bots", str(bots)]
+    command.append("--exit-with-parent")
     return command if detach else [*command, "--no-detach"]
 
 

@@ -165,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     work.add_argument("--bots", type=_positive, default=16, help="bots per process (default: 16)")
     work.add_argument("--processes", type=_positive, default=1, help="worker processes (default: 1)")
+    work.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
     work.add_argument(
         "--no-detach", dest="detach", action="store_false", help="coordinators stay in parent sessions"
     )
@@ -312,6 +313,8 @@ def _work(args: argparse.Namespace) -> int:
         job = bots.run_lobby_bots(args.reflector, args.bots, **settings)
     else:
         job = bots.run_bots(args.reflector, args.run, args.bots, **settings)
+    if args.exit_with_parent:
+        job = _while_parent_lives(job, os.getppid())
     try:
         answer = trio.run(_until_signal, job)
     except (PluginError, ClientError) as exc:
@@ -323,6 +326,23 @@ def _work(args: argparse.Namespace) -> int:
     if answer is None:
         print("million work: stopped", file=sys.stderr)
     return 0
+
+
+async def _while_parent_lives(job: Coroutine[Any, Any, T], parent: int) -> T | None:
+    """Run ``job`` until it ends or the process that started this one is gone (a worker
+    of a ``million run`` that was killed would otherwise reconnect forever)."""
+    result: list[T] = []
+    async with tasks.open_nursery() as nursery:
+
+        async def go() -> None:
+            result.append(await job)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(go)
+        while os.getppid() == parent:  # noqa: ASYNC110
+            await trio.sleep(1)  # nothing tells a process that its parent died: look
+        nursery.cancel_scope.cancel()
+    return result[0] if result else None
 
 
 async def _until_signal(job: Coroutine[Any, Any, T]) -> T | None:
