@@ -554,6 +554,10 @@ async def open_client(
     first_timeout: float = 10.0,
 ) -> AsyncIterator[Client]:
     """Connect to the reflector at ``url``; raises ``ClientError`` if it cannot be reached."""
+    try:
+        transport.address(url)
+    except ValueError as exc:
+        raise ClientError(str(exc)) from None
     client = Client(url, token=token, label=label, ssl_context=ssl_context)
     async with tasks.open_nursery() as nursery:
         await nursery.start(

@@ -304,6 +304,18 @@ def port_of(listener: Any) -> int:
     return listener.socket.getsockname()[1]
 
 
+def address(url: str) -> tuple[str, int, bool]:
+    """Host, port and whether TLS is on, of a ``ws://`` or ``wss://`` URL; else ``ValueError``."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a websocket URL: {url!r} (expected ws://HOST:PORT or wss://HOST:PORT)")
+    secure = parts.scheme == "wss"
+    try:
+        return parts.hostname, parts.port or (443 if secure else 80), secure
+    except ValueError as exc:
+        raise ValueError(f"not a websocket URL: {url!r} ({exc})") from None
+
+
 @asynccontextmanager
 async def connect(
     url: str,
@@ -313,25 +325,21 @@ async def connect(
     engine: str = "sansio",
 ) -> AsyncIterator[Channel]:
     """Open a websocket to ``url``; failing to connect or to shake hands raises ``OSError``."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise OSError(f"not a websocket URL: {url!r} (expected ws://HOST:PORT or wss://HOST:PORT)")
-    secure = parts.scheme == "wss"
     try:
-        port = parts.port or (443 if secure else 80)
+        host, port, secure = address(url)
     except ValueError as exc:
-        raise OSError(f"not a websocket URL: {url!r} ({exc})") from None
+        raise OSError(str(exc)) from None
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             if secure:
                 context = ssl_context or ssl.create_default_context()
                 stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                    parts.hostname, port, ssl_context=context, https_compatible=True
+                    host, port, ssl_context=context, https_compatible=True
                 )
             else:
-                stream = await trio.open_tcp_stream(parts.hostname, port)
+                stream = await trio.open_tcp_stream(host, port)
     except trio.TooSlowError:
-        raise OSError(f"no answer from {parts.hostname}:{port} within {HANDSHAKE_TIMEOUT:.0f} s") from None
+        raise OSError(f"no answer from {host}:{port} within {HANDSHAKE_TIMEOUT:.0f} s") from None
     try:
         if engine == "sansio":
             async with _sansio_client(stream, url, max_frame) as channel:
