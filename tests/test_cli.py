@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import million_testplugin
 import psutil
@@ -219,16 +220,27 @@ async def test_a_port_in_use_is_one_line_and_exit_1(tmp_path, flag):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-async def test_a_run_whose_worker_processes_all_die_says_so_and_ends(tmp_path):
-    options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
+async def held_run(markers: Path) -> Process:
+    """A ``million run`` with two worker processes, returned once partition 0 is being
+    computed; it waits there until ``markers/go`` exists."""
+    options = ["--option", "slow=[0]", "--option", f"marker_dir={markers}"]
     run = Process(
         [sys.executable, "-m", "million", "run", "--plugin", "ordered", "--partitions", "50",
          "--fanout", "10", "--workers", "2", "--bots", "2", "--json", *options]
     )  # fmt: skip
     try:
         with trio.fail_after(60):
-            while not (tmp_path / "0").exists():  # noqa: ASYNC110
-                await trio.sleep(0.05)  # a worker is computing: the run is under way
+            while not (markers / "0").exists():  # noqa: ASYNC110
+                await trio.sleep(0.05)  # the file is the only sign: poll for it
+    except BaseException:
+        run.stop()
+        raise
+    return run
+
+
+async def test_a_run_whose_worker_processes_all_die_says_so_and_ends(tmp_path):
+    run = await held_run(tmp_path)
+    try:
         for worker in psutil.Process(run.proc.pid).children():
             worker.kill()
         with trio.fail_after(30):
@@ -240,15 +252,8 @@ async def test_a_run_whose_worker_processes_all_die_says_so_and_ends(tmp_path):
 
 
 async def test_the_workers_of_a_killed_run_stop_by_themselves(tmp_path):
-    options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
-    run = Process(
-        [sys.executable, "-m", "million", "run", "--plugin", "ordered", "--partitions", "50",
-         "--fanout", "10", "--workers", "2", "--bots", "2", "--json", *options]
-    )  # fmt: skip
+    run = await held_run(tmp_path)
     try:
-        with trio.fail_after(60):
-            while not (tmp_path / "0").exists():  # noqa: ASYNC110
-                await trio.sleep(0.05)  # a worker is computing: the run is under way
         workers = psutil.Process(run.proc.pid).children()
         assert len(workers) == 2
     finally:
