@@ -682,13 +682,10 @@ class Reflector:
         """The latest summaries of the sessions ``names`` that have one."""
         return {name: codec.loads(self._summaries[name][1]) for name in names if name in self._summaries}
 
-    def summaries_under(self, root: str, limit: int) -> dict[str, Any]:
-        """Summaries of ``root`` and the sessions below it (``root-...``), at most ``limit``,
-        shallowest first."""
+    def summaries_under(self, root: str) -> dict[str, Any]:
+        """Summaries of ``root`` and the sessions below it (``root-...``)."""
         prefix = f"{root}-"
-        names = [name for name in self._summaries if name == root or name.startswith(prefix)]
-        names.sort(key=lambda name: (name.count("-"), name))
-        return self.summaries(names[:limit])
+        return self.summaries(name for name in self._summaries if name == root or name.startswith(prefix))
 
     def _on_ping(self, conn: Conn, message: Ping) -> None:
         self._emit((conn,), codec.encode(Pong(message.ref)))

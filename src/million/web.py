@@ -177,7 +177,7 @@ def tree(reflector: Reflector, run: str) -> dict[str, Any]:
     prefix = f"{run}-"
     children: list[tuple[int, Any]] = []
     below = below_done = 0
-    summaries = reflector.summaries_under(run, limit=1_000_000)
+    summaries = reflector.summaries_under(run)
     for name, summary in summaries.items():
         if name == run or not isinstance(summary, dict):
             continue
