@@ -17,7 +17,9 @@ import million
 from helpers import Process
 from million.bots import run_bots, worker_command
 from million.computation import Computation, Context, Spec, depth, split, work
+from million.model import Replica
 from million.plugins import PluginError, load_plugin, plugin_from_object
+from million.protocol import VIEW_EXIT, VIEW_JOIN, Event
 from million.reflector import ReflectorConfig
 from million.runner import open_run
 from models import Ledger
@@ -69,6 +71,67 @@ def test_split_properties_for_any_total_and_fanout(total, fanout):
     levels = tree_depth(total, fanout)
     assert fanout**levels >= total and (levels == 1 or fanout ** (levels - 1) < total)
     assert depth(total, fanout) == levels
+
+
+class Stream:
+    """A leaf session's replica fed events as a reflector would stamp them."""
+
+    def __init__(self, partitions: int) -> None:
+        options = Spec("p", "1", 0, partitions, partitions).to_options()
+        self.replica = Replica.create(Computation, "L", options)
+        self.seq = 0
+
+    def send(self, view: str, topic: str, data: Any = None) -> Computation:
+        self.seq += 1
+        self.replica.apply(Event("L", self.seq, self.seq, view, topic, data))
+        return self.replica.model
+
+    def given(self, view: str) -> list[int]:
+        return self.replica.model.answers[view][1]
+
+
+def test_a_request_gets_at_most_its_want_and_its_fair_share_of_what_nobody_started():
+    stream = Stream(20)
+    stream.send("a", VIEW_JOIN, "a")
+    stream.send("a", "inputs", {"inputs": list(range(20)), "next": {"id": 1, "want": 16}})
+    assert stream.given("a") == list(range(16))
+    stream.send("b", "request", {"id": 1, "want": 16})
+    assert stream.given("b") == [16, 17, 18, 19]  # all that is left
+    stream.send("c", "request", {"id": 1, "want": 16})
+    stream.send("d", "request", {"id": 1, "want": 16})
+    # Nothing is left unstarted: each takes one more, the last of the least held.
+    assert stream.given("c") == [19] and stream.given("d") == [18]
+
+
+def test_askers_share_what_nobody_started():
+    stream = Stream(12)
+    stream.send("a", "inputs", {"inputs": list(range(12))})
+    for view in "abc":
+        stream.send(view, "request", {"id": 1, "want": 0})  # a want below one asks for one
+    assert [stream.given(view) for view in "abc"] == [[0], [1], [2]]
+    for view in "abc":
+        stream.send(view, "request", {"id": 2, "want": 16})
+    assert [stream.given(view) for view in "abc"] == [[3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
+    stream = Stream(4)
+    stream.send("a", "inputs", {"inputs": list(range(4)), "next": {"id": 1, "want": 4}})
+    stream.send("a", "end", {"index": 0, "output": 0})
+    model = stream.send("a", VIEW_EXIT, "a")
+    assert model.workers == {} and model.remaining == 3
+    stream.send("b", "request", {"id": 1, "want": 4})
+    stream.send("c", "request", {"id": 1, "want": 4})
+    assert stream.given("b") == [3] and stream.given("c") == [2]
+
+
+@pytest.mark.parametrize("data", [None, 7, "x", [1, 2], {"want": "many"}])
+def test_a_malformed_request_gives_nothing_away_or_one_partition(data):
+    stream = Stream(3)
+    stream.send("a", "inputs", {"inputs": [0, 1, 2]})
+    model = stream.send("a", "request", data)
+    held = model.workers.get("a", [])
+    assert len(held) <= 1 and model.remaining == 3
 
 
 async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool = True) -> Any:

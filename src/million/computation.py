@@ -55,8 +55,13 @@ def split(total: int, fanout: int) -> list[tuple[int, int]]:
 
     Sizes differ by at most one, the larger first; integer arithmetic only.
     """
+    return [share(total, fanout, index) for index in range(fanout)]
+
+
+def share(total: int, fanout: int, index: int) -> tuple[int, int]:
+    """``(start, size)`` of child ``index`` in ``split(total, fanout)``."""
     base, extra = divmod(total, fanout)
-    return [(i * base + min(i, extra), base + (1 if i < extra else 0)) for i in range(fanout)]
+    return index * base + min(index, extra), base + (1 if index < extra else 0)
 
 
 def depth(total: int, fanout: int) -> int:
@@ -92,7 +97,7 @@ class Spec:
 
     def child(self, name: str, index: int, input: Any) -> tuple[str, dict[str, Any]]:
         """Name and options of child ``index`` of the session ``name``."""
-        start, size = split(self.partitions, self.fanout)[index]
+        start, size = share(self.partitions, self.fanout, index)
         spec = attrs.evolve(
             self, input=input, partitions=size, start=self.start + start, parent=name, index=index
         )
@@ -120,7 +125,7 @@ class Computation(Model, name="million.computation"):
     done_by: list[str | None] = attrs.Factory(list)
     remaining: int = 0
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
-    answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, partition or None]
+    answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, partitions given]
     claims: dict[str, str] = attrs.Factory(dict)  # "prepare" / "collect" -> view doing it
     output: Any = None
     done: bool = False
@@ -150,28 +155,39 @@ class Computation(Model, name="million.computation"):
         if not self.root and self.inputs is None and "prepare" not in self.claims:
             self.claims["prepare"] = view
 
-    def request(self, request_id: Any) -> None:
-        """A worker asks for one more partition: the answer is recorded under its view."""
-        view = self.sender
-        index = None if self.done or self.inputs is None else self._assign(view)
-        if index is not None:
-            self.workers.setdefault(view, []).append(index)
-            self.started[index] = True
-        self.answers[view] = [request_id, index]
+    def request(self, data: Any) -> None:
+        """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``); the
+        answer is recorded under its view."""
+        if not isinstance(data, dict):
+            return
+        view, want = self.sender, data.get("want")
+        want = want if type(want) is int and want > 0 else 1
+        given = [] if self.done or self.inputs is None else self._assign(view, want)
+        if given:
+            self.workers.setdefault(view, []).extend(given)
+            for index in given:
+                self.started[index] = True
+        self.answers[view] = [data.get("id"), given]
 
-    def _assign(self, view: str) -> int | None:
-        """A partition nobody has started, else the incomplete one with the fewest workers
-        that ``view`` does not hold yet."""
-        for index in range(self.count):
-            if not self.started[index] and not self.completed[index]:
-                return index
+    def _assign(self, view: str, want: int) -> list[int]:
+        """Partitions nobody has started: at most ``want``, and no more than bring this view
+        to its fair share of those and the ones held, among the views that ask. Else the
+        incomplete one with the fewest workers that ``view`` does not hold yet, the last
+        such one, since holders work from the first."""
+        fresh = [i for i in range(self.count) if not self.started[i] and not self.completed[i]]
+        if fresh:
+            askers = len(self.answers) + (view not in self.answers)
+            held = sum(len(indexes) for indexes in self.workers.values())
+            share = -(-(len(fresh) + held) // askers) - len(self.workers.get(view, ()))
+            return fresh[: max(1, min(want, share))]
         load = [0] * self.count
         for held in self.workers.values():
             for index in held:
                 load[index] += 1
         mine = self.workers.get(view, ())
         incomplete = [i for i in range(self.count) if not self.completed[i] and i not in mine]
-        return min(incomplete, key=lambda index: (load[index], index), default=None)
+        steal = min(incomplete, key=lambda index: (load[index], -index), default=None)
+        return [] if steal is None else [steal]
 
     def end(self, data: Any) -> None:
         """A partition's output, and with ``next`` the reporter's next request.
@@ -228,7 +244,7 @@ class Context:
     plugin: Plugin
     detach: bool = True  # leave a session while working in its child
     on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
-    window: int = 2  # leaf partitions a worker holds: it asks for the next before doing this one
+    window: int = 16  # leaf partitions a worker may hold; it asks for more when half are done
     summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
 
 
@@ -309,16 +325,16 @@ class Worker(View):
         self._cycle.cancel()  # requests made under the old view id will never be answered
 
     async def _work(self) -> Outcome:
-        """Prepare, compute or coordinate partitions, collect; each report carries the
-        next request, so a partition costs one event and, with a window of W, 1/W of a
-        round trip."""
+        """Prepare, compute or coordinate partitions, collect. A leaf worker holds up to a
+        window of partitions and its reports carry its next request, so a partition costs
+        one event and a fraction of a round trip."""
         self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view the preparer
         if self.report is not None:
             index, output, connection = self.report
             if not self._sent_on(connection):
                 return self._child_outcome(index)
-            self.publish("end", {"index": index, "output": output, "next": self._ask()})
+            self.publish("end", {"index": index, "output": output, "next": self._request(0)})
         while True:
             model = self.model
             self._summarize(force=model.done)
@@ -345,7 +361,7 @@ class Worker(View):
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
-                self.publish("end", {"index": index, "output": output, "next": self._ask()})
+                self.publish("end", {"index": index, "output": output, **self._refill()})
 
     def _child_outcome(self, index: int) -> Outcome:
         child, options = self.spec.child(self.session.name, index, self.model.inputs[index])
@@ -357,9 +373,21 @@ class Worker(View):
         and a parent must never hold an output its child does not: check the child again."""
         return connection is None or connection == self.ctx.client.connections
 
-    def _ask(self) -> int:
+    def _request(self, held: int) -> dict[str, int]:
         self._asked += 1
-        return self._asked
+        return {"id": self._asked, "want": max(1, self._window - held)}
+
+    def _held(self) -> list[int]:
+        """The partitions this view holds and has not done, oldest first."""
+        return [index for index in self.model.workers.get(self.view_id, ()) if index not in self._reported]
+
+    def _refill(self) -> dict[str, Any]:
+        """The request a report carries: when no request is outstanding and at most half
+        the window is left, so that the answer comes back while the rest is computed."""
+        held = len(self._held())
+        if self._answered(self.model) == self._asked and held <= self._window // 2:
+            return {"next": self._request(held)}
+        return {}
 
     async def _next(self) -> int | None:
         """A partition this view holds and has not done; None once every one is complete."""
@@ -367,10 +395,10 @@ class Worker(View):
             model = self.model
             if model.remaining == 0:
                 return None
-            held = [index for index in model.workers.get(self.view_id, ()) if index not in self._reported]
-            answered, last = model.answers.get(self.view_id, (0, None))
-            if answered == self._asked and len(held) < self._window and (last is not None or not held):
-                self.publish("request", self._ask())
+            held = self._held()
+            answered, given = model.answers.get(self.view_id, (0, []))
+            if answered == self._asked and len(held) <= self._window // 2 and (given or not held):
+                self.publish("request", self._request(len(held)))
                 continue
             if held:
                 return held[0]
@@ -400,7 +428,7 @@ class Worker(View):
     async def _prepare(self) -> None:
         spec = self.spec
         inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
-        self.publish("inputs", {"inputs": inputs, "next": self._ask()})
+        self.publish("inputs", {"inputs": inputs, "next": self._request(0)})
         self._log("prepared")
 
     async def _compute(self, index: int, input: Any) -> Any:
