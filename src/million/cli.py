@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -33,6 +34,7 @@ from million.store import StoreError, open_store
 from million.transport import ENGINES
 
 T = TypeVar("T")
+GC_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)
 
 log = logging.getLogger("million")
 
@@ -44,10 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    _tune_gc()
     try:
         return args.command(args)
     except KeyboardInterrupt:
         return 130
+
+
+def _tune_gc() -> None:
+    """Collect garbage far less often than Python's default, leaving out what the
+    imports made. Relaying and applying events allocate many short-lived objects: with
+    the default threshold the collector ran about a thousand times in a 100,000-partition
+    run, each time walking the long-lived replicas, for a fifth of a bot's CPU time."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _parser() -> argparse.ArgumentParser:
