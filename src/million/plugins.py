@@ -35,6 +35,7 @@ class Plugin:
         self.name = name
         self.version = version
         self.manager = manager
+        self._hooks: dict[str, tuple[Callable[..., Any], bool]] = {}  # name -> (hook, all async)
 
     def __repr__(self) -> str:
         return f"<plugin {self.name} {self.version}>"
@@ -59,17 +60,22 @@ class Plugin:
         self.manager.hook.log(record=record)
 
     async def _call(self, hook_name: str, **kwargs: Any) -> Any:
-        hook = getattr(self.manager.hook, hook_name)
-        impls = hook.get_hookimpls()
-        if not impls:
-            raise PluginError(f"plugin {self.name} does not implement {hook_name}")
-        if all(inspect.iscoroutinefunction(impl.function) for impl in impls):
+        hook, asynchronous = self._hooks.get(hook_name) or self._hook(hook_name)
+        if asynchronous:
             result = hook(**kwargs)
         else:  # synchronous code may be CPU-bound: keep it off the event loop
             result = await trio.to_thread.run_sync(_calling(hook, kwargs), abandon_on_cancel=True)
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    def _hook(self, hook_name: str) -> tuple[Callable[..., Any], bool]:
+        hook = getattr(self.manager.hook, hook_name)
+        impls = hook.get_hookimpls()
+        if not impls:
+            raise PluginError(f"plugin {self.name} does not implement {hook_name}")
+        self._hooks[hook_name] = found = (hook, all(inspect.iscoroutinefunction(i.function) for i in impls))
+        return found
 
     def _json(self, value: Any, hook_name: str) -> Any:
         try:
