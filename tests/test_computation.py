@@ -296,6 +296,19 @@ async def test_a_plugin_that_prepares_the_wrong_number_of_inputs_is_named():
         await plugin.prepare_inputs(1, 3, {})
 
 
+async def test_a_hook_the_plugin_lacks_is_named_each_time_it_is_called():
+    class Partial:
+        @million.hookimpl
+        async def compute(self, input: Any, index: int, options: Any) -> Any:
+            return input
+
+    plugin = plugin_from_object("partial", Partial())
+    assert await plugin.compute(5, 0, {}) == 5
+    for _ in range(2):
+        with pytest.raises(PluginError, match="plugin partial does not implement collect_results"):
+            await plugin.collect_results([5], {})
+
+
 def test_the_demo_plugin_is_found_through_its_entry_point():
     plugin = load_plugin("demo")
     assert plugin.name == "demo" and plugin.version
