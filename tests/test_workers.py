@@ -7,6 +7,7 @@ import re
 import sys
 from typing import Any
 
+import attrs
 import million_testplugin
 import pytest
 import trio
@@ -112,6 +113,34 @@ async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
             assert foreign_root.model.inputs is None
         assert root.model.output == million_testplugin.expected("mine", 12, 5)
         assert "skipping run foreign: no plugin named 'nosuch' is installed" in worker.errors
+
+
+@attrs.define
+class OlderComputation(million.Model, name="million.computation"):
+    """What another version of million would have made a run's root with."""
+
+    def init(self, options: Any) -> None:
+        pass
+
+
+async def test_lobby_workers_skip_a_run_made_by_another_version_of_million(reflector):
+    spec = ordered("older", 10, 5)
+    mine = ordered("mine", 12, 5)
+    async with million.open_client(reflector.url) as client:
+        async with (
+            million.join(client, "older", OlderComputation, options=spec.to_options(), create=True),
+            open_run(client, "mine", mine) as (root, _),
+        ):
+            await post_run(client, "older", spec)
+            await post_run(client, "mine", mine)
+            worker = lobby_worker(reflector.url, 2)
+            try:
+                with trio.fail_after(30):
+                    await root.wait_for(lambda model: model.done)
+            finally:
+                worker.stop()
+        assert root.model.output == million_testplugin.expected("mine", 12, 5)
+        assert "skipping run older: session 'older' runs model 'million.computation', not" in worker.errors
 
 
 async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):

@@ -112,8 +112,12 @@ class Spec:
 
 
 @attrs.define
-class Computation(Model, name="million.computation"):
-    """The replicated state of one session of the tree."""
+class Computation(Model, name="million.computation.2"):
+    """The replicated state of one session of the tree.
+
+    The number in its name changes whenever its events change meaning, so that a worker
+    of another version is refused at the join (``model-mismatch``) instead of diverging.
+    """
 
     leaf: bool = True
     root: bool = True
