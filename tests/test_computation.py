@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 import million
 from helpers import Process
+from million import codec
 from million.bots import run_bots, worker_command
 from million.computation import Computation, Context, Spec, depth, split, work
 from million.model import Replica
@@ -125,13 +127,29 @@ def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     assert stream.given("b") == [3] and stream.given("c") == [2]
 
 
-@pytest.mark.parametrize("data", [None, 7, "x", [1, 2], {"want": "many"}])
-def test_a_malformed_request_gives_nothing_away_or_one_partition(data):
+@pytest.mark.parametrize(
+    ("topic", "data"),
+    [
+        ("request", None),
+        ("request", 7),
+        ("request", [1, 2]),
+        ("request", {"want": "many"}),
+        ("request", {"id": 1, "want": -3}),
+        ("request", {"id": 1, "want": 10**18}),
+        ("end", "x"),
+        ("end", {"index": "0", "output": 1, "next": "more"}),
+        ("end", {"index": 99, "output": 1, "next": {"want": 2.5}}),
+        ("inputs", None),
+        ("inputs", {"inputs": [9], "next": [1]}),
+    ],
+)
+def test_malformed_events_fail_nothing_and_give_away_little(topic, data, caplog):
     stream = Stream(3)
     stream.send("a", "inputs", {"inputs": [0, 1, 2]})
-    model = stream.send("a", "request", data)
-    held = model.workers.get("a", [])
-    assert len(held) <= 1 and model.remaining == 3
+    model = stream.send("a", topic, data)
+    assert model.inputs == [0, 1, 2] and model.remaining == 3 and not any(model.completed)
+    assert len(model.workers.get("a", [])) <= 3
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool = True) -> Any:
@@ -169,6 +187,19 @@ async def test_answers_are_right_for_any_shape(reflector, partitions, fanout, bo
     spec = ordered_spec("in", partitions, fanout)
     answer = await compute_run(reflector.url, f"shape-{partitions}-{fanout}-{bots}", spec, bots)
     assert answer == million_testplugin.expected("in", partitions, fanout)
+
+
+async def test_a_leaf_worker_asks_for_many_partitions_at_a_time():
+    config = ReflectorConfig(port=0, leave_snapshot_after=1000)  # keep every event
+    async with million.open_reflector(config) as reflector:
+        answer = await compute_run(reflector.url, "batch", ordered_spec("batch", 100, 100), 1)
+        assert answer == million_testplugin.expected("batch", 100, 100)
+        events = [codec.loads(raw) for raw in (await reflector.store.load("batch")).events]
+    asks = [event["data"] for event in events if event["topic"] == "request"]
+    asks += [event["data"]["next"] for event in events if "next" in (event["data"] or {})]
+    assert sum(event["topic"] == "end" for event in events) == 100
+    assert len(asks) <= 100 // 8 + 2  # one ask for each half window, not one per partition
+    assert max(ask["want"] for ask in asks) == 16
 
 
 async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):

@@ -182,8 +182,8 @@ class Computation(Model, name="million.computation.2"):
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
             held = sum(len(indexes) for indexes in self.workers.values())
-            share = -(-(len(fresh) + held) // askers) - len(self.workers.get(view, ()))
-            return fresh[: max(1, min(want, share))]
+            quota = -(-(len(fresh) + held) // askers) - len(self.workers.get(view, ()))
+            return fresh[: max(1, min(want, quota))]
         load = [0] * self.count
         for held in self.workers.values():
             for index in held:
@@ -199,7 +199,9 @@ class Computation(Model, name="million.computation.2"):
         The first output reported wins; later ones are ignored. Whoever completes the
         last partition collects, without asking.
         """
-        index, output = data["index"], data["output"]
+        if not isinstance(data, dict):
+            return
+        index, output = data.get("index"), data.get("output")
         if type(index) is int and 0 <= index < self.count and not self.completed[index]:
             self.completed[index] = True
             self.outputs[index] = output
@@ -221,7 +223,9 @@ class Computation(Model, name="million.computation.2"):
 
     def set_inputs(self, data: Any) -> None:
         """The prepared inputs, and with ``next`` the preparer's first request."""
-        inputs = data["inputs"]
+        if not isinstance(data, dict):
+            return
+        inputs = data.get("inputs")
         if self.inputs is None and isinstance(inputs, list) and len(inputs) == self.count:
             self.inputs = inputs
             self.claims.pop("prepare", None)
@@ -386,10 +390,11 @@ class Worker(View):
         return [index for index in self.model.workers.get(self.view_id, ()) if index not in self._reported]
 
     def _refill(self) -> dict[str, Any]:
-        """The request a report carries: when no request is outstanding and at most half
-        the window is left, so that the answer comes back while the rest is computed."""
+        """The request a report carries: when no request is outstanding, at most half the
+        window is left and there is more to get, so that the answer comes back while the
+        rest is computed."""
         held = len(self._held())
-        if self._answered(self.model) == self._asked and held <= self._window // 2:
+        if self._may_ask(self.model, held):
             return {"next": self._request(held)}
         return {}
 
@@ -400,15 +405,25 @@ class Worker(View):
             if model.remaining == 0:
                 return None
             held = self._held()
-            answered, given = model.answers.get(self.view_id, (0, []))
-            if answered == self._asked and len(held) <= self._window // 2 and (given or not held):
+            if self._may_ask(model, len(held)):
                 self.publish("request", self._request(len(held)))
                 continue
             if held:
                 return held[0]
-            await self.session.wait_for(
-                lambda m, seen=answered: m.remaining == 0 or self._answered(m) != seen
-            )
+            await self.session.wait_for(partial(self._news, self._answered(model)))
+
+    def _news(self, answered: int, model: Any) -> bool:
+        """Whether ``_next`` may have something new to do."""
+        return model.remaining == 0 or self._answered(model) != answered or self._may_ask(model, 0)
+
+    def _may_ask(self, model: Any, held: int) -> bool:
+        """No request outstanding, room in the window, and a partition that this view does
+        not hold yet is incomplete (a request would get it)."""
+        return (
+            self._answered(model) == self._asked
+            and held <= self._window // 2
+            and model.remaining > len(model.workers.get(self.view_id, ()))
+        )
 
     def _answered(self, model: Any) -> int:
         return model.answers.get(self.view_id, (0,))[0]

@@ -113,7 +113,8 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     await _tell_lobby(client, "done", {"name": name, "answer": answer})
             except JoinError as exc:
                 if exc.code == "model-mismatch":
-                    raise RunError(f"a run named {name!r} with other settings exists in this store") from None
+                    problem = f"a run named {name!r} with other settings exists in this store"
+                    raise RunError(f"{problem} ({exc})") from None
                 raise
     elapsed = trio.current_time() - started
     return RunResult(
