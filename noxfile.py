@@ -16,6 +16,23 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *session.posargs)
 
 
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """``nox -s bench`` runs the relay benchmark; ``-- runs`` or ``-- scale`` the others."""
+    session.install("-e", ".[bench]", "-e", "src/million_demo")
+    if session.posargs[:1] in (["runs"], ["scale"]):
+        session.run("python", f"benchmarks/{session.posargs[0]}.py", *session.posargs[1:])
+    else:
+        session.run("python", "benchmarks/relay.py", *session.posargs)
+
+
 def _install_chromium(session: nox.Session) -> None:
     """Debian's Chromium for the web page's browser test, where it can be installed."""
     if shutil.which("chromium") or not shutil.which("apt-get") or os.geteuid() != 0:
