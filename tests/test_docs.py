@@ -31,3 +31,14 @@ def test_the_readme_starts_with_the_two_commands():
     ]
     ci = (DOCS.parent / ".ci" / "run").read_text()
     assert "nox -s tests" in ci
+
+
+def test_every_nox_session_the_docs_name_exists():
+    root = DOCS.parent
+    noxfile = (root / "noxfile.py").read_text()
+    defined = set(re.findall(r"^@nox\.session\ndef (\w+)\(", noxfile, re.M))
+    texts = [root / "README.md", *DOCS.glob("*.md"), *(root / "benchmarks").glob("*.py")]
+    named = {name for path in texts for name in re.findall(r"nox -s (\w+)", path.read_text())}
+    assert named and named <= defined, f"named in the docs but not in noxfile.py: {named - defined}"
+    default = re.search(r"nox\.options\.sessions = \[(.*)\]", noxfile)
+    assert default is not None and set(re.findall(r'"(\w+)"', default.group(1))) <= defined
