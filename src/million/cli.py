@@ -517,7 +517,7 @@ def _status(args: argparse.Namespace) -> int:
     )
     for session in info["sessions"]:
         print(
-            f"  {session['name']:30} {session['model']:20} participants {session['participants']:4}"
+            f"  {session['name']:30} {session['model']:22} participants {session['participants']:4}"
             f"  seq {session['seq']:8}  {session['events_per_s']:8,.0f} events/s"
             f"  {session['events_since_snapshot']:6} since snapshot  divergences {session['divergences']}"
         )
