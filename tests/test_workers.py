@@ -94,25 +94,32 @@ async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(re
         assert gated_root.model.output == million_testplugin.expected("slow", 40, 10)
 
 
+async def finish_beside(client: million.Client, url: str, skipped: str, spec: Spec) -> str:
+    """Post run ``skipped`` (which the caller holds open) and a run of the test plugin,
+    let two lobby bots finish the latter, and return what their process logged."""
+    mine = ordered("mine", 12, 5)
+    async with open_run(client, "mine", mine) as (root, _):
+        await post_run(client, skipped, spec)
+        await post_run(client, "mine", mine)
+        worker = lobby_worker(url, 2)
+        try:
+            with trio.fail_after(30):
+                await root.wait_for(lambda model: model.done)
+        finally:
+            worker.stop()
+    assert root.model.output == million_testplugin.expected("mine", 12, 5)
+    return worker.errors
+
+
 async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
     foreign = Spec("nosuch", "9", 1, 10, 5)
-    mine = ordered("mine", 12, 5)
-    async with million.open_client(reflector.url) as client:
-        async with (
-            open_run(client, "foreign", foreign) as (foreign_root, _),
-            open_run(client, "mine", mine) as (root, _),
-        ):
-            await post_run(client, "foreign", foreign)
-            await post_run(client, "mine", mine)
-            worker = lobby_worker(reflector.url, 2)
-            try:
-                with trio.fail_after(30):
-                    await root.wait_for(lambda model: model.done)
-            finally:
-                worker.stop()
-            assert foreign_root.model.inputs is None
-        assert root.model.output == million_testplugin.expected("mine", 12, 5)
-        assert "skipping run foreign: no plugin named 'nosuch' is installed" in worker.errors
+    async with (
+        million.open_client(reflector.url) as client,
+        open_run(client, "foreign", foreign) as (root, _),
+    ):
+        errors = await finish_beside(client, reflector.url, "foreign", foreign)
+        assert root.model.inputs is None
+    assert "skipping run foreign: no plugin named 'nosuch' is installed" in errors
 
 
 @attrs.define
@@ -124,23 +131,13 @@ class OlderComputation(million.Model, name="million.computation"):
 
 
 async def test_lobby_workers_skip_a_run_made_by_another_version_of_million(reflector):
-    spec = ordered("older", 10, 5)
-    mine = ordered("mine", 12, 5)
-    async with million.open_client(reflector.url) as client:
-        async with (
-            million.join(client, "older", OlderComputation, options=spec.to_options(), create=True),
-            open_run(client, "mine", mine) as (root, _),
-        ):
-            await post_run(client, "older", spec)
-            await post_run(client, "mine", mine)
-            worker = lobby_worker(reflector.url, 2)
-            try:
-                with trio.fail_after(30):
-                    await root.wait_for(lambda model: model.done)
-            finally:
-                worker.stop()
-        assert root.model.output == million_testplugin.expected("mine", 12, 5)
-        assert "skipping run older: session 'older' runs model 'million.computation', not" in worker.errors
+    older = ordered("older", 10, 5)
+    async with (
+        million.open_client(reflector.url) as client,
+        million.join(client, "older", OlderComputation, options=older.to_options(), create=True),
+    ):
+        errors = await finish_beside(client, reflector.url, "older", older)
+    assert "skipping run older: session 'older' runs model 'million.computation', not" in errors
 
 
 async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):
