@@ -101,7 +101,7 @@ def test_a_request_gets_at_most_its_want_and_its_fair_share_of_what_nobody_start
     assert stream.given("b") == [16, 17, 18, 19]  # all that is left
     stream.send("c", "request", {"id": 1, "want": 16})
     stream.send("d", "request", {"id": 1, "want": 16})
-    # Nothing is free: each takes one more, the last of the least held.
+    # Nothing is left unstarted: each takes one more, the last of the least held.
     assert stream.given("c") == [19] and stream.given("d") == [18]
 
 
@@ -116,7 +116,7 @@ def test_askers_share_what_nobody_started():
     assert [stream.given(view) for view in "abc"] == [[3, 4, 5], [6, 7, 8], [9, 10, 11]]
 
 
-def test_a_worker_that_left_frees_what_it_held_for_the_next_to_ask():
+def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     stream = Stream(4)
     stream.send("a", "inputs", {"inputs": list(range(4)), "next": {"id": 1, "want": 4}})
     stream.send("a", "end", {"index": 0, "output": 0})
@@ -124,7 +124,7 @@ def test_a_worker_that_left_frees_what_it_held_for_the_next_to_ask():
     assert model.workers == {} and model.remaining == 3
     stream.send("b", "request", {"id": 1, "want": 4})
     stream.send("c", "request", {"id": 1, "want": 4})
-    assert stream.given("b") == [1, 2, 3] and stream.given("c") == [3]  # c takes b's last
+    assert stream.given("b") == [3] and stream.given("c") == [2]
 
 
 @pytest.mark.parametrize(

@@ -125,6 +125,7 @@ class Computation(Model, name="million.computation.2"):
     inputs: list[Any] | None = None
     outputs: list[Any] = attrs.Factory(list)
     completed: list[bool] = attrs.Factory(list)
+    started: list[bool] = attrs.Factory(list)
     done_by: list[str | None] = attrs.Factory(list)
     remaining: int = 0
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
@@ -138,6 +139,7 @@ class Computation(Model, name="million.computation.2"):
         self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
+        self.started = [False] * self.count
         self.done_by = [None] * self.count
         self.remaining = self.count
         self.subscribe("request", self.request)
@@ -167,24 +169,26 @@ class Computation(Model, name="million.computation.2"):
         given = [] if self.done or self.inputs is None else self._assign(view, want)
         if given:
             self.workers.setdefault(view, []).extend(given)
+            for index in given:
+                self.started[index] = True
         self.answers[view] = [data.get("id"), given]
 
     def _assign(self, view: str, want: int) -> list[int]:
-        """Incomplete partitions nobody holds (never handed out, or held by a worker that
-        left): at most ``want``, and no more than bring this view to its fair share of
-        those and the ones held, among the views that ask. Else the incomplete one with
-        the fewest workers that ``view`` does not hold yet, the last such one, since
-        holders work from the first."""
+        """Partitions nobody has started: at most ``want``, and no more than bring this view
+        to its fair share of those and the ones held, among the views that ask. Else the
+        incomplete one with the fewest workers that ``view`` does not hold yet, the last
+        such one, since holders work from the first."""
+        fresh = [i for i in range(self.count) if not self.started[i] and not self.completed[i]]
+        if fresh:
+            askers = len(self.answers) + (view not in self.answers)
+            held = sum(len(indexes) for indexes in self.workers.values())
+            quota = -(-(len(fresh) + held) // askers) - len(self.workers.get(view, ()))
+            return fresh[: max(1, min(want, quota))]
         load = [0] * self.count
         for held in self.workers.values():
             for index in held:
                 load[index] += 1
         mine = self.workers.get(view, ())
-        free = [i for i in range(self.count) if not load[i] and not self.completed[i]]
-        if free:
-            askers = len(self.answers) + (view not in self.answers)
-            quota = -(-(len(free) + sum(load)) // askers) - len(mine)
-            return free[: max(1, min(want, quota))]
         incomplete = [i for i in range(self.count) if not self.completed[i] and i not in mine]
         steal = min(incomplete, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
