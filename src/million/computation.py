@@ -177,7 +177,12 @@ class Computation(Model, name="million.computation.2"):
         """Partitions nobody has started: at most ``want``, and no more than bring this view
         to its fair share of those and the ones held, among the views that ask. Else the
         incomplete one with the fewest workers that ``view`` does not hold yet, the last
-        such one, since holders work from the first."""
+        such one, since holders work from the first.
+
+        A partition whose holder left is not handed out again before the unstarted ones:
+        a coordinator leaves its parent while it works below (``detach``), so such a
+        partition is usually still being worked on.
+        """
         fresh = [i for i in range(self.count) if not self.started[i] and not self.completed[i]]
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
