@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -60,6 +61,17 @@ class Process:
         self.errors = self.proc.stderr.read().decode()
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             stream.close()
+
+
+async def finish(root: Any, workers: list[Process], seconds: float) -> None:
+    """Wait until the run of ``root`` (a joined session) is done, ``seconds`` at most,
+    then stop ``workers`` either way."""
+    try:
+        with trio.fail_after(seconds):
+            await root.wait_for(lambda model: model.done)
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 async def start_reflector(store: str, port: int = 0, *extra: str) -> tuple[Process, str]:

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import million
-from helpers import Process
+from helpers import Process, finish
 from million import codec
 from million.bots import run_bots, worker_command
 from million.computation import Computation, Context, Spec, depth, split, work
@@ -237,12 +237,7 @@ async def test_a_worker_killed_mid_partition_loses_nothing(reflector, tmp_path):
                 await root.group.wait_changed()
         doomed.kill()
         (tmp_path / "go").touch()
-        rescuer = Process(worker_command(reflector.url, "killed", 1))
-        try:
-            with trio.fail_after(30):
-                await root.wait_for(lambda model: model.done)
-        finally:
-            rescuer.stop()
+        await finish(root, [Process(worker_command(reflector.url, "killed", 1))], 30)
         assert root.model.output == million_testplugin.expected("k", 3, 4)
 
 
@@ -262,12 +257,7 @@ async def test_a_run_everyone_left_is_finished_by_a_newcomer(reflector, tmp_path
         assert not root.model.done
         assert progress.model.done < 27
         (tmp_path / "go").touch()
-        newcomer = Process(worker_command(reflector.url, "half", 1))
-        try:
-            with trio.fail_after(60):
-                await root.wait_for(lambda model: model.done)
-        finally:
-            newcomer.stop()
+        await finish(root, [Process(worker_command(reflector.url, "half", 1))], 60)
         assert root.model.output == million_testplugin.expected("half", 27, 3)
 
 

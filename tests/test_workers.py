@@ -13,7 +13,7 @@ import pytest
 import trio
 
 import million
-from helpers import Process, start_reflector
+from helpers import Process, finish, start_reflector
 from million.computation import Computation, Spec
 from million.lobby import LOBBY, Lobby, post
 from million.reflector import ReflectorConfig
@@ -102,11 +102,7 @@ async def finish_beside(client: million.Client, url: str, skipped: str, spec: Sp
         await post_run(client, skipped, spec)
         await post_run(client, "mine", mine)
         worker = lobby_worker(url, 2)
-        try:
-            with trio.fail_after(30):
-                await root.wait_for(lambda model: model.done)
-        finally:
-            worker.stop()
+        await finish(root, [worker], 30)
     assert root.model.output == million_testplugin.expected("mine", 12, 5)
     return worker.errors
 
@@ -188,13 +184,7 @@ async def test_drain_every_worker_stops_and_new_ones_finish(reflector, tmp_path)
             worker.stop()
         assert not root.model.done and progress.model.done < 2_000
         (tmp_path / "go").touch()
-        fresh = [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)]
-        try:
-            with trio.fail_after(60):
-                await root.wait_for(lambda model: model.done)
-        finally:
-            for worker in fresh:
-                worker.stop()
+        await finish(root, [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)], 60)
         assert root.model.output == million_testplugin.expected("drain", 2_000, 10)
 
 
