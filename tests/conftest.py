@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 import million
-from million.reflector import ReflectorConfig
-from million.transport import ENGINES
+from million.relay.config import ReflectorConfig
+from million.wire.transport import ENGINES
 
 
 @pytest.fixture(params=ENGINES)

@@ -26,8 +26,8 @@ class Ledger(million.Model, name="test-ledger"):
         options = options or {}
         self.target = options.get("target", 0)
         self.subscribe("add", self.add)
-        self.subscribe(million.protocol.VIEW_JOIN, self.joined)
-        self.subscribe(million.protocol.VIEW_EXIT, self.exited)
+        self.subscribe(million.wire.protocol.VIEW_JOIN, self.joined)
+        self.subscribe(million.wire.protocol.VIEW_EXIT, self.exited)
         if "ring_ms" in options:
             self.future(options["ring_ms"], self.ring)
 

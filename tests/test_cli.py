@@ -17,7 +17,7 @@ import trio
 
 import million
 from helpers import Process, start_reflector
-from million import codec, protocol, transport
+from million.wire import codec, protocol, transport
 from models import Ledger
 
 

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from million import codec, protocol
-from million.client import _chunks
-from million.model import digest_of, digest_of_dump, dump_state
-from million.protocol import ErrorCode, ProtocolError
+from million.replica.client import _chunks
+from million.replica.model import digest_of, digest_of_dump, dump_state
+from million.wire import codec, protocol
+from million.wire.protocol import ErrorCode, ProtocolError
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=20),

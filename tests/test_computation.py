@@ -16,14 +16,14 @@ from hypothesis import strategies as st
 
 import million
 from helpers import Process, finish
-from million import codec
-from million.bots import run_bots, worker_command
-from million.computation import Computation, Context, Spec, depth, split, work
-from million.model import Replica
-from million.plugins import PluginError, load_plugin, plugin_from_object
-from million.protocol import VIEW_EXIT, VIEW_JOIN, Event
-from million.reflector import ReflectorConfig
-from million.runner import open_run
+from million.compute.bots import run_bots, worker_command
+from million.compute.computation import Computation, Context, Spec, depth, split, work
+from million.compute.plugins import PluginError, load_plugin, plugin_from_object
+from million.compute.runner import open_run
+from million.relay.config import ReflectorConfig
+from million.replica.model import Replica
+from million.wire import codec
+from million.wire.protocol import VIEW_EXIT, VIEW_JOIN, Event
 from models import Ledger
 
 

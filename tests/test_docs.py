@@ -6,7 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
-from million import hookspecs
+from million.compute import hookspecs
 
 DOCS = Path(__file__).parent.parent / "docs"
 

@@ -8,8 +8,8 @@ import attrs
 import pytest
 
 import million
-from million.model import Random, Replica, model_class
-from million.protocol import Event
+from million.replica.model import Random, Replica, model_class
+from million.wire.protocol import Event
 
 
 @attrs.define

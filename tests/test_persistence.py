@@ -10,8 +10,8 @@ import trio
 
 import million
 from helpers import start_reflector
-from million.reflector import ReflectorConfig
-from million.store import Batch, open_store
+from million.relay.config import ReflectorConfig
+from million.relay.store import Batch, open_store
 from models import Ledger
 
 

@@ -12,8 +12,8 @@ import trio_websocket
 
 import million
 from helpers import start_reflector
-from million import codec, protocol, transport
-from million.protocol import ErrorCode, Hello, Join, Publish
+from million.wire import codec, protocol, transport
+from million.wire.protocol import ErrorCode, Hello, Join, Publish
 from models import Ledger, Tally
 
 HELLO = Hello(protocol.PROTOCOL_VERSION)
@@ -113,7 +113,7 @@ async def test_a_bad_handshake_is_refused_with_a_reason(reflector, bystander, he
 
 
 async def test_a_client_of_another_version_gets_a_clear_error(reflector, monkeypatch):
-    monkeypatch.setattr(million.client, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
+    monkeypatch.setattr(million.replica.client, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
     with pytest.raises(million.ClientError, match="protocol version"):
         async with million.open_client(reflector.url):
             pass

@@ -8,7 +8,7 @@ import trio
 
 import million
 from helpers import start_participant, start_reflector
-from million.reflector import ReflectorConfig
+from million.relay.config import ReflectorConfig
 from models import DigestOnTarget, Ledger, Publisher, Tagged, Tally
 
 

@@ -16,8 +16,8 @@ import trustme
 
 import million
 from helpers import Process, start_reflector
-from million import codec, protocol, transport
-from million.protocol import ErrorCode, Hello, Join
+from million.wire import codec, protocol, transport
+from million.wire.protocol import ErrorCode, Hello, Join
 from models import Ledger
 
 

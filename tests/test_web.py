@@ -14,8 +14,8 @@ from playwright.sync_api import expect, sync_playwright
 
 import million
 from helpers import Process, start_reflector
-from million import transport
-from million.reflector import ReflectorConfig
+from million.relay.config import ReflectorConfig
+from million.wire import transport
 from models import Ledger
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

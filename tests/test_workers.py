@@ -14,10 +14,10 @@ import trio
 
 import million
 from helpers import Process, finish, start_reflector
-from million.computation import Computation, Spec
-from million.lobby import LOBBY, Lobby, post
-from million.reflector import ReflectorConfig
-from million.runner import open_run
+from million.compute.computation import Computation, Spec
+from million.compute.lobby import LOBBY, Lobby, post
+from million.compute.runner import open_run
+from million.relay.config import ReflectorConfig
 
 
 @pytest.fixture
@@ -119,7 +119,7 @@ async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
 
 
 @attrs.define
-class OlderComputation(million.Model, name="million.computation"):
+class OlderComputation(million.Model, name="million.compute.computation"):
     """What another version of million would have made a run's root with."""
 
     def init(self, options: Any) -> None:
@@ -133,7 +133,7 @@ async def test_lobby_workers_skip_a_run_made_by_another_version_of_million(refle
         million.join(client, "older", OlderComputation, options=older.to_options(), create=True),
     ):
         errors = await finish_beside(client, reflector.url, "older", older)
-    assert "skipping run older: session 'older' runs model 'million.computation', not" in errors
+    assert "skipping run older: session 'older' runs model 'million.compute.computation', not" in errors
 
 
 async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import million
-from million.computation import Spec
+from million.compute.computation import Spec
 
 
 @million.hookimpl

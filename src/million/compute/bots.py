@@ -17,8 +17,7 @@ from typing import Any
 
 import trio
 
-from million.client import Client, open_client
-from million.computation import (
+from million.compute.computation import (
     Computation,
     Context,
     Progress,
@@ -27,9 +26,10 @@ from million.computation import (
     report_progress,
     work,
 )
-from million.lobby import LOBBY, Lobby, share
-from million.plugins import Plugin, PluginError, load_plugin
-from million.session import JoinError, join
+from million.compute.lobby import LOBBY, Lobby, share
+from million.compute.plugins import Plugin, PluginError, load_plugin
+from million.replica.client import Client, open_client
+from million.replica.session import JoinError, join
 
 __all__ = ["crew", "run_bots", "run_lobby_bots", "worker_command"]
 

@@ -20,18 +20,21 @@ import attrs
 import trio
 from rich.console import Console
 
-from million import __version__, bots, runner, tasks
-from million.client import Client, ClientError, client_env, open_client, ssl_context
-from million.computation import is_run_summary, progress_session
-from million.display import ProgressDisplay
-from million.lobby import LOBBY, Lobby
-from million.plugins import PluginError
-from million.protocol import ErrorCode
-from million.reflector import ReflectorConfig, serve_reflector
-from million.runner import RunConfig, RunError, RunState
-from million.session import JoinError, join
-from million.store import StoreError, open_store
-from million.transport import ENGINES
+from million._version import __version__
+from million.cli.display import ProgressDisplay
+from million.compute import bots, runner
+from million.compute.computation import is_run_summary, progress_session
+from million.compute.lobby import LOBBY, Lobby
+from million.compute.plugins import PluginError
+from million.compute.runner import RunConfig, RunError, RunState
+from million.relay.config import ReflectorConfig
+from million.relay.server import serve_reflector
+from million.relay.store import StoreError, open_store
+from million.replica.client import Client, ClientError, client_env, open_client, ssl_context
+from million.replica.session import JoinError, join
+from million.wire import tasks
+from million.wire.protocol import ErrorCode
+from million.wire.transport import ENGINES
 
 T = TypeVar("T")
 GC_THRESHOLD = 10_000  # allocations between collections of the youngest generation (default 700)

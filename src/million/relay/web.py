@@ -32,12 +32,13 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
-from million import __version__, tasks, transport
-from million.computation import is_run_summary
-from million.transport import RECEIVE_BUFFER, SansIOChannel
+from million._version import __version__
+from million.compute.computation import is_run_summary
+from million.wire import tasks, transport
+from million.wire.transport import RECEIVE_BUFFER, SansIOChannel
 
 if TYPE_CHECKING:
-    from million.reflector import Reflector
+    from million.relay.server import Reflector
 
 __all__ = ["serve_web"]
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 
 PUSH_EVERY = 0.5  # seconds between the page's updates
 CHILDREN = 1000  # first-level sessions shown one by one; deeper ones are counted
-PROGRESS = ":progress"  # suffix of a run's progress session (million.computation)
+PROGRESS = ":progress"  # suffix of a run's progress session (million.compute.computation)
 
 
 async def serve_web(
@@ -57,7 +58,7 @@ async def serve_web(
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the page, its websocket and the metrics until cancelled."""
-    page = resources.files("million").joinpath("page.html").read_bytes()
+    page = resources.files("million.compute").joinpath("runs.html").read_bytes()
     registry = CollectorRegistry()
     registry.register(_Collector(reflector))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -24,8 +23,12 @@ from typing import Any
 import attrs
 import trio
 
-from million import __version__, codec, tasks, transport
-from million.protocol import (
+from million._version import __version__
+from million.relay.config import ReflectorConfig, ReflectorStatistics
+from million.relay.store import Batch, Store, StoredSession, open_store
+from million.relay.web import serve_web
+from million.wire import codec, tasks, transport
+from million.wire.protocol import (
     PROTOCOL_VERSION,
     VIEW_EXIT,
     VIEW_JOIN,
@@ -50,48 +53,10 @@ from million.protocol import (
     Welcome,
     check_session_name,
 )
-from million.store import Batch, Store, StoredSession, open_store
-from million.web import serve_web
 
 __all__ = ["Reflector", "ReflectorConfig", "open_reflector", "serve_reflector"]
 
 log = logging.getLogger(__name__)
-
-
-@attrs.frozen
-class ReflectorConfig:
-    host: str = "127.0.0.1"
-    port: int = 8765
-    store: str = ":memory:"
-    tick_ms: int = 100
-    snapshot_every: int = 1000
-    max_frame: int = transport.DEFAULT_MAX_FRAME
-    max_sessions_per_connection: int = 100_000
-    max_queue_bytes: int = 64 << 20
-    max_messages_per_s: int = 200_000  # per connection; beyond it, its reading pauses
-    max_summary: int = 4096  # bytes of one session summary
-    summaries: int = 100_000  # session summaries kept, the most recent
-    idle_sessions: int = 1000  # sessions kept in memory after their last participant left
-    leave_snapshot_after: int = 64  # events since the last snapshot that make the last leaver snapshot
-    token: str | None = None
-    ssl_context: ssl.SSLContext | None = None
-    transport: str = "sansio"  # or "trio-websocket": see million.transport
-    http_port: int | None = None  # the web page and metrics (million.web); None: not served
-
-
-@attrs.frozen
-class ReflectorStatistics:
-    connections: int
-    sessions: int  # with someone present
-    idle: int  # in memory with nobody present
-    events: int
-    frames_in: int
-    frames_out: int
-    bytes_in: int
-    bytes_out: int
-    divergences: int
-    errors: int
-    throttled: int  # pauses of a connection that sent over max_messages_per_s
 
 
 @attrs.define(eq=False)

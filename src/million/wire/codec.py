@@ -14,7 +14,7 @@ from typing import Any
 import cattrs
 import orjson
 
-from million.protocol import (
+from million.wire.protocol import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
     REFLECTOR_MESSAGES,

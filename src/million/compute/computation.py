@@ -23,13 +23,13 @@ from typing import Any
 import attrs
 import trio
 
-from million.client import Client
-from million.codec import dumps
-from million.model import Model
-from million.plugins import Plugin
-from million.protocol import VIEW_EXIT, VIEW_JOIN
-from million.session import Session, join
-from million.view import View
+from million.compute.plugins import Plugin
+from million.replica.client import Client
+from million.replica.model import Model
+from million.replica.session import Session, join
+from million.replica.view import View
+from million.wire.codec import dumps
+from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
 __all__ = [
     "Computation",
@@ -112,7 +112,7 @@ class Spec:
 
 
 @attrs.define
-class Computation(Model, name="million.computation.2"):
+class Computation(Model, name="million.compute.computation.2"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker

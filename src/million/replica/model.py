@@ -21,8 +21,8 @@ from typing import Any, ClassVar
 import cattrs
 import orjson
 
-from million.codec import strict_converter
-from million.protocol import Event
+from million.wire.codec import strict_converter
+from million.wire.protocol import Event
 
 __all__ = ["Model", "Random", "Replica", "converter", "model_class"]
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from million.model import Model
-    from million.session import Session
+    from million.replica.model import Model
+    from million.replica.session import Session
 
 __all__ = ["View"]
 

@@ -19,13 +19,15 @@ from typing import Any
 import attrs
 import trio
 
-from million import lobby, tasks
-from million.bots import run_worker_processes, worker_command
-from million.client import Client, client_env, open_client, ssl_context
-from million.computation import Computation, Progress, Spec, progress_session, report_progress
-from million.plugins import load_plugin
-from million.reflector import ReflectorConfig, open_reflector
-from million.session import JoinError, Session, join
+from million.compute import lobby
+from million.compute.bots import run_worker_processes, worker_command
+from million.compute.computation import Computation, Progress, Spec, progress_session, report_progress
+from million.compute.plugins import load_plugin
+from million.relay.config import ReflectorConfig
+from million.relay.server import open_reflector
+from million.replica.client import Client, client_env, open_client, ssl_context
+from million.replica.session import JoinError, Session, join
+from million.wire import tasks
 
 __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 

@@ -19,9 +19,10 @@ from typing import Any
 import attrs
 import trio
 
-from million import codec, tasks, transport
-from million.model import Model, Replica, digest_of_dump, dump_state
-from million.protocol import (
+from million.replica.model import Model, Replica, digest_of_dump, dump_state
+from million.replica.session import JoinError, Session
+from million.wire import codec, tasks, transport
+from million.wire.protocol import (
     PROTOCOL_VERSION,
     Digest,
     DigestRequest,
@@ -43,7 +44,6 @@ from million.protocol import (
     Tick,
     Welcome,
 )
-from million.session import JoinError, Session
 
 __all__ = ["Client", "ClientError", "open_client"]
 

@@ -17,7 +17,7 @@ import orjson
 import pluggy
 import trio
 
-from million import hookspecs
+from million.compute import hookspecs
 
 __all__ = ["Plugin", "PluginError", "installed_plugins", "load_plugin", "plugin_from_object"]
 

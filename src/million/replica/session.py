@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from million import tasks
-from million.model import Model, Replica
-from million.view import View
+from million.replica.model import Model, Replica
+from million.replica.view import View
+from million.wire import tasks
 
 if TYPE_CHECKING:
-    from million.client import Client, Group
+    from million.replica.client import Client, Group
 
 __all__ = ["JoinError", "Session", "join"]
 

@@ -28,7 +28,7 @@ from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 from wsproto.utilities import LocalProtocolError
 
-from million import protocol, tasks
+from million.wire import protocol, tasks
 
 DEFAULT_MAX_FRAME = protocol.DEFAULT_MAX_FRAME
 RECEIVE_BUFFER = 1 << 16
