@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from million.replica.client import _chunks
+from million.replica.core import _chunks
 from million.replica.model import digest_of, digest_of_dump, dump_state
 from million.wire import codec, protocol
 from million.wire.protocol import ErrorCode, ProtocolError
@@ -26,11 +26,11 @@ EXAMPLES = [
     protocol.Join(3, "run-1", "computation", {"n": 7}, True, 12),
     protocol.Leave("run-1", "v3"),
     protocol.Publish("run-1", "v3", "end", {"index": 2, "output": [1, 2]}),
-    protocol.Snapshot("run-1", 10, {"model": {"x": 1}}, "abc"),
+    protocol.Snapshot("run-1", 10, b'{"model":{"x":1}}', "abc"),
     protocol.Digest("run-1", 10, "abc"),
     protocol.Ping(9),
     protocol.StatusRequest(4, ["run-1:progress"]),
-    protocol.Summarize("run-1", "v3", 17, {"state": "working", "completed": 3}),
+    protocol.Summarize("run-1", "v3", 17, b'{"state":"working","completed":3}'),
     protocol.Welcome(1, "c0ffee", "million 0.1.0"),
     protocol.Event("run-1", 4, 120, "v3", "end", None),
     protocol.Sync(
@@ -84,9 +84,19 @@ def test_the_hot_path_event_encoder_matches_the_converter():
 
 def test_the_snapshot_encoder_matches_the_converter():
     state = {"seq": 3, "model": {"counts": {1: [2, None]}}}
-    snapshot = protocol.Snapshot("s", 3, state, digest_of(state))
+    snapshot = protocol.Snapshot("s", 3, dump_state(state), digest_of(state))
     encoded = codec.encode_snapshot("s", 3, dump_state(state), digest_of_dump(dump_state(state)))
     assert encoded == codec.encode(snapshot)
+
+
+def test_opaque_payloads_come_back_as_the_bytes_they_were_received_as():
+    frame = (
+        b'[{"type": "summary", "session": "s", "view": "v1", "seq": 2, "data": [ 1, {"a" : "b"} ]},'
+        b' {"type": "snapshot", "session": "s", "seq": 1, "state": {"n" :  1}, "digest": "d"}]'
+    )
+    summary, snapshot = codec.decode_client(frame)
+    assert summary.data == b'[ 1, {"a" : "b"} ]'
+    assert snapshot.state == b'{"n" :  1}'
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 import million
 from helpers import Process, finish
 from million.compute.bots import run_bots, worker_command
-from million.compute.computation import Computation, Context, Spec, depth, split, work
+from million.compute.computation import Computation
 from million.compute.plugins import PluginError, load_plugin, plugin_from_object
 from million.compute.runner import open_run
+from million.compute.tree import Spec, depth, split
+from million.compute.worker import Context, work
 from million.relay.config import ReflectorConfig
 from million.replica.model import Replica
 from million.wire import codec
@@ -234,7 +236,7 @@ async def test_a_worker_killed_mid_partition_loses_nothing(reflector, tmp_path):
         doomed = Process(worker_command(reflector.url, "killed", 1))
         with trio.fail_after(20):
             while not (tmp_path / "0").exists():
-                await root.group.wait_changed()
+                await root.wait_changed()
         doomed.kill()
         (tmp_path / "go").touch()
         await finish(root, [Process(worker_command(reflector.url, "killed", 1))], 30)
@@ -251,7 +253,7 @@ async def test_a_run_everyone_left_is_finished_by_a_newcomer(reflector, tmp_path
         with trio.fail_after(30):
             await progress.wait_for(lambda model: model.done >= 9)
             while len(list(tmp_path.iterdir())) < 2:
-                await progress.group.wait_changed()
+                await progress.wait_changed()
         for worker in workers:
             worker.stop()  # SIGINT: every participant leaves
         assert not root.model.done

@@ -30,7 +30,7 @@ async def test_a_killed_reflector_restarts_with_every_relayed_event(tmp_path):
             process, _ = await start_reflector(store, int(port))
             with trio.fail_after(20):
                 while not (client.connected and session.synced):
-                    await session.group.wait_changed()
+                    await session.wait_changed()
             assert session.resyncs == 1
             assert [value for value, *_ in session.model.entries] == seen
             for i in range(250, 300):

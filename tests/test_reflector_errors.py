@@ -113,7 +113,7 @@ async def test_a_bad_handshake_is_refused_with_a_reason(reflector, bystander, he
 
 
 async def test_a_client_of_another_version_gets_a_clear_error(reflector, monkeypatch):
-    monkeypatch.setattr(million.replica.client, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
+    monkeypatch.setattr(million.replica.core, "PROTOCOL_VERSION", protocol.PROTOCOL_VERSION + 1)
     with pytest.raises(million.ClientError, match="protocol version"):
         async with million.open_client(reflector.url):
             pass
@@ -175,7 +175,7 @@ async def test_a_flooding_connection_is_slowed_and_others_are_served_meanwhile()
             session.publish("blob", "x")
         with trio.fail_after(10):
             while reflector.statistics().throttled == 0:
-                await session.group.wait_changed()
+                await session.wait_changed()
             await bystander.ping()
         assert session.model.count < 1000  # answered while the flood was still held back
         with trio.fail_after(30):

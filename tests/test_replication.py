@@ -57,14 +57,14 @@ async def test_late_joiner_replays_only_the_tail_after_the_latest_snapshot(refle
         with trio.fail_after(30):
             await first.wait_for(lambda model: model.total == 5000)
             while await snapshot_seq(client, "late") < 4000:
-                await first.group.wait_changed()
+                await first.wait_changed()
         async with (
             million.open_client(reflector.url) as other,
             million.join(other, "late", Ledger, options={"target": 5000}) as late,
         ):
-            group = late.group
-            assert group.synced_from >= 4000
-            assert group.replayed < 1000
+            info = late.sync_info()
+            assert info.synced_from >= 4000
+            assert info.replayed < 1000
             seq = late.replica.seq
             with trio.fail_after(10):
                 await first.wait_for(lambda _: first.replica.seq >= seq)
@@ -216,7 +216,7 @@ async def test_snapshots_are_taken_and_checked_for_divergence(reflector):
         with trio.fail_after(20):
             await b.wait_for(lambda model: model.total == every + 10)
             while await snapshot_seq(one, "snap") < every:
-                await a.group.wait_changed()
+                await a.wait_changed()
     assert reflector.statistics().divergences == 0
 
 
@@ -253,7 +253,7 @@ async def test_a_diverging_replica_is_detected_and_counted(reflector):
         with trio.fail_after(20):
             await b.wait_for(lambda model: model.count == every)
             while reflector.statistics().divergences == 0:
-                await a.group.wait_changed()
+                await a.wait_changed()
         info = await one.status()
     (session,) = [s for s in info["sessions"] if s["name"] == "careless"]
     assert session["divergences"] == 1
@@ -301,7 +301,7 @@ async def test_a_participant_that_comes_back_gets_only_what_it_missed(reflector)
             stayer.publish("add", i)
         await stayer.wait_for(lambda model: model.total == 4)
         async with million.join(client, "back", Ledger) as again:
-            assert again.group.replayed == 3  # the additions: it had seen its own exit
+            assert again.sync_info().replayed == 3  # the additions: it had seen its own exit
             assert [value for value, *_ in again.model.entries] == ["before", 0, 1, 2]
             await again.wait_seen()
             await stayer.wait_for(lambda _: stayer.replica.seq == again.replica.seq)

@@ -14,6 +14,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import million
 from helpers import Process, start_reflector
+from million.compute.pages import RUNS_PAGE
 from million.relay.config import ReflectorConfig
 from million.wire import transport
 from models import Ledger
@@ -61,8 +62,30 @@ async def test_metrics_count_what_the_reflector_did():
         assert float(metrics["million_sessions"]) == 1
         assert "million_store_apply_seconds_count" in metrics
         status, page = await http_get(reflector.http_port, "/")
-        assert status == 200 and b"<title>million</title>" in page
+        assert status == 200 and b"<title>million reflector</title>" in page  # the generic page
         assert (await http_get(reflector.http_port, "/nothing"))[0] == 404
+
+
+async def test_the_generic_page_shows_sessions_and_summaries_as_they_were_sent():
+    async with (
+        million.open_reflector(ReflectorConfig(port=0, http_port=0)) as reflector,
+        million.open_client(reflector.url) as client,
+        million.join(client, "shown", Ledger) as session,
+    ):
+        session.summarize({"anything": [1, "two"]})
+        await client.ping()
+        async with transport.connect(f"ws://127.0.0.1:{reflector.http_port}/sessions/live") as live:
+            view = json.loads(await live.receive())
+        assert [s["name"] for s in view["sessions"]] == ["shown"]
+        assert view["sessions"][0]["participants"] == 1
+        assert view["summaries"] == {"shown": {"anything": [1, "two"]}}
+        assert view["reflector"]["statistics"]["connections"] == 1
+
+
+async def test_a_registered_page_takes_the_root_and_the_generic_one_stays():
+    async with million.open_reflector(ReflectorConfig(port=0, http_port=0), pages=[RUNS_PAGE]) as reflector:
+        assert b"<title>million</title>" in (await http_get(reflector.http_port, "/"))[1]
+        assert b"<title>million reflector</title>" in (await http_get(reflector.http_port, "/sessions"))[1]
 
 
 async def test_with_a_token_the_web_port_asks_for_it():
@@ -123,7 +146,7 @@ async def test_the_page_follows_a_real_run_to_its_answer(tmp_path):
 async def test_idle_connections_and_odd_summaries_do_not_stop_the_web_port(mock_clock):
     mock_clock.rate = 1  # real speed, but it can jump
     async with (
-        million.open_reflector(ReflectorConfig(port=0, http_port=0)) as reflector,
+        million.open_reflector(ReflectorConfig(port=0, http_port=0), pages=[RUNS_PAGE]) as reflector,
         million.open_client(reflector.url) as client,
         million.join(client, "odd:progress", Ledger) as progress,
         million.join(client, "odd", Ledger) as root,

@@ -14,9 +14,10 @@ import trio
 
 import million
 from helpers import Process, finish, start_reflector
-from million.compute.computation import Computation, Spec
+from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, post
 from million.compute.runner import open_run
+from million.compute.tree import Spec
 from million.relay.config import ReflectorConfig
 
 
@@ -75,7 +76,7 @@ async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(re
             try:
                 with trio.fail_after(30):
                     while not (tmp_path / "0").exists():
-                        await gated_root.group.wait_changed()
+                        await gated_root.wait_changed()
                 async with open_run(client, "quick", quick) as (quick_root, _):
                     await post_run(client, "quick", quick)
                     with trio.fail_after(30):
@@ -119,7 +120,7 @@ async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
 
 
 @attrs.define
-class OlderComputation(million.Model, name="million.compute.computation"):
+class OlderComputation(million.Model, name="million.computation"):
     """What another version of million would have made a run's root with."""
 
     def init(self, options: Any) -> None:
@@ -133,7 +134,7 @@ async def test_lobby_workers_skip_a_run_made_by_another_version_of_million(refle
         million.join(client, "older", OlderComputation, options=older.to_options(), create=True),
     ):
         errors = await finish_beside(client, reflector.url, "older", older)
-    assert "skipping run older: session 'older' runs model 'million.compute.computation', not" in errors
+    assert "skipping run older: session 'older' runs model 'million.computation', not" in errors
 
 
 async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):
@@ -179,7 +180,7 @@ async def test_drain_every_worker_stops_and_new_ones_finish(reflector, tmp_path)
         workers = [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)]
         with trio.fail_after(60):
             while len(list(tmp_path.iterdir())) < 3:
-                await progress.group.wait_changed()
+                await progress.wait_changed()
         for worker in workers:
             worker.stop()
         assert not root.model.done and progress.model.done < 2_000
@@ -200,7 +201,7 @@ async def test_a_killed_reflector_restarted_on_its_store_finishes_the_run(tmp_pa
         async with million.open_client(url) as client, open_run(client, "crash", spec) as (root, progress):
             with trio.fail_after(60):
                 while len(list(markers.iterdir())) < 2:
-                    await progress.group.wait_changed()
+                    await progress.wait_changed()
             reflector.kill()
             (markers / "go").touch()
             reflector, _ = await start_reflector(store, port)
@@ -222,7 +223,7 @@ async def test_a_late_joiner_replays_a_big_leaf_and_takes_work_at_once(reflector
         try:
             with trio.fail_after(60):
                 while not (tmp_path / "500").exists():
-                    await root.group.wait_changed()
+                    await root.wait_changed()
             assert root.replica.seq > 500  # half the leaf is done: a long stream to replay
             members = set(root.model.workers)
             late = Process(_run_worker(reflector.url, "late", 1))

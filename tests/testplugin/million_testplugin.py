@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import million
-from million.compute.computation import Spec
+from million.compute.tree import Spec
 
 
 @million.hookimpl

@@ -13,6 +13,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Coroutine, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,14 +24,15 @@ from rich.console import Console
 from million._version import __version__
 from million.cli.display import ProgressDisplay
 from million.compute import bots, runner
-from million.compute.computation import is_run_summary, progress_session
 from million.compute.lobby import LOBBY, Lobby
+from million.compute.pages import RUNS_PAGE
 from million.compute.plugins import PluginError
+from million.compute.progress import is_run_summary, progress_session
 from million.compute.runner import RunConfig, RunError, RunState
 from million.relay.config import ReflectorConfig
 from million.relay.server import serve_reflector
 from million.relay.store import StoreError, open_store
-from million.replica.client import Client, ClientError, client_env, open_client, ssl_context
+from million.replica.client import Client, ClientError, open_client, ssl_context
 from million.replica.session import JoinError, join
 from million.wire import tasks
 from million.wire.protocol import ErrorCode
@@ -317,7 +319,7 @@ def _work(args: argparse.Namespace) -> int:
         command += ["--run", args.run] if args.run else []
         command += [] if args.detach else ["--no-detach"]
         commands = [command] * args.processes
-        env = client_env(args.token, args.cafile)
+        env = bots.worker_env(args.token, args.cafile)
         trio.run(_until_signal, bots.run_worker_processes_to_end(commands, env))
         return 0
     context = _trust(args, "work")
@@ -390,6 +392,7 @@ def _reflector(args: argparse.Namespace) -> int:
         max_messages_per_s=args.max_rate,
         max_summary=args.max_summary,
         http_port=args.http,
+        insecure=args.insecure,
         transport=args.transport,
     )
     try:
@@ -422,7 +425,7 @@ def _reflector(args: argparse.Namespace) -> int:
 async def _serve_until_signal(config: ReflectorConfig, store) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with tasks.open_nursery() as nursery:
-            reflector = await nursery.start(serve_reflector, config, store)
+            reflector = await nursery.start(partial(serve_reflector, config, store, pages=[RUNS_PAGE]))
             print(
                 f"million reflector {__version__} listening on {reflector.url} (store {store.path})",
                 flush=True,

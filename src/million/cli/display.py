@@ -7,8 +7,8 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from million.compute.computation import split
 from million.compute.runner import RunState
+from million.compute.tree import split
 
 MAX_CHILD_BARS = 16
 

@@ -17,17 +17,12 @@ from typing import Any
 
 import trio
 
-from million.compute.computation import (
-    Computation,
-    Context,
-    Progress,
-    Spec,
-    progress_session,
-    report_progress,
-    work,
-)
+from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, share
 from million.compute.plugins import Plugin, PluginError, load_plugin
+from million.compute.progress import Progress, progress_session, report_progress
+from million.compute.tree import Spec
+from million.compute.worker import Context, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, join
 
@@ -108,7 +103,7 @@ async def run_lobby_bots(
                 except (PluginError, JoinError) as exc:
                     log.warning("skipping run %s: %s", run, exc)
                     refused.add(run)
-                    lobby.group.changed()
+                    client.changed(lobby.name)
                     return
                 lobby.publish("done", {"name": run, "answer": answer})
 
@@ -122,7 +117,13 @@ async def run_lobby_bots(
                 if run not in crews:
                     crews[run] = (count, trio.CancelScope())
                     nursery.start_soon(staff, run, count, crews[run][1])
-            await lobby.group.wait_changed()
+            await lobby.wait_changed()
+
+
+def worker_env(token: str | None, cafile: str | None) -> dict[str, str]:
+    """Environment variables that give a worker process the same token and trust."""
+    env = {"MILLION_TOKEN": token, "MILLION_CAFILE": cafile}
+    return {key: value for key, value in env.items() if value}
 
 
 def worker_command(url: str, run: str, bots: int, *, detach: bool = True) -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from million.compute.computation import Spec
+from million.compute.tree import Spec
 from million.replica.model import Model
 
 __all__ = ["LOBBY", "Lobby", "share"]
@@ -21,7 +21,7 @@ KEEP_FINISHED = 200  # finished runs the lobby remembers
 
 
 @attrs.define
-class Lobby(Model, name="million.compute.lobby"):
+class Lobby(Model, name="million.lobby"):
     """Runs by name, in the order they were posted: plugin, size, state and answer."""
 
     runs: dict[str, dict[str, Any]] = attrs.Factory(dict)

@@ -20,12 +20,14 @@ import attrs
 import trio
 
 from million.compute import lobby
-from million.compute.bots import run_worker_processes, worker_command
-from million.compute.computation import Computation, Progress, Spec, progress_session, report_progress
+from million.compute.bots import run_worker_processes, worker_command, worker_env
+from million.compute.computation import Computation
 from million.compute.plugins import load_plugin
+from million.compute.progress import Progress, progress_session, report_progress
+from million.compute.tree import Spec
 from million.relay.config import ReflectorConfig
 from million.relay.server import open_reflector
-from million.replica.client import Client, client_env, open_client, ssl_context
+from million.replica.client import Client, open_client, ssl_context
 from million.replica.session import JoinError, Session, join
 from million.wire import tasks
 
@@ -154,7 +156,7 @@ async def _compute(
     root = state.root
     assert root is not None and state.progress is not None
     commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.workers)]
-    env = client_env(config.token, config.cafile)
+    env = worker_env(config.token, config.cafile)
     workers_ended = trio.Event()
 
     async def workers(task_status: trio.TaskStatus[None]) -> None:
@@ -170,7 +172,7 @@ async def _compute(
             if commands and workers_ended.is_set() and config.reflector is None:
                 raise RunError("every worker process ended before the run was done; see their errors above")
             with trio.move_on_after(0.2):
-                await state.progress.group.wait_changed()
+                await state.progress.wait_changed()
         if watch is not None:
             watch(state)
         nursery.cancel_scope.deadline = trio.current_time() + WORKERS_GRACE  # they stop by themselves

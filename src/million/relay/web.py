@@ -1,66 +1,113 @@
-"""The reflector's web port: a live page of the runs, and Prometheus metrics.
+"""The reflector's web port: live pages and Prometheus metrics.
 
 ``million reflector --http PORT`` serves, on the reflector's host:
 
-- ``/``: the page (``million/page.html``): the lobby's runs with their progress and,
-  for a chosen run, its partition tree, updated live;
-- ``/live``: the websocket the page reads; every half second it sends the runs and,
-  for the run the page asked for, the summaries of its root, its first level and a
-  count of the sessions below;
-- ``/metrics``: the reflector's counters in Prometheus' text format.
+- ``/sessions``: the generic page (``sessions.html``): the reflector's statistics, its
+  occupied sessions with their participants, and the latest summaries, as received;
+- ``/metrics``: the reflector's counters in Prometheus' text format;
+- every registered ``WebPage`` at its path, with its websocket at ``<path>/live``
+  (``/live`` for ``/``). Without a page at ``/``, ``/`` is the generic page.
 
-Everything comes from the summaries that participants publish (see
-``Session.summarize``); the reflector itself never reads them. With a token, every
-path needs it, as ``?token=...`` or an ``Authorization: Bearer`` header.
+A page's websocket pushes what the page's ``live`` function returns every half second;
+whatever JSON the page sends back is handed to the next call. The relay knows nothing
+of what registered pages show (the computation registers its runs page). With a token,
+every path needs it, as ``?token=...`` or an ``Authorization: Bearer`` header.
 """
 
 from __future__ import annotations
 
-import json
+import hmac
 import logging
-import secrets
 import ssl
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.registry import Collector
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
 from million._version import __version__
-from million.compute.computation import is_run_summary
-from million.wire import tasks, transport
+from million.relay.config import ReflectorConfig, ReflectorStatistics
+from million.relay.store import Store
+from million.wire import codec, tasks, transport
 from million.wire.transport import RECEIVE_BUFFER, SansIOChannel
 
-if TYPE_CHECKING:
-    from million.relay.server import Reflector
-
-__all__ = ["serve_web"]
+__all__ = ["Relay", "WebPage", "serve_web"]
 
 log = logging.getLogger(__name__)
 
-PUSH_EVERY = 0.5  # seconds between the page's updates
-CHILDREN = 1000  # first-level sessions shown one by one; deeper ones are counted
-PROGRESS = ":progress"  # suffix of a run's progress session (million.compute.computation)
+PUSH_EVERY = 0.5  # seconds between a page's updates
+RECENT_SUMMARIES = 200  # summaries shown on the generic page, the most recent
+
+
+class Relay(Protocol):
+    """What pages may read of the reflector."""
+
+    config: ReflectorConfig
+    store: Store
+
+    def statistics(self) -> ReflectorStatistics: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def summary_names(self) -> list[str]: ...
+
+    def summaries(self, names: Iterable[str]) -> dict[str, bytes]: ...
+
+
+@attrs.frozen
+class WebPage:
+    """A page of the web port: its HTML at ``path``, and what its websocket pushes.
+
+    ``live(relay, choice)`` returns what to push, as a dict of JSON values (pushed with
+    the reflector's version and statistics under ``reflector``); ``choice`` is the latest
+    JSON value the page sent (None until it sends one).
+    """
+
+    path: str
+    html: bytes
+    live: Callable[[Relay, Any], dict[str, Any]]
+
+    @property
+    def live_path(self) -> str:
+        return self.path.rstrip("/") + "/live"
+
+
+def sessions_view(relay: Relay, choice: Any) -> dict[str, Any]:
+    """What the generic page shows: statistics, occupied sessions, the latest summaries."""
+    info = relay.describe()
+    recent = relay.summary_names()[-RECENT_SUMMARIES:]
+    summaries = relay.summaries(reversed(recent))
+    info["summaries"] = {name: codec.fragment(raw) for name, raw in summaries.items()}
+    return info
+
+
+SESSIONS_PAGE = WebPage(
+    "/sessions", resources.files("million.relay").joinpath("sessions.html").read_bytes(), sessions_view
+)
 
 
 async def serve_web(
-    reflector: Reflector,
+    relay: Relay,
     host: str,
     port: int,
     *,
+    pages: Sequence[WebPage] = (),
     ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the page, its websocket and the metrics until cancelled."""
-    page = resources.files("million.compute").joinpath("runs.html").read_bytes()
+    """Serve the pages, their websockets and the metrics until cancelled."""
+    routes = _routes([SESSIONS_PAGE, *pages])
     registry = CollectorRegistry()
-    registry.register(_Collector(reflector))
+    registry.register(_Collector(relay))
+    token = relay.config.token
 
     async def handle(stream: trio.abc.Stream) -> None:
         # Whatever happens here must never reach the server's nursery: the reflector goes on.
@@ -71,19 +118,19 @@ async def serve_web(
             if request is None:
                 return
             target = urlsplit(request.path)
-            if not _authorized(reflector.config.token, request, target.query):
+            page, live = routes.get(target.path, (None, False))
+            if not _authorized(token, request, target.query):
                 await _respond(stream, ws, 401, "text/plain", b"missing or wrong token\n")
-            elif target.path == "/":
-                await _respond(stream, ws, 200, "text/html; charset=utf-8", page)
             elif target.path == "/metrics":
                 await _respond(stream, ws, 200, "text/plain; version=0.0.4", generate_latest(registry))
-            elif target.path == "/live":
-                if reflector.config.token is None and not _same_origin(request):
-                    await _respond(stream, ws, 403, "text/plain", b"another site's page may not read this\n")
-                else:
-                    await _live(reflector, stream, ws, request)
-            else:
+            elif page is None:
                 await _respond(stream, ws, 404, "text/plain", b"not found\n")
+            elif not live:
+                await _respond(stream, ws, 200, "text/html; charset=utf-8", page.html)
+            elif token is None and not _same_origin(request):
+                await _respond(stream, ws, 403, "text/plain", b"another site's page may not read this\n")
+            else:
+                await _live(relay, page, stream, ws, request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, transport.Closed):
             pass
         except Exception:
@@ -94,6 +141,16 @@ async def serve_web(
     listeners = await transport.listen(host, port, ssl_context)
     task_status.started(transport.port_of(listeners[0]))
     await trio.serve_listeners(handle, listeners)
+
+
+def _routes(pages: list[WebPage]) -> dict[str, tuple[WebPage, bool]]:
+    """Path -> (page, whether it is the page's websocket); the generic page is also ``/``
+    unless a registered page takes it."""
+    routes = {"/": (pages[0], False), "/live": (pages[0], True)}
+    for page in pages:
+        routes[page.path] = (page, False)
+        routes[page.live_path] = (page, True)
+    return routes
 
 
 async def _read_request(stream: trio.abc.Stream, ws: ServerProtocol) -> Request | None:
@@ -123,7 +180,7 @@ def _authorized(token: str | None, request: Request, query: str) -> bool:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
         given = header[len("Bearer ") :]
-    return secrets.compare_digest(given.encode(), token.encode())
+    return hmac.compare_digest(given.encode(), token.encode())
 
 
 async def _respond(stream: trio.abc.Stream, ws: ServerProtocol, status: int, kind: str, body: bytes) -> None:
@@ -135,79 +192,43 @@ async def _respond(stream: trio.abc.Stream, ws: ServerProtocol, status: int, kin
     await stream.send_all(b"".join(ws.data_to_send()))
 
 
-async def _live(reflector: Reflector, stream: trio.abc.Stream, ws: ServerProtocol, request: Request) -> None:
-    """Push the runs (and the chosen run's tree) until the page goes away."""
+async def _live(
+    relay: Relay, page: WebPage, stream: trio.abc.Stream, ws: ServerProtocol, request: Request
+) -> None:
+    """Push what ``page`` shows until the page goes away."""
     response = ws.accept(request)
     ws.send_response(response)
     await stream.send_all(b"".join(ws.data_to_send()))
     if response.status_code != 101:
         return
     channel = SansIOChannel(stream, ws)
-    chosen: list[str | None] = [None]
+    choice: list[Any] = [None]
 
     async def listen() -> None:
         while True:
             try:
-                choice = json.loads(await channel.receive()).get("run")
-            except (ValueError, AttributeError):
+                choice[0] = codec.loads(await channel.receive())
+            except ValueError:
                 continue
-            chosen[0] = choice if isinstance(choice, str) else None
 
     async with tasks.open_nursery() as nursery:
         nursery.start_soon(listen)
         while True:
-            await channel.send(json.dumps(view(reflector, chosen[0])).encode())
+            reflector = {"version": __version__, "statistics": attrs.asdict(relay.statistics())}
+            body = {**page.live(relay, choice[0]), "reflector": reflector}
+            await channel.send(codec.dumps(body))
             await trio.sleep(PUSH_EVERY)
 
 
-def view(reflector: Reflector, run: str | None) -> dict[str, Any]:
-    """What the page shows: the reflector, the runs, and the tree of ``run``."""
-    names = [name for name in reflector.summary_names() if name.endswith(PROGRESS)]
-    runs = [run for run in reflector.summaries(names).values() if is_run_summary(run)]
-    runs.sort(key=lambda run: run["run"])
-    stats = reflector.statistics()
-    return {
-        "reflector": {"version": __version__, "statistics": attrs.asdict(stats)},
-        "runs": runs,
-        "tree": None if run is None else tree(reflector, run),
-    }
-
-
-def tree(reflector: Reflector, run: str) -> dict[str, Any]:
-    """The run's root, its first-level children, and how many sessions below have finished."""
-    prefix = f"{run}-"
-    children: list[tuple[int, Any]] = []
-    below = below_done = 0
-    summaries = reflector.summaries_under(run)
-    for name, summary in summaries.items():
-        if name == run or not isinstance(summary, dict):
-            continue
-        rest = name[len(prefix) :]
-        if rest.isdigit():
-            children.append((int(rest), summary))
-        else:
-            below += 1
-            below_done += summary.get("state") == "done"
-    children.sort(key=lambda child: child[0])
-    root = summaries.get(run)
-    return {
-        "run": run,
-        "root": root if isinstance(root, dict) else None,
-        "children": children[:CHILDREN],
-        "more_children": max(0, len(children) - CHILDREN),
-        "below": {"sessions": below, "done": below_done},
-    }
-
-
-class _Collector:
+class _Collector(Collector):
     """The reflector's counters as Prometheus metrics, read at each scrape."""
 
-    def __init__(self, reflector: Reflector) -> None:
-        self.reflector = reflector
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
 
     def collect(self) -> Any:
-        stats = self.reflector.statistics()
-        store = self.reflector.store
+        stats = self.relay.statistics()
+        store = self.relay.store
         yield GaugeMetricFamily("million_connections", "Open client connections", value=stats.connections)
         yield GaugeMetricFamily("million_sessions", "Sessions with participants", value=stats.sessions)
         yield GaugeMetricFamily(

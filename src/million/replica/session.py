@@ -4,113 +4,108 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Generic, TypeVar
 
-import trio
+import attrs
 
+from million.replica.client import Client
+from million.replica.core import JoinError, Membership
 from million.replica.model import Model, Replica
 from million.replica.view import View
 from million.wire import tasks
 
-if TYPE_CHECKING:
-    from million.replica.client import Client, Group
-
-__all__ = ["JoinError", "Session", "join"]
+__all__ = ["JoinError", "Session", "SyncInfo", "join"]
 
 V = TypeVar("V", bound=View)
 
 
-class JoinError(Exception):
-    """The reflector refused a join; ``code`` is the protocol error code."""
+@attrs.frozen
+class SyncInfo:
+    """How the replica reached the present: from which snapshot, with how many events."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+    synced_from: int  # seq of the snapshot it was last rebuilt from (0: from the start)
+    replayed: int  # events replayed on top of it
 
 
-class Session:
+class Session(Generic[V]):
     """One participant's membership of a session: its view id, the model, its view."""
 
-    def __init__(
-        self, client: Client, group: Group, model_cls: type[Model], options: Any, create: bool = True
-    ) -> None:
+    def __init__(self, client: Client, member: Membership) -> None:
         self.client = client
-        self.group = group
-        self.name = group.name
-        self.model_cls = model_cls
-        self.options = options
-        self.create = create
-        self.view_id = ""
-        self.view: View | None = None
-        self.nursery: trio.Nursery | None = None
-        self.synced = False
-        self.resyncs = 0
-        self.handlers: dict[str, list[Callable[[Any], None]]] = {}
-        self._joined = trio.Event()
-        self._error: JoinError | None = None
+        self.member = member
+        self._view: V | None = None
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    @property
+    def view_id(self) -> str:
+        return self.member.view_id
+
+    @property
+    def options(self) -> Any:
+        """The options the session was created with."""
+        return self.member.options
+
+    @property
+    def synced(self) -> bool:
+        """Whether the replica follows the stream now (False while reconnecting)."""
+        return self.member.synced
+
+    @property
+    def resyncs(self) -> int:
+        """How often a dropped connection made this membership join again."""
+        return self.member.resyncs
+
+    @property
+    def view(self) -> V:
+        if self._view is None:
+            raise RuntimeError(f"session {self.name} has no view yet")
+        return self._view
 
     @property
     def replica(self) -> Replica:
-        replica = self.group.replica
+        replica = self.member.group.replica
         if replica is None:
             raise RuntimeError(f"session {self.name} has no model yet")
         return replica
 
     @property
-    def model(self) -> Model:
+    def model(self) -> Any:
         return self.replica.model
+
+    def sync_info(self) -> SyncInfo:
+        group = self.member.group
+        return SyncInfo(group.synced_from, group.replayed)
 
     def publish(self, topic: str, data: Any = None) -> bool:
         """Send an event to the model; False (dropped) while the connection is down."""
-        if not self.synced:
-            return False
-        self.client.publish(self.name, self.view_id, topic, data)
-        return True
+        return self.client.core.publish(self.member, topic, data)
 
     def summarize(self, data: Any, seq: int | None = None) -> None:
         """Tell the reflector what this session is at, in a few words; ``million status``
         and the web page show it. ``seq`` is the event it describes (default: the last
         one applied); the reflector keeps the summary of the latest event."""
-        if self.synced and self.group.replica is not None:
-            self.client.summarize(self.name, self.view_id, seq or self.group.replica.seq, data)
+        self.client.core.summarize(self.member, data, seq)
 
     def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None:
-        self.handlers.setdefault(topic, []).append(handler)
+        """Call ``handler(data)`` after each event that made the model publish ``topic``."""
+        self.member.handlers.setdefault(topic, []).append(handler)
+
+    async def wait_changed(self) -> None:
+        """Wait until the replica has applied an event or a tick."""
+        await self.client.wait_changed(self.name)
+
+    async def wait_for(self, predicate: Callable[[Any], bool]) -> None:
+        """Wait until ``predicate(model)`` holds after an applied event or timer."""
+        while not (self.member.group.replica is not None and predicate(self.model)):
+            await self.client.wait_changed(self.name)
 
     async def wait_seen(self) -> None:
         """Wait until the replica has applied this membership's own ``view-join``."""
         seq = int(self.view_id[1:])  # view ids are ``v<seq of their view-join>``
         await self.wait_for(lambda _: self.replica.seq >= seq)
-
-    async def wait_for(self, predicate: Callable[[Any], bool]) -> None:
-        """Wait until ``predicate(model)`` holds after an applied event or timer."""
-        while not (self.group.replica is not None and predicate(self.model)):
-            await self.group.wait_changed()
-
-    def deliver(self, topic: str, data: Any) -> None:
-        for handler in self.handlers.get(topic, ()):
-            handler(data)
-
-    # --- called by the client ----------------------------------------------------------
-
-    def joined(self, view_id: str) -> None:
-        again = self._joined.is_set()
-        self.view_id = view_id
-        self.synced = True
-        self._joined.set()
-        if again:
-            self.resyncs += 1
-            if self.view is not None:
-                self.view.resynced()
-
-    def failed(self, error: JoinError) -> None:
-        self._error = error
-        self._joined.set()
-
-    async def wait_joined(self) -> None:
-        await self._joined.wait()
-        if self._error is not None:
-            raise self._error
 
 
 @asynccontextmanager
@@ -118,11 +113,11 @@ async def join(
     client: Client,
     name: str,
     model_cls: type[Model],
-    view_cls: Callable[[Session], View] = View,
+    view_cls: Callable[[Session[Any]], V] = View,  # type: ignore[assignment]
     options: Any = None,
     *,
     create: bool = True,
-) -> AsyncIterator[Session]:
+) -> AsyncIterator[Session[V]]:
     """Join session ``name``, replay it to the present, build the view and run it.
 
     The first join of a session creates its model with ``options``; later joins must
@@ -130,13 +125,14 @@ async def join(
     exist and its options are taken as they are (``session.options``). On exit the
     view's tasks are cancelled and the session is left; the session itself lives on.
     """
-    session = await client.join(name, model_cls, options, create=create)
+    member = await client.join(name, model_cls, options, create=create)
+    session: Session[V] = Session(client, member)
     try:
         async with tasks.open_nursery() as nursery:
-            session.nursery = nursery
-            session.view = view_cls(session)
-            nursery.start_soon(session.view.run)
+            view = session._view = view_cls(session)
+            member.on_resync = view.resynced
+            nursery.start_soon(view.run)
             yield session
             nursery.cancel_scope.cancel()
     finally:
-        client.leave(session)
+        client.leave(member)

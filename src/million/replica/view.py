@@ -8,25 +8,38 @@ model through the reflector. It never writes model state itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from million.replica.model import Model
-    from million.replica.session import Session
+from million.replica.model import Model
 
-__all__ = ["View"]
+__all__ = ["Host", "View"]
+
+
+class Host(Protocol):
+    """What a view needs of its session (``million.Session`` is one)."""
+
+    @property
+    def model(self) -> Any: ...
+
+    @property
+    def view_id(self) -> str: ...
+
+    def publish(self, topic: str, data: Any = None) -> bool: ...
+
+    def subscribe(self, topic: str, handler: Callable[[Any], None]) -> None: ...
 
 
 class View:
     """Base class of views; one instance per participant per session."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Host) -> None:
         self.session = session
 
     @property
     def model(self) -> Model:
         """The session's model; replaced by a fresh replica after a resync."""
-        return self.session.model
+        model: Model = self.session.model
+        return model
 
     @property
     def view_id(self) -> str:

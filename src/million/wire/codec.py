@@ -3,7 +3,9 @@
 A frame is a JSON object (one message) or an array of them. ``decode`` returns the
 messages or raises ``ProtocolError``; it never lets another exception out. The
 reflector's hot path encodes each event once and splices the same bytes into every
-frame that carries it (``frame``).
+frame that carries it (``frame``). Fields of type ``bytes`` hold a JSON value already
+encoded: they are written into the frame as they are, and a decoder gives the bytes
+the value was received as (``RAW_FIELDS``), never decoding them into objects.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import cattrs
+import msgspec
 import orjson
 
 from million.wire.protocol import (
     CLIENT_MESSAGES,
     MESSAGE_TYPES,
+    RAW_FIELDS,
     REFLECTOR_MESSAGES,
     ErrorCode,
     Event,
@@ -40,8 +44,9 @@ __all__ = [
 def strict_converter() -> cattrs.Converter:
     """A converter that refuses, rather than converts, a value of the wrong primitive type."""
     strict = cattrs.Converter()
-    for kind in (str, int, bool):
+    for kind in (str, int, bool, bytes):
         strict.register_structure_hook(kind, _strict(kind))
+    strict.register_unstructure_hook(bytes, orjson.Fragment)
     return strict
 
 
@@ -146,7 +151,36 @@ def decode(data: bytes | str, table: Mapping[str, type]) -> list[Any]:
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(ErrorCode.MALFORMED, f"frame is not valid JSON: {exc}") from None
     items = value if type(value) is list else [value]
+    if _may_hold_raw(data) and any(_raw_field(item) for item in items):
+        _keep_raw(data, value, items)
     return [_structure(item, table) for item in items]
+
+
+_RAW_TAGS = tuple(f'"{tag}"'.encode() for tag in RAW_FIELDS)
+
+
+def _may_hold_raw(data: bytes | str) -> bool:
+    """A quick test that spares frames without raw fields (nearly all) a look at every item."""
+    raw = data if isinstance(data, bytes) else data.encode()
+    return any(tag in raw for tag in _RAW_TAGS)
+
+
+def _raw_field(item: Any) -> str | None:
+    tag = item.get("type") if type(item) is dict else None
+    return RAW_FIELDS.get(tag) if type(tag) is str else None
+
+
+def _keep_raw(data: bytes | str, value: Any, items: list[Any]) -> None:
+    """Replace the decoded values of ``RAW_FIELDS`` by the bytes they were received as."""
+    try:
+        spans = msgspec.json.decode(data, type=list[msgspec.Raw] if type(value) is list else msgspec.Raw)
+        spans = spans if type(value) is list else [spans]
+        for item, span in zip(items, spans, strict=True):
+            field = _raw_field(item)
+            if field is not None and field in item:
+                item[field] = bytes(msgspec.json.decode(span, type=dict[str, msgspec.Raw])[field])
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"frame is not valid JSON: {exc}") from None
 
 
 def _structure(item: Any, table: Mapping[str, type]) -> Any:

@@ -15,6 +15,9 @@ from typing import Any
 import attrs
 
 PROTOCOL_VERSION = 1
+
+#: Fields of client messages that are JSON values held encoded (``bytes``) by the decoder.
+RAW_FIELDS = {"snapshot": "state", "summary": "data"}
 DEFAULT_MAX_FRAME = 1 << 20  # bytes; the reflector's limit is announced in its Welcome
 
 #: Topics the reflector injects into a session's ordered stream.
@@ -106,11 +109,15 @@ class Publish:
 
 @attrs.frozen
 class Snapshot:
-    """The serialized model state after event ``seq``, answering a SnapshotRequest."""
+    """The serialized model state after event ``seq``, answering a SnapshotRequest.
+
+    ``state`` is any JSON value, held encoded: the reflector keeps and relays the bytes
+    it received without decoding them.
+    """
 
     session: str
     seq: int
-    state: Any
+    state: bytes
     digest: str
 
 
@@ -132,12 +139,12 @@ class Ping:
 class Summarize:
     """A participant's summary of its session (any JSON, small) as of event ``seq``: the
     one with the highest ``seq`` is kept and shown by ``status`` and the web page; the
-    reflector never interprets it."""
+    reflector never interprets it. ``data`` is held encoded, like ``Snapshot.state``."""
 
     session: str
     view: str
     seq: int
-    data: Any = None
+    data: bytes = b"null"
 
 
 @attrs.frozen

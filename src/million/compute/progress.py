@@ -1,0 +1,132 @@
+"""A run's progress: finished leaves counted in their own session, and summaries of
+sessions for ``million status`` and the web page.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import attrs
+import trio
+
+from million.compute.computation import Computation
+from million.replica.model import Model
+from million.replica.session import Session
+from million.wire.codec import dumps
+from million.wire.protocol import VIEW_EXIT
+
+__all__ = ["Progress", "is_run_summary", "progress_session", "report_progress", "short", "summary"]
+
+SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
+SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
+
+
+def summary(model: Computation, *, done: bool = False, output: Any = None) -> dict[str, Any]:
+    """What a session of the tree is doing, for ``million status`` and the web page."""
+    done = done or model.done
+    if done:
+        state = "done"
+    elif model.inputs is None:
+        state = "preparing"
+    elif model.remaining == 0:
+        state = "collecting"
+    else:
+        state = "working"
+    data: dict[str, Any] = {
+        "state": state,
+        "leaf": model.leaf,
+        "count": model.count,
+        "completed": model.count if done else model.count - model.remaining,
+        "working": len(model.workers),
+    }
+    if model.count <= SUMMARY_WORKERS:
+        data["completed_at"] = [i for i, completed in enumerate(model.completed) if completed or done]
+        load: dict[int, int] = {}
+        for held in model.workers.values():
+            for index in held:
+                load[index] = load.get(index, 0) + 1
+        data["workers"] = load
+    if done:
+        data["output"] = short(model.output if model.done else output)
+    return data
+
+
+def short(value: Any, limit: int = 512) -> Any:
+    """``value`` if its JSON is short enough for a summary, else a note of its size."""
+    size = len(dumps(value))
+    return value if size <= limit else f"<{size} bytes>"
+
+
+def is_run_summary(summary: Any) -> bool:
+    """Whether ``summary`` has the fields ``report_progress`` writes (anyone may write any)."""
+    fields = {"run": str, "state": str, "partitions": int, "completed": int, "rate": int, "workers": int}
+    return isinstance(summary, dict) and all(type(summary.get(key)) is kind for key, kind in fields.items())
+
+
+async def report_progress(run: str, progress: Session, root: Session) -> None:
+    """Summarize a run on its progress session, and its root, every ``SUMMARY_EVERY`` s
+    until it is done."""
+    seen: deque[tuple[float, int]] = deque()
+    while True:
+        now, model, finished = trio.current_time(), progress.model, root.model.done
+        seen.append((now, model.done))
+        while now - seen[0][0] > 5:
+            seen.popleft()
+        since, before = seen[0]
+        progress.summarize(
+            {
+                "run": run,
+                "state": "done" if finished else "open",
+                "partitions": model.partitions,
+                "completed": model.partitions if finished else model.done,
+                "rate": round((model.done - before) / (now - since)) if now > since else 0,
+                "workers": sum(model.bots.values()),
+                "answer": short(root.model.output) if finished else None,
+            }
+        )
+        root.summarize(summary(root.model))
+        if finished:
+            return
+        with trio.move_on_after(SUMMARY_EVERY):
+            await root.wait_for(lambda m: m.done)
+
+
+def progress_session(run: str) -> str:
+    """The name of the session that counts a run's finished partitions."""
+    return f"{run}:progress"
+
+
+@attrs.define
+class Progress(Model, name="million.progress"):
+    """Finished leaf sessions of a run, counted once each, and who is working."""
+
+    root: str = ""
+    partitions: int = 0
+    done: int = 0
+    leaves: dict[str, int] = attrs.Factory(dict)  # leaf session -> partitions
+    by_child: dict[int, int] = attrs.Factory(dict)  # first-level child -> partitions done
+    bots: dict[str, int] = attrs.Factory(dict)  # a process's view -> bots it runs
+
+    def init(self, options: Any) -> None:
+        self.root, self.partitions = options["root"], options["partitions"]
+        self.subscribe("leaf", self.leaf)
+        self.subscribe("bots", self.hello)
+        self.subscribe(VIEW_EXIT, self.exit)
+
+    def leaf(self, data: Any) -> None:
+        name, count = data["name"], data["count"]
+        if name in self.leaves or type(count) is not int:
+            return
+        self.leaves[name] = count
+        self.done += count
+        if name != self.root:
+            first = int(name[len(self.root) + 1 :].split("-")[0])
+            self.by_child[first] = self.by_child.get(first, 0) + count
+
+    def hello(self, bots: Any) -> None:
+        if type(bots) is int:
+            self.bots[self.sender] = bots
+
+    def exit(self, view: str) -> None:
+        self.bots.pop(view, None)

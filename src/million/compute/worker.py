@@ -1,0 +1,267 @@
+"""The worker view: prepares, computes or coordinates partitions of a session, and collects.
+
+``work`` walks the tree: in a leaf session it computes partitions with the plugin; in an
+interior one it takes a child, works in it (``detach``: after leaving the parent) and
+reports the child's output upward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from million.compute.computation import Computation
+from million.compute.plugins import Plugin
+from million.compute.progress import SUMMARY_EVERY, summary
+from million.compute.tree import Spec
+from million.replica.client import Client
+from million.replica.session import Session, join
+from million.replica.view import View
+
+__all__ = ["Context", "Outcome", "Worker", "work"]
+
+SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
+
+
+@attrs.define
+class Context:
+    """What the workers of one process share."""
+
+    client: Client
+    plugin: Plugin
+    detach: bool = True  # leave a session while working in its child
+    on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
+    window: int = 16  # leaf partitions a worker may hold; it asks for more when half are done
+    summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
+
+
+@attrs.frozen
+class Outcome:
+    """How a worker's time in a session ended: the session's output, or a child to work."""
+
+    done: bool
+    output: Any = None
+    index: int = -1
+    child: str = ""
+    child_options: dict[str, Any] = attrs.Factory(dict)
+    connection: int | None = None  # the connection that sent the output this worker collected
+
+
+async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Work in session ``name`` (and below it) until it has an output; return the output.
+
+    ``options=None`` joins the session as it exists (a run's root, found by name).
+    """
+    output, _ = await _work_in(ctx, name, options)
+    return output
+
+
+async def _work_in(
+    ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0
+) -> tuple[Any, int | None]:
+    """``work``, and the connection that sent the output if this worker collected it
+    (None when the output came back from the session)."""
+    report = None
+    while True:
+        view = partial(Worker, ctx=ctx, report=report, depth=depth)
+        async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
+            outcome = await session.view.outcome()
+        if outcome.done:
+            return outcome.output, outcome.connection
+        output, connection = await _work_in(ctx, outcome.child, outcome.child_options, depth + 1)
+        report = (outcome.index, output, connection)
+
+
+class Worker(View):
+    """A participant that prepares, computes or coordinates partitions, and collects."""
+
+    def __init__(
+        self,
+        session: Session,
+        *,
+        ctx: Context,
+        report: tuple[int, Any, int | None] | None = None,
+        depth: int = 0,
+    ) -> None:
+        super().__init__(session)
+        self.ctx = ctx
+        self.report = report
+        self.depth = depth  # levels below the session ``work`` started in
+        self.spec = Spec.from_options(session.options)
+        self._asked = 0  # requests published, numbered from 1
+        self._reported: set[int] = set()  # partitions this view has done or handed to a child
+        self._window = ctx.window if self.spec.leaf else 1
+        self._cycle = trio.CancelScope()
+        self._outcome: Outcome | None = None
+        self._output: Any = None  # what this view collected
+        self._collected_on = 0  # the connection that sent it
+        self._finished = trio.Event()
+
+    async def outcome(self) -> Outcome:
+        await self._finished.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+    async def run(self) -> None:
+        while self._outcome is None:
+            with trio.CancelScope() as self._cycle:
+                self._outcome = await self._work()
+        self._finished.set()
+
+    def resynced(self) -> None:
+        self._cycle.cancel()  # requests made under the old view id will never be answered
+
+    async def _work(self) -> Outcome:
+        """Prepare, compute or coordinate partitions, collect. A leaf worker holds up to a
+        window of partitions and its reports carry its next request, so a partition costs
+        one event and a fraction of a round trip."""
+        self._asked, self._reported = 0, set()
+        await self.session.wait_seen()  # the join may have made this view the preparer
+        if self.report is not None:
+            index, output, connection = self.report
+            if not self._sent_on(connection):
+                return self._child_outcome(index)
+            self.publish("end", {"index": index, "output": output, "next": self._request(0)})
+        while True:
+            model = self.model
+            self._summarize(force=model.done)
+            if model.done:
+                return Outcome(True, model.output)
+            if model.inputs is None:
+                if await self._claim("prepare", lambda m: m.inputs is not None, self._prepare):
+                    await self.session.wait_for(lambda m: m.inputs is not None)
+                continue
+            index = await self._next()
+            if index is None:
+                if await self._claim("collect", lambda m: m.done, self._collect):
+                    # No need to wait for it to come back: see _sent_on.
+                    return Outcome(True, self._output, connection=self._collected_on)
+                continue
+            self._reported.add(index)
+            if not self.spec.leaf:
+                if self.ctx.detach:
+                    return self._child_outcome(index)
+                child, options = self.spec.child(self.session.name, index, model.inputs[index])
+                output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
+                while not self._sent_on(connection):
+                    output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
+            else:
+                output = await self._compute(index, model.inputs[index])
+            if not self.model.completed[index]:
+                self.publish("end", {"index": index, "output": output, **self._refill()})
+
+    def _child_outcome(self, index: int) -> Outcome:
+        child, options = self.spec.child(self.session.name, index, self.model.inputs[index])
+        return Outcome(False, index=index, child=child, child_options=options)
+
+    def _sent_on(self, connection: int | None) -> bool:
+        """Whether a child's output sent on ``connection`` is surely ahead of what this view
+        sends now: same connection, same order. After a reconnect it may have been lost,
+        and a parent must never hold an output its child does not: check the child again."""
+        return connection is None or connection == self.ctx.client.connection
+
+    def _request(self, held: int) -> dict[str, int]:
+        self._asked += 1
+        return {"id": self._asked, "want": max(1, self._window - held)}
+
+    def _held(self) -> list[int]:
+        """The partitions this view holds and has not done, oldest first."""
+        return [index for index in self.model.workers.get(self.view_id, ()) if index not in self._reported]
+
+    def _refill(self) -> dict[str, Any]:
+        """The request a report carries: when no request is outstanding, at most half the
+        window is left and there is more to get, so that the answer comes back while the
+        rest is computed."""
+        held = len(self._held())
+        if self._may_ask(self.model, held):
+            return {"next": self._request(held)}
+        return {}
+
+    async def _next(self) -> int | None:
+        """A partition this view holds and has not done; None once every one is complete."""
+        while True:
+            model = self.model
+            if model.remaining == 0:
+                return None
+            held = self._held()
+            if self._may_ask(model, len(held)):
+                self.publish("request", self._request(len(held)))
+                continue
+            if held:
+                return held[0]
+            await self.session.wait_for(partial(self._news, self._answered(model)))
+
+    def _news(self, answered: int, model: Any) -> bool:
+        """Whether ``_next`` may have something new to do."""
+        return model.remaining == 0 or self._answered(model) != answered or self._may_ask(model, 0)
+
+    def _may_ask(self, model: Any, held: int) -> bool:
+        """No request outstanding, room in the window, and a partition that this view does
+        not hold yet is incomplete (a request would get it)."""
+        return (
+            self._answered(model) == self._asked
+            and held <= self._window // 2
+            and model.remaining > len(model.workers.get(self.view_id, ()))
+        )
+
+    def _answered(self, model: Any) -> int:
+        return model.answers.get(self.view_id, (0,))[0]
+
+    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> bool:
+        """Do ``task`` if this view holds its claim (asking for it if nobody does) and
+        return True, else wait until it is done or its holder goes away."""
+        holder = self.model.claims.get(task)
+        if holder is None:
+            self.publish("claim", task)
+            await self.session.wait_for(lambda m: finished(m) or task in m.claims)
+            if finished(self.model):
+                return False
+            holder = self.model.claims[task]
+        if holder == self.view_id:
+            await action()
+            return True
+        await self.session.wait_for(lambda m: finished(m) or m.claims.get(task) != holder)
+        return False
+
+    async def _prepare(self) -> None:
+        spec = self.spec
+        inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
+        self.publish("inputs", {"inputs": inputs, "next": self._request(0)})
+        self._log("prepared")
+
+    async def _compute(self, index: int, input: Any) -> Any:
+        output = await self.ctx.plugin.compute(input, self.spec.start + index, self.spec.options)
+        self._log("computed", index=self.spec.start + index)
+        return output
+
+    async def _collect(self) -> None:
+        spec = self.spec
+        self._output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        self._collected_on = self.ctx.client.connection
+        self.publish("output", self._output)
+        # It describes the session after the output, which comes after all this replica has.
+        seq = self.session.replica.seq + 1
+        self.session.summarize(summary(self.model, done=True, output=self._output), seq)
+        self._log("collected")
+        if spec.leaf and self.ctx.on_leaf_done is not None:
+            self.ctx.on_leaf_done(self.session.name, spec.partitions)
+
+    def _summarize(self, *, force: bool = False) -> None:
+        """Summarize the session, at most every ``SUMMARY_EVERY`` s per process, unless
+        ``force``. Below the first level only the end is summarized: the web page counts
+        those sessions rather than showing them."""
+        if self.depth > SUMMARY_DEPTH and not force:
+            return
+        now, name = trio.current_time(), self.session.name
+        if force or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
+            if not force:  # only the first levels' sessions are remembered: a bounded number
+                self.ctx.summarized[name] = now
+            self.session.summarize(summary(self.model))
+
+    def _log(self, event: str, **fields: Any) -> None:
+        self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id, **fields})

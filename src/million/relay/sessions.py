@@ -1,0 +1,153 @@
+"""The reflector's side of one session: its ordered stream, its members and its snapshot.
+
+Sans-IO: time comes in as ``now`` (seconds on any monotonic clock); nothing here waits.
+A connection is whatever hashable handle the caller uses for it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from million.wire import codec
+
+C = TypeVar("C", bound=Hashable)
+
+
+class Phase(enum.Enum):
+    """Where a session is in its life on the reflector."""
+
+    OCCUPIED = "occupied"  # someone is present: its time runs and it ticks
+    EMPTY = "empty"  # nobody is present; kept until its events are stored and its snapshot answered
+    IDLE = "idle"  # nobody is present and all is stored: dropped first when memory is needed
+
+
+@attrs.frozen
+class SnapshotAsk(Generic[C]):
+    """A snapshot request outstanding: who was asked, of which event, at what session time."""
+
+    conn: C
+    seq: int
+    time: int
+
+
+@attrs.define(eq=False)
+class RelaySession(Generic[C]):
+    """One session's stream: stamped events since the latest snapshot, and who is present."""
+
+    name: str
+    model: str
+    options: bytes  # the creation record's options, encoded: compared and relayed as they are
+    phase: Phase = Phase.EMPTY
+    seq: int = 0
+    time: int = 0  # session time (ms) of the latest event or tick
+    time_base: int = 0  # session time when it was last occupied
+    occupied_since: float | None = None
+    occupied_seq: int = 0  # seq when someone last came into the empty session
+    last_sent: float = 0.0  # when the latest event or tick was stamped
+    snapshot_seq: int = 0
+    snapshot_time: int = 0
+    snapshot_state: bytes | None = None
+    snapshot_digest: str | None = None
+    tail: list[bytes] = attrs.Factory(list)  # encoded events after the snapshot
+    views: dict[str, C] = attrs.Factory(dict)  # present view -> its connection
+    conns: dict[C, int] = attrs.Factory(dict)  # connection -> its views here
+    recipients: tuple[C, ...] = ()  # the connections, in the order they came
+    asked: SnapshotAsk[C] | None = None
+    digests: dict[int, str] = attrs.Factory(dict)  # seq -> the first digest reported for it
+    divergences: int = 0
+
+    def clock(self, now: float) -> int:
+        """Session time: only time while someone is present counts."""
+        if self.occupied_since is None:
+            return self.time
+        return max(self.time, self.time_base + int((now - self.occupied_since) * 1000))
+
+    def stamp(self, view: str, topic: str, data: Any, now: float) -> bytes:
+        """The next event of the stream, encoded once and kept in the tail."""
+        self.seq += 1
+        self.time = self.clock(now)
+        self.last_sent = now
+        raw = codec.encode_event(self.name, self.seq, self.time, view, topic, data)
+        self.tail.append(raw)
+        return raw
+
+    def enter(self, conn: C, view: str, now: float) -> None:
+        """``view`` of ``conn`` is present from now on."""
+        if not self.conns:
+            self.time_base = self.time
+            self.occupied_since = now
+            self.occupied_seq = self.seq
+            self.phase = Phase.OCCUPIED
+        self.conns[conn] = self.conns.get(conn, 0) + 1
+        self.recipients = tuple(self.conns)
+        self.views[view] = conn
+
+    def exit(self, conn: C, view: str) -> None:
+        """``view`` of ``conn`` is no longer present; the last one out leaves it empty."""
+        del self.views[view]
+        count = self.conns[conn] - 1
+        if count:
+            self.conns[conn] = count
+        else:
+            del self.conns[conn]
+            self.recipients = tuple(self.conns)
+        if not self.conns:
+            self.occupied_since = None
+            self.phase = Phase.EMPTY
+
+    def sync(self, ref: int, view: str, full: bool, have: int | None, time: int) -> bytes:
+        """The Sync for a join: everything, only the events after ``have``, or nothing
+        when the joining connection already holds the session."""
+        resume = full and have is not None and self.snapshot_seq <= have <= self.seq
+        if resume:
+            full = False
+        body: dict[str, Any] = {
+            "type": "sync",
+            "ref": ref,
+            "session": self.name,
+            "view": view,
+            "model": self.model,
+            "options": codec.fragment(self.options),
+            "time": time,
+            "full": full,
+        }
+        if full:
+            if self.snapshot_state is not None:
+                body["snapshot"] = {
+                    "seq": self.snapshot_seq,
+                    "time": self.snapshot_time,
+                    "state": codec.fragment(self.snapshot_state),
+                    "digest": self.snapshot_digest,
+                }
+            body["events"] = [codec.fragment(raw) for raw in self.tail]
+        elif resume and have is not None:
+            body["events"] = [codec.fragment(raw) for raw in self.tail[have - self.snapshot_seq :]]
+        return codec.dumps(body)
+
+    def keep_snapshot(self, seq: int, time: int, state: bytes, digest: str) -> None:
+        """The snapshot after event ``seq`` replaces the events up to it."""
+        self.tail = self.tail[seq - self.snapshot_seq :]
+        self.snapshot_seq, self.snapshot_time = seq, time
+        self.snapshot_state, self.snapshot_digest = state, digest
+
+    def compare(self, seq: int, digest: str) -> bool:
+        """Record a digest of event ``seq``; True if it differs from one reported before."""
+        first = self.digests.pop(seq, None)
+        if first is None:
+            if len(self.digests) > 16:
+                self.digests.clear()
+            self.digests[seq] = digest
+            return False
+        if first != digest:
+            self.divergences += 1
+            return True
+        return False
+
+    @property
+    def pinned(self) -> bool:
+        """Whether it must stay in memory: someone is present or a snapshot is awaited."""
+        return bool(self.conns) or self.asked is not None

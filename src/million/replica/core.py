@@ -1,0 +1,494 @@
+"""The client core: the client's side of the protocol, with no I/O, no trio and no clock.
+
+``ClientCore`` holds this process's memberships of sessions and the replicas they
+share. Feed it the reflector's frames (``welcome`` for the first of a connection, then
+``receive``) and the connection's end (``disconnected``); it applies events to the
+replicas, answers snapshot and digest requests, and queues what to send, which the
+caller takes with ``data_to_send`` (``on_output`` is called whenever something was
+queued). A dropped connection is the caller's to re-establish: on the next ``welcome``
+every membership joins again, and a replica rebuilt from the reflector's snapshot and
+events never applies an event twice. Memberships in the same process share one replica.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import attrs
+
+from million.replica.model import Model, Replica, digest_of_dump, dump_state
+from million.wire import codec
+from million.wire.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    Digest,
+    DigestRequest,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    Join,
+    Leave,
+    Left,
+    Ping,
+    Pong,
+    ProtocolError,
+    SnapshotRequest,
+    Status,
+    StatusRequest,
+    Summarize,
+    Sync,
+    Tick,
+    Welcome,
+)
+
+__all__ = ["ClientCore", "ClientError", "Group", "JoinError", "Membership", "Received", "State"]
+
+log = logging.getLogger(__name__)
+
+FRAME_TARGET = 1 << 18  # bytes per outgoing frame, unless the reflector allows less
+KEPT_REPLICAS = 64  # replicas of left sessions kept to rejoin with only the events since
+FATAL = {ErrorCode.VERSION, ErrorCode.UNAUTHORIZED}
+
+
+class ClientError(Exception):
+    """The reflector cannot be used: unreachable, another protocol version, or refused."""
+
+
+class JoinError(Exception):
+    """The reflector refused a join; ``code`` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class State(enum.Enum):
+    """Where a membership is."""
+
+    JOINING = "joining"  # asked to join, not answered yet
+    SYNCED = "synced"  # joined, and its replica follows the stream
+    RESYNCING = "resyncing"  # joined before the connection dropped; joining again
+    FAILED = "failed"  # refused (``error`` says why)
+    LEFT = "left"  # left or given up
+
+
+@attrs.define(eq=False)
+class Group:
+    """This process's memberships of one session and the replica they share."""
+
+    name: str
+    model_cls: type[Model]
+    replica: Replica | None = None
+    members: list[Membership] = attrs.Factory(list)
+    synced_from: int = 0  # seq of the snapshot the replica was last rebuilt from
+    replayed: int = 0  # events replayed on top of it
+    departing: int = 0  # memberships left but not yet confirmed by the reflector
+    connection: int = 0  # the connection the replica was synced over
+
+    def rebuild(self, sync: Sync) -> None:
+        if sync.snapshot is not None:
+            replica = Replica.restore(self.model_cls, self.name, sync.snapshot.state)
+        else:
+            replica = Replica.create(self.model_cls, self.name, sync.options)
+        self.replica = replica
+        self.synced_from = sync.snapshot.seq if sync.snapshot is not None else 0
+        self.resume(sync)
+
+    def resume(self, sync: Sync) -> None:
+        """Bring the replica to the present with the sync's events (those it has are skipped)."""
+        replica = self.replica
+        assert replica is not None
+        for event in sync.events:
+            replica.apply(event)
+        replica.advance(sync.time)
+        replica.take_view_events()
+        self.replayed = len(sync.events)
+
+
+@attrs.define(eq=False)
+class Membership:
+    """One participant of a session: its view id in it, and what it hears of the model."""
+
+    group: Group
+    options: Any  # the session's creation options once joined
+    create: bool = True
+    state: State = State.JOINING
+    view_id: str = ""
+    error: JoinError | None = None
+    resyncs: int = 0  # joins again after the connection dropped
+    handlers: dict[str, list[Callable[[Any], None]]] = attrs.Factory(dict)
+    on_resync: Callable[[], None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def synced(self) -> bool:
+        return self.state is State.SYNCED
+
+    def deliver(self, topic: str, data: Any) -> None:
+        for handler in self.handlers.get(topic, ()):
+            handler(data)
+
+
+@attrs.frozen
+class Received:
+    """What a frame changed: groups whose replica or memberships moved, and replies."""
+
+    changed: list[Group]
+    replies: list[Pong | Status]
+
+
+@attrs.frozen
+class ClientStatistics:
+    connections: int
+    frames_in: int
+    events_applied: int
+    sessions: int
+
+
+def _nothing() -> None:
+    pass
+
+
+class ClientCore:
+    """Memberships, replicas and the exchange with the reflector."""
+
+    def __init__(self, *, token: str | None = None, label: str = "") -> None:
+        self.token = token
+        self.label = label
+        self.on_output: Callable[[], None] = _nothing
+        self.errors: deque[Error] = deque(maxlen=100)
+        self.connected = False
+        self.connection = 0  # the number of the current (or last) connection, from 1
+        self.max_frame = DEFAULT_MAX_FRAME
+        self._groups: dict[str, Group] = {}
+        self._kept: OrderedDict[str, Group] = OrderedDict()  # left groups whose replica is current
+        self._joining: dict[int, Membership] = {}
+        self._departing: dict[tuple[str, str], Group] = {}
+        self._refs = itertools.count(1)
+        self._out: list[bytes] = []
+        self._frames_in = 0
+        self._events_applied = 0
+        self._changed: dict[str, Group] = {}
+        self._replies: list[Pong | Status] = []
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            Event: self._on_event,
+            Tick: self._on_tick,
+            Sync: self._on_sync,
+            SnapshotRequest: self._on_snapshot_request,
+            DigestRequest: self._on_digest_request,
+            Left: self._on_left,
+            Error: self._on_error,
+            Pong: self._replies.append,
+            Status: self._replies.append,
+        }
+
+    def statistics(self) -> ClientStatistics:
+        return ClientStatistics(self.connection, self._frames_in, self._events_applied, len(self._groups))
+
+    @property
+    def departing(self) -> bool:
+        """Whether a leave is not yet confirmed by the reflector."""
+        return bool(self._departing)
+
+    @property
+    def pending(self) -> bool:
+        """Whether something is queued to send."""
+        return bool(self._out)
+
+    # --- the connection -------------------------------------------------------------------
+
+    def hello(self) -> bytes:
+        """The first frame of every connection."""
+        return codec.encode(Hello(PROTOCOL_VERSION, self.token, self.label))
+
+    def welcome(self, data: bytes) -> None:
+        """The reflector's answer to the hello: connected, and every membership joins again.
+
+        ``ClientError`` if the reflector refuses this client for good, ``ProtocolError``
+        for anything else unexpected.
+        """
+        reply = codec.decode_reflector(data)
+        first = reply[0] if reply else None
+        if isinstance(first, Error):
+            if first.code in FATAL:
+                raise ClientError(first.message)
+            raise ProtocolError(first.code, first.message)
+        if not isinstance(first, Welcome):
+            raise ProtocolError(ErrorCode.UNEXPECTED, f"expected a welcome, got {first!r}")
+        self.max_frame = first.max_frame
+        self.connected = True
+        self.connection += 1
+        self._out = []
+        for group in self._groups.values():
+            for member in group.members:
+                self._send_join(member)
+
+    def disconnected(self) -> None:
+        """The connection ended: memberships wait for the next, unconfirmed leaves are done."""
+        self.connected = False
+        self._joining.clear()
+        for group in self._groups.values():
+            for member in group.members:
+                if member.state is State.SYNCED:
+                    member.state = State.RESYNCING
+        for group in self._departing.values():
+            group.departing = 0
+            self._discard(group)
+        self._departing.clear()
+        self._kept.clear()
+        self._out = []
+
+    def receive(self, data: bytes) -> Received:
+        """Apply a frame from the reflector. ``ProtocolError`` if the stream cannot be
+        followed (a gap): the connection must be dropped and made again."""
+        self._frames_in += 1
+        handlers = self._handlers
+        for message in codec.decode_reflector(data):
+            handlers[type(message)](message)
+        changed, self._changed = list(self._changed.values()), {}
+        replies = self._replies[:]
+        self._replies.clear()
+        return Received(changed, replies)
+
+    def data_to_send(self) -> list[bytes]:
+        """Everything queued, packed into as few frames as the reflector allows."""
+        parts, self._out = self._out, []
+        return _chunks(parts, min(FRAME_TARGET, self.max_frame))
+
+    # --- sessions -------------------------------------------------------------------------
+
+    def join(
+        self, name: str, model_cls: type[Model], options: Any = None, *, create: bool = True
+    ) -> Membership:
+        """A new membership of ``name``; it is joined once ``state`` is no longer JOINING."""
+        group = self._groups.get(name)
+        if group is None:
+            kept = self._kept.pop(name, None)
+            group = kept if kept is not None and kept.model_cls is model_cls else Group(name, model_cls)
+            self._groups[name] = group
+        member = Membership(group, options, create)
+        group.members.append(member)
+        if self.connected:
+            self._send_join(member)
+        return member
+
+    def leave(self, member: Membership) -> None:
+        """Leave without waiting. The replica stays until the reflector confirms, so that
+        it can still answer the snapshot the reflector may ask for on the way out."""
+        if member.synced and self.connected:
+            self._send(Leave(member.name, member.view_id))
+            self._depart(member.name, member.view_id, member.group)
+        self.forget(member)
+
+    def forget(self, member: Membership) -> None:
+        """Drop a membership (a join given up, or one that failed) without telling anyone."""
+        if member.state is not State.FAILED:
+            member.state = State.LEFT
+        group = member.group
+        if member in group.members:
+            group.members.remove(member)
+        self._discard(group)
+
+    def publish(self, member: Membership, topic: str, data: Any) -> bool:
+        """Queue an event for the session's models; False (dropped) while not synced."""
+        if not (member.state is State.SYNCED and self.connected):
+            return False
+        self._queue(codec.encode_publish(member.name, member.view_id, topic, data))
+        return True
+
+    def summarize(self, member: Membership, data: Any, seq: int | None = None) -> None:
+        """Tell the reflector what the session is at as of event ``seq`` (default: the last applied)."""
+        replica = member.group.replica
+        if member.synced and self.connected and replica is not None:
+            self._send(Summarize(member.name, member.view_id, seq or replica.seq, codec.dumps(data)))
+
+    def ping(self) -> int:
+        """Queue a ping; its Pong carries the returned ref."""
+        ref = next(self._refs)
+        self._send(Ping(ref))
+        return ref
+
+    def status(self, summaries: Iterable[str] = ()) -> int:
+        """Queue a status request; its Status carries the returned ref."""
+        ref = next(self._refs)
+        self._send(StatusRequest(ref, list(summaries)))
+        return ref
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _depart(self, name: str, view: str, group: Group) -> None:
+        """Keep ``group`` until the reflector confirms that ``view`` left."""
+        self._departing[(name, view)] = group
+        group.departing += 1
+
+    def _discard(self, group: Group) -> None:
+        if not group.members and not group.departing and self._groups.get(group.name) is group:
+            del self._groups[group.name]
+            if self.connected and group.replica is not None and group.connection == self.connection:
+                self._kept[group.name] = group
+                if len(self._kept) > KEPT_REPLICAS:
+                    self._kept.popitem(last=False)
+
+    def _send_join(self, member: Membership) -> None:
+        ref = next(self._refs)
+        self._joining[ref] = member
+        group = member.group
+        have = (
+            group.replica.seq if group.replica is not None and group.connection == self.connection else None
+        )
+        self._send(Join(ref, group.name, group.model_cls.model_name, member.options, member.create, have))
+
+    def _send(self, message: Any) -> None:
+        if self.connected:
+            self._queue(codec.encode(message))
+
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self.on_output()
+
+    def _touch(self, group: Group) -> None:
+        self._changed[group.name] = group
+
+    # --- messages from the reflector -----------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        group = self._groups.get(event.session)
+        if group is None or group.replica is None:
+            return
+        replica = group.replica
+        try:
+            applied = replica.apply(event)
+        except LookupError as exc:  # a gap: resynchronise everything through a new connection
+            raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
+        if applied:
+            self._events_applied += 1
+            if replica.view_events:
+                _deliver(group, replica.take_view_events())
+        self._touch(group)
+
+    def _on_tick(self, tick: Tick) -> None:
+        group = self._groups.get(tick.session)
+        if group is None or group.replica is None:
+            return
+        group.replica.advance(tick.time)
+        if group.replica.view_events:
+            _deliver(group, group.replica.take_view_events())
+        self._touch(group)
+
+    def _on_sync(self, sync: Sync) -> None:
+        member = self._joining.pop(sync.ref, None)
+        if member is None:
+            return
+        group = member.group
+        if self._groups.get(group.name) is not group:  # given up, and nobody else here uses it
+            self._send(Leave(sync.session, sync.view))
+            return
+        if sync.full or group.replica is None:
+            try:
+                group.rebuild(sync)
+            except Exception as exc:  # state this model class cannot take: fail loudly, not forever
+                log.error("%s: cannot rebuild the model: %s", sync.session, exc)
+                group.replica = None
+                self._fail(member, JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
+                self._send(Leave(sync.session, sync.view))
+                return
+        elif sync.events:
+            try:
+                group.resume(sync)
+            except LookupError as exc:
+                raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
+        group.connection = self.connection
+        self._touch(group)
+        if member not in group.members:  # the join was given up on the way: leave again
+            self._send(Leave(sync.session, sync.view))
+            self._depart(sync.session, sync.view, group)
+            return
+        again = member.state is State.RESYNCING
+        member.options = sync.options
+        member.view_id = sync.view
+        member.state = State.SYNCED
+        if again:
+            member.resyncs += 1
+            if member.on_resync is not None:
+                member.on_resync()
+
+    def _fail(self, member: Membership, error: JoinError) -> None:
+        member.error = error
+        member.state = State.FAILED
+        self._touch(member.group)
+
+    def _on_snapshot_request(self, request: SnapshotRequest) -> None:
+        replica = self._replica_at(request.session, request.seq)
+        if replica is None:
+            return
+        state = dump_state(replica.snapshot())
+        message = codec.encode_snapshot(request.session, request.seq, state, digest_of_dump(state))
+        if len(message) + 2 > self.max_frame:  # it travels inside a frame's [ ]
+            log.error(
+                "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",
+                request.session,
+                len(message),
+                self.max_frame,
+            )
+            return
+        self._queue(message)
+
+    def _on_digest_request(self, request: DigestRequest) -> None:
+        replica = self._replica_at(request.session, request.seq)
+        if replica is not None:
+            self._send(Digest(request.session, request.seq, replica.digest()))
+
+    def _replica_at(self, name: str, seq: int) -> Replica | None:
+        group = self._groups.get(name)
+        if group is None or group.replica is None or group.replica.seq != seq:
+            return None
+        return group.replica
+
+    def _on_left(self, left: Left) -> None:
+        group = self._departing.pop((left.session, left.view), None)
+        if group is not None:
+            group.departing -= 1
+            self._discard(group)
+
+    def _on_error(self, error: Error) -> None:
+        self.errors.append(error)
+        member = self._joining.pop(error.ref, None) if error.ref is not None else None
+        if member is not None:
+            self._fail(member, JoinError(error.code, error.message))
+            return
+        log.warning("reflector error %s: %s", error.code, error.message)
+
+
+def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
+    for member in list(group.members):
+        for topic, data in events:
+            try:
+                member.deliver(topic, data)
+            except Exception:
+                log.exception("%s: view handler for %r failed", group.name, topic)
+
+
+def _chunks(parts: list[bytes], limit: int) -> list[bytes]:
+    """Pack encoded messages into as few frames of at most ``limit`` bytes as fit.
+
+    A single message over the limit still goes alone: the reflector refuses it, loudly.
+    """
+    chunks: list[bytes] = []
+    start = size = 0
+    for i, part in enumerate(parts):
+        if size and size + len(part) + 2 > limit:
+            chunks.append(codec.frame(parts[start:i]))
+            start, size = i, 0
+        size += len(part) + 1
+    if start < len(parts):
+        chunks.append(codec.frame(parts[start:]))
+    return chunks
