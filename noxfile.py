@@ -1,12 +1,14 @@
-"""Sessions: tests (the CI gate), lint, bench."""
+"""Sessions: tests (the CI gate), lint (ruff, import contracts, mypy), docs, bench."""
 
 import os
 import shutil
 
 import nox
 
-nox.options.sessions = ["tests", "lint"]
+nox.options.sessions = ["tests", "lint", "docs"]
 nox.options.default_venv_backend = "venv"
+
+SOURCES = ["src", "tests", "benchmarks", "examples", "noxfile.py"]
 
 
 @nox.session
@@ -18,9 +20,19 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "benchmarks", "examples", "noxfile.py")
-    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "examples", "noxfile.py")
+    """Style, the layers' import contracts (pyproject.toml), and strict typing of src/."""
+    session.install("-e", ".[lint]", "-e", "src/million_demo")
+    session.run("ruff", "check", *SOURCES)
+    session.run("ruff", "format", "--check", *SOURCES)
+    session.run("lint-imports")
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation in strict mode: a broken link or a page left out fails."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(session.create_tmp() + "/site"))
 
 
 @nox.session

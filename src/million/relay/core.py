@@ -22,8 +22,8 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from million.relay.config import ReflectorConfig, ReflectorStatistics
+from million.relay.records import Batch, StoredSession
 from million.relay.sessions import Phase, RelaySession, SnapshotAsk
-from million.relay.store import Batch, StoredSession
 from million.wire import codec
 from million.wire.protocol import (
     PROTOCOL_VERSION,

@@ -25,8 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from time import perf_counter
 
-import attrs
 import trio
+
+from million.relay.records import Batch, StoredSession
 
 VERSION = 2  # PRAGMA user_version of the schema below
 
@@ -60,34 +61,6 @@ CREATE TABLE IF NOT EXISTS events (
 
 class StoreError(Exception):
     """The store file cannot be used."""
-
-
-@attrs.frozen
-class StoredSession:
-    """Everything needed to bring a session back: JSON values are kept encoded."""
-
-    name: str
-    model: str
-    options: bytes
-    snapshot_seq: int
-    snapshot_time: int
-    snapshot_state: bytes | None
-    snapshot_digest: str | None
-    present: bytes
-    events: list[bytes]
-
-
-@attrs.define
-class Batch:
-    """The changes of one group commit, applied in the order of the fields."""
-
-    created: list[tuple[str, str, bytes]] = attrs.Factory(list)
-    events: list[tuple[str, int, bytes]] = attrs.Factory(list)
-    snapshots: list[tuple[str, int, int, bytes, str]] = attrs.Factory(list)
-    presence: dict[str, bytes] = attrs.Factory(dict)  # the views present, as a JSON list
-
-    def __bool__(self) -> bool:
-        return bool(self.created or self.events or self.snapshots or self.presence)
 
 
 _RECORD = struct.Struct("<II")  # length and CRC-32 of a pickled batch
