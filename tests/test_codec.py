@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from million.replica.core import _chunks
 from million.replica.model import digest_of, digest_of_dump, dump_state
 from million.wire import codec, protocol
+from million.wire.codec import frames
 from million.wire.protocol import ErrorCode, ProtocolError
 
 json_values = st.recursive(
@@ -174,9 +174,9 @@ encoded_strings = st.binary(min_size=1, max_size=50).map(lambda b: b'"' + b.hex(
 @given(st.lists(encoded_strings, max_size=40))
 def test_outgoing_frames_stay_within_the_limit_and_keep_every_message(parts):
     limit = 120
-    frames = _chunks(parts, limit)
-    assert [item for frame in frames for item in orjson.loads(frame)] == [orjson.loads(p) for p in parts]
-    assert all(len(frame) <= limit for frame in frames if len(orjson.loads(frame)) > 1)
+    chunks = frames(parts, limit)
+    assert [item for frame in chunks for item in orjson.loads(frame)] == [orjson.loads(p) for p in parts]
+    assert all(len(frame) <= limit for frame in chunks if len(orjson.loads(frame)) > 1)
 
 
 @given(

@@ -262,7 +262,7 @@ class ClientCore:
     def data_to_send(self) -> list[bytes]:
         """Everything queued, packed into as few frames as the reflector allows."""
         parts, self._out = self._out, []
-        return _chunks(parts, min(FRAME_TARGET, self.max_frame))
+        return codec.frames(parts, min(FRAME_TARGET, self.max_frame))
 
     # --- sessions -------------------------------------------------------------------------
 
@@ -475,20 +475,3 @@ def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
                 member.deliver(topic, data)
             except Exception:
                 log.exception("%s: view handler for %r failed", group.name, topic)
-
-
-def _chunks(parts: list[bytes], limit: int) -> list[bytes]:
-    """Pack encoded messages into as few frames of at most ``limit`` bytes as fit.
-
-    A single message over the limit still goes alone: the reflector refuses it, loudly.
-    """
-    chunks: list[bytes] = []
-    start = size = 0
-    for i, part in enumerate(parts):
-        if size and size + len(part) + 2 > limit:
-            chunks.append(codec.frame(parts[start:i]))
-            start, size = i, 0
-        size += len(part) + 1
-    if start < len(parts):
-        chunks.append(codec.frame(parts[start:]))
-    return chunks

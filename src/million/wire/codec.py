@@ -37,6 +37,7 @@ __all__ = [
     "encode",
     "encode_event",
     "frame",
+    "frames",
     "loads",
 ]
 
@@ -137,6 +138,23 @@ def encode_snapshot(session: str, seq: int, state: bytes, digest: str) -> bytes:
 def frame(parts: Iterable[bytes]) -> bytes:
     """Join encoded messages into one frame (a JSON array)."""
     return b"[" + b",".join(parts) + b"]"
+
+
+def frames(parts: list[bytes], limit: int) -> list[bytes]:
+    """Pack encoded messages into as few frames of at most ``limit`` bytes as fit.
+
+    A single message over the limit still goes alone: the reflector refuses it, loudly.
+    """
+    chunks: list[bytes] = []
+    start = size = 0
+    for i, part in enumerate(parts):
+        if size and size + len(part) + 2 > limit:
+            chunks.append(frame(parts[start:i]))
+            start, size = i, 0
+        size += len(part) + 1
+    if start < len(parts):
+        chunks.append(frame(parts[start:]))
+    return chunks
 
 
 def fragment(raw: bytes) -> Any:
