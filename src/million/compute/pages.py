@@ -1,7 +1,7 @@
 """The runs page of the reflector's web port: the lobby's runs and a run's partition tree.
 
-Registered on the web port by the commands that start a reflector (``million reflector``,
-``million run``); the relay serves it without knowing what it shows. Everything comes
+Registered on the web port by ``million reflector``; the relay serves it without knowing
+what it shows. Everything comes
 from the summaries that workers publish (``million.compute.progress``).
 """
 

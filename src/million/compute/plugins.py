@@ -13,19 +13,40 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
-import orjson
+import attrs
 import pluggy
 import trio
 
 from million.compute import hookspecs
+from million.wire import codec
 
-__all__ = ["Plugin", "PluginError", "installed_plugins", "load_plugin", "plugin_from_object"]
+__all__ = ["Plugin", "PluginError", "Result", "installed_plugins", "load_plugin", "plugin_from_object"]
 
 GROUP = "million"
 
 
 class PluginError(Exception):
     """A plugin is missing, of another version, or broke its contract."""
+
+
+@attrs.frozen
+class Result:
+    """A value a hook returned, encoded once as JSON: it is sent as these bytes and
+    decoded only where it is read."""
+
+    raw: bytes
+
+    @classmethod
+    def of(cls, value: Any) -> Result:
+        """``value`` encoded; ``TypeError`` if it is not JSON."""
+        return cls(codec.compact(codec.dumps(value)))
+
+    def embed(self) -> Any:
+        """The encoded value, to put as it is inside a value being encoded (an event)."""
+        return codec.fragment(self.raw)
+
+    def value(self) -> Any:
+        return codec.loads(self.raw)
 
 
 class Plugin:
@@ -40,21 +61,22 @@ class Plugin:
     def __repr__(self) -> str:
         return f"<plugin {self.name} {self.version}>"
 
-    async def prepare_inputs(self, input: Any, count: int, options: dict[str, Any]) -> list[Any]:
+    async def prepare_inputs(self, input: Any, count: int, options: dict[str, Any]) -> Result:
         inputs = await self._call("prepare_inputs", input=input, count=count, options=options)
         if not isinstance(inputs, list) or len(inputs) != count:
             got = f"a list of {len(inputs)}" if isinstance(inputs, list) else type(inputs).__name__
             raise PluginError(
                 f"plugin {self.name}: prepare_inputs must return a list of {count} inputs, not {got}"
             )
-        return self._json(inputs, "prepare_inputs")
+        return self._encode(inputs, "prepare_inputs")
 
-    async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Any:
-        return self._json(await self._call("compute", input=input, index=index, options=options), "compute")
+    async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
+        output = await self._call("compute", input=input, index=index, options=options)
+        return self._encode(output, "compute")
 
-    async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Any:
+    async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Result:
         result = await self._call("collect_results", outputs=outputs, options=options)
-        return self._json(result, "collect_results")
+        return self._encode(result, "collect_results")
 
     def log(self, record: dict[str, Any]) -> None:
         self.manager.hook.log(record=record)
@@ -77,9 +99,9 @@ class Plugin:
         self._hooks[hook_name] = found = (hook, all(inspect.iscoroutinefunction(i.function) for i in impls))
         return found
 
-    def _json(self, value: Any, hook_name: str) -> Any:
+    def _encode(self, value: Any, hook_name: str) -> Result:
         try:
-            return orjson.loads(orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS))
+            return Result.of(value)
         except TypeError as exc:
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"

@@ -11,9 +11,9 @@ import attrs
 import trio
 
 from million.compute.computation import Computation
+from million.compute.plugins import Result
 from million.replica.model import Model
 from million.replica.session import Session
-from million.wire.codec import dumps
 from million.wire.protocol import VIEW_EXIT
 
 __all__ = ["Progress", "is_run_summary", "progress_session", "report_progress", "short", "summary"]
@@ -22,7 +22,7 @@ SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
 SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
 
 
-def summary(model: Computation, *, done: bool = False, output: Any = None) -> dict[str, Any]:
+def summary(model: Computation, *, done: bool = False, output: Result | None = None) -> dict[str, Any]:
     """What a session of the tree is doing, for ``million status`` and the web page."""
     done = done or model.done
     if done:
@@ -53,9 +53,11 @@ def summary(model: Computation, *, done: bool = False, output: Any = None) -> di
 
 
 def short(value: Any, limit: int = 512) -> Any:
-    """``value`` if its JSON is short enough for a summary, else a note of its size."""
-    size = len(dumps(value))
-    return value if size <= limit else f"<{size} bytes>"
+    """``value`` (a JSON value or a ``Result``) if it is short enough for a summary, else a
+    note of its size."""
+    result = value if isinstance(value, Result) else Result.of(value)
+    size = len(result.raw)
+    return result.embed() if size <= limit else f"<{size} bytes>"
 
 
 def is_run_summary(summary: Any) -> bool:

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from million.compute.computation import Computation
-from million.compute.plugins import Plugin
+from million.compute.plugins import Plugin, Result
 from million.compute.progress import SUMMARY_EVERY, summary
 from million.compute.tree import Spec
 from million.replica.client import Client
@@ -44,8 +44,7 @@ class Context:
 class Outcome:
     """How a worker's time in a session ended: the session's output, or a child to work."""
 
-    done: bool
-    output: Any = None
+    output: Result | None = None  # the session's: done
     index: int = -1
     child: str = ""
     child_options: dict[str, Any] = attrs.Factory(dict)
@@ -58,12 +57,12 @@ async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -
     ``options=None`` joins the session as it exists (a run's root, found by name).
     """
     output, _ = await _work_in(ctx, name, options)
-    return output
+    return output.value()
 
 
 async def _work_in(
     ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0
-) -> tuple[Any, int | None]:
+) -> tuple[Result, int | None]:
     """``work``, and the connection that sent the output if this worker collected it
     (None when the output came back from the session)."""
     report = None
@@ -71,7 +70,7 @@ async def _work_in(
         view = partial(Worker, ctx=ctx, report=report, depth=depth)
         async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
             outcome = await session.view.outcome()
-        if outcome.done:
+        if outcome.output is not None:
             return outcome.output, outcome.connection
         output, connection = await _work_in(ctx, outcome.child, outcome.child_options, depth + 1)
         report = (outcome.index, output, connection)
@@ -85,7 +84,7 @@ class Worker(View):
         session: Session,
         *,
         ctx: Context,
-        report: tuple[int, Any, int | None] | None = None,
+        report: tuple[int, Result, int | None] | None = None,
         depth: int = 0,
     ) -> None:
         super().__init__(session)
@@ -98,7 +97,7 @@ class Worker(View):
         self._window = ctx.window if self.spec.leaf else 1
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
-        self._output: Any = None  # what this view collected
+        self._output: Result | None = None  # what this view collected
         self._collected_on = 0  # the connection that sent it
         self._finished = trio.Event()
 
@@ -126,12 +125,12 @@ class Worker(View):
             index, output, connection = self.report
             if not self._sent_on(connection):
                 return self._child_outcome(index)
-            self.publish("end", {"index": index, "output": output, "next": self._request(0)})
+            self.publish("end", {"index": index, "output": output.embed(), "next": self._request(0)})
         while True:
             model = self.model
             self._summarize(force=model.done)
             if model.done:
-                return Outcome(True, model.output)
+                return Outcome(Result.of(model.output))
             if model.inputs is None:
                 if await self._claim("prepare", lambda m: m.inputs is not None, self._prepare):
                     await self.session.wait_for(lambda m: m.inputs is not None)
@@ -140,7 +139,7 @@ class Worker(View):
             if index is None:
                 if await self._claim("collect", lambda m: m.done, self._collect):
                     # No need to wait for it to come back: see _sent_on.
-                    return Outcome(True, self._output, connection=self._collected_on)
+                    return Outcome(self._output, connection=self._collected_on)
                 continue
             self._reported.add(index)
             if not self.spec.leaf:
@@ -153,11 +152,11 @@ class Worker(View):
             else:
                 output = await self._compute(index, model.inputs[index])
             if not self.model.completed[index]:
-                self.publish("end", {"index": index, "output": output, **self._refill()})
+                self.publish("end", {"index": index, "output": output.embed(), **self._refill()})
 
     def _child_outcome(self, index: int) -> Outcome:
         child, options = self.spec.child(self.session.name, index, self.model.inputs[index])
-        return Outcome(False, index=index, child=child, child_options=options)
+        return Outcome(index=index, child=child, child_options=options)
 
     def _sent_on(self, connection: int | None) -> bool:
         """Whether a child's output sent on ``connection`` is surely ahead of what this view
@@ -231,7 +230,7 @@ class Worker(View):
     async def _prepare(self) -> None:
         spec = self.spec
         inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
-        self.publish("inputs", {"inputs": inputs, "next": self._request(0)})
+        self.publish("inputs", {"inputs": inputs.embed(), "next": self._request(0)})
         self._log("prepared")
 
     async def _compute(self, index: int, input: Any) -> Any:
@@ -241,12 +240,12 @@ class Worker(View):
 
     async def _collect(self) -> None:
         spec = self.spec
-        self._output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        self._output = output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
         self._collected_on = self.ctx.client.connection
-        self.publish("output", self._output)
+        self.publish("output", output.embed())
         # It describes the session after the output, which comes after all this replica has.
         seq = self.session.replica.seq + 1
-        self.session.summarize(summary(self.model, done=True, output=self._output), seq)
+        self.session.summarize(summary(self.model, done=True, output=output), seq)
         self._log("collected")
         if spec.leaf and self.ctx.on_leaf_done is not None:
             self.ctx.on_leaf_done(self.session.name, spec.partitions)

@@ -122,7 +122,7 @@ class Reflector:
     async def serve(self, *, task_status: trio.TaskStatus[Reflector] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; on the way out, commit what is pending and tell clients."""
         self.core.started_at = trio.current_time()
-        self.core.stored = set(await self.store.names())
+        self.core.stored.update(await self.store.names())
         try:
             async with tasks.open_nursery() as nursery:
                 nursery.start_soon(self._pump)

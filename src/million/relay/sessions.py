@@ -7,11 +7,13 @@ A connection is whatever hashable handle the caller uses for it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Hashable
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 import attrs
 
+from million.relay.records import StoredSession
 from million.wire import codec
 
 C = TypeVar("C", bound=Hashable)
@@ -147,7 +149,109 @@ class RelaySession(Generic[C]):
             return True
         return False
 
+    def describe(self, now: float) -> dict[str, Any]:
+        """The session as ``million status`` shows it."""
+        since = now - (self.occupied_since or now)
+        return {
+            "name": self.name,
+            "model": self.model,
+            "participants": len(self.views),
+            "connections": len(self.conns),
+            "seq": self.seq,
+            "time": self.time,
+            "events_per_s": round((self.seq - self.occupied_seq) / since, 1) if since > 0 else 0.0,
+            "snapshot_seq": self.snapshot_seq,
+            "events_since_snapshot": self.seq - self.snapshot_seq,
+            "divergences": self.divergences,
+        }
+
     @property
     def pinned(self) -> bool:
         """Whether it must stay in memory: someone is present or a snapshot is awaited."""
         return bool(self.conns) or self.asked is not None
+
+
+class Summaries:
+    """The latest summary of each session, as received; the most recently updated kept."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._kept: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # name -> (seq, summary)
+
+    def keep(self, name: str, seq: int, raw: bytes) -> None:
+        """Keep ``raw`` as the summary of ``name`` as of event ``seq``, unless a later one is kept."""
+        if seq < self._kept.get(name, (0, b""))[0]:
+            return  # a participant that lags behind described an older state
+        self._kept[name] = (seq, raw)
+        self._kept.move_to_end(name)
+        if len(self._kept) > self.limit:
+            self._kept.popitem(last=False)
+
+    def names(self) -> list[str]:
+        return list(self._kept)
+
+    def get(self, names: Iterable[str]) -> dict[str, bytes]:
+        kept = self._kept
+        return {name: kept[name][1] for name in names if name in kept}
+
+
+class SessionTable(Generic[C]):
+    """The sessions in memory by name, which are occupied and which idle, and the names of
+    all sessions in the store."""
+
+    def __init__(self, idle_limit: int) -> None:
+        self.idle_limit = idle_limit
+        self.in_memory: dict[str, RelaySession[C]] = {}
+        self.occupied: dict[str, RelaySession[C]] = {}
+        self.idle: OrderedDict[str, None] = OrderedDict()  # oldest first
+        self.stored: set[str] = set()
+
+    def add(self, session: RelaySession[C]) -> None:
+        """A session created now, or brought back from the store."""
+        self.in_memory[session.name] = session
+        self.stored.add(session.name)
+
+    def enter(self, session: RelaySession[C], conn: C, view: str, now: float) -> None:
+        if session.phase is not Phase.OCCUPIED:
+            self.idle.pop(session.name, None)
+            self.occupied[session.name] = session
+        session.enter(conn, view, now)
+
+    def exit(self, session: RelaySession[C], conn: C, view: str) -> bool:
+        """End a membership; True if that left the session empty."""
+        session.exit(conn, view)
+        if session.phase is Phase.EMPTY:
+            self.occupied.pop(session.name, None)
+            return True
+        return False
+
+    def settle(self, emptied: Iterable[str]) -> None:
+        """``emptied`` sessions are stored: those not pinned go idle, and the oldest idle
+        ones beyond the limit leave memory."""
+        for name in emptied:
+            session = self.in_memory.get(name)
+            if session is not None and not session.pinned:
+                session.phase = Phase.IDLE
+                self.idle[name] = None
+                self.idle.move_to_end(name)
+        while len(self.idle) > self.idle_limit:
+            name, _ = self.idle.popitem(last=False)
+            session = self.in_memory.get(name)
+            if session is not None and session.phase is Phase.IDLE:
+                del self.in_memory[name]
+
+
+def revived(stored: StoredSession) -> RelaySession[Any]:
+    """A session as the store kept it; nobody is present."""
+    return RelaySession(
+        stored.name,
+        stored.model,
+        stored.options,
+        seq=stored.snapshot_seq + len(stored.events),
+        time=codec.loads(stored.events[-1])["time"] if stored.events else stored.snapshot_time,
+        snapshot_seq=stored.snapshot_seq,
+        snapshot_time=stored.snapshot_time,
+        snapshot_state=stored.snapshot_state,
+        snapshot_digest=stored.snapshot_digest,
+        tail=list(stored.events),
+    )

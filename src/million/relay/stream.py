@@ -1,0 +1,182 @@
+"""The sessions' ordered streams: stamping and relaying events, presence, ticks, snapshots.
+
+Part of the relay core (sans-IO): ``Streams`` does to sessions what ``RelayCore`` decides
+on behalf of connections, and writes what follows into the shared ``Output``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+from million.relay.config import ReflectorConfig
+from million.relay.records import Batch
+from million.relay.sessions import RelaySession, SessionTable, SnapshotAsk
+from million.wire import codec
+from million.wire.protocol import (
+    VIEW_EXIT,
+    VIEW_JOIN,
+    DigestRequest,
+    ErrorCode,
+    ProtocolError,
+    Snapshot,
+    SnapshotRequest,
+    Tick,
+)
+
+__all__ = ["Output", "Peer", "Streams"]
+
+log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound=Hashable)
+
+
+@attrs.define(eq=False)
+class Peer(Generic[C]):
+    """What the core knows of one connection."""
+
+    label: str
+    memberships: dict[tuple[str, str], RelaySession[C]] = attrs.Factory(dict)  # (session, view)
+    asked: set[str] = attrs.Factory(set)  # sessions it was asked a snapshot of
+    allowance: float = 0.0  # messages it may still send now (token bucket)
+    refilled: float = 0.0
+
+    def charge(self, rate: int, messages: int, now: float) -> float:
+        """Seconds to wait before ``messages`` are handled, at ``rate`` per second (a token
+        bucket holding one second's allowance)."""
+        self.allowance = min(rate, self.allowance + (now - self.refilled) * rate) - messages
+        self.refilled = now
+        return -self.allowance / rate if self.allowance < 0 else 0.0
+
+
+@attrs.define
+class Output(Generic[C]):
+    """What the core decided since the last ``take``."""
+
+    sends: list[tuple[tuple[C, ...], bytes]] = attrs.Factory(list)  # (recipients, encoded message)
+    batch: Batch = attrs.Factory(Batch)  # to store before any of ``sends`` goes out
+    emptied: list[str] = attrs.Factory(list)  # sessions that may go idle once ``batch`` is stored
+
+    def __bool__(self) -> bool:
+        return bool(self.sends or self.batch or self.emptied)
+
+
+class Streams(Generic[C]):
+    """What happens to sessions' streams: each change is stamped, stored and relayed."""
+
+    def __init__(
+        self,
+        config: ReflectorConfig,
+        table: SessionTable[C],
+        peers: dict[C, Peer[C]],
+        counters: dict[str, int],
+    ) -> None:
+        self.config = config
+        self.table = table
+        self.peers = peers
+        self.counters = counters
+        self.output: Output[C] = Output()
+
+    def emit(self, recipients: tuple[C, ...], data: bytes) -> None:
+        self.output.sends.append((recipients, data))
+
+    def append(
+        self,
+        session: RelaySession[C],
+        view: str,
+        topic: str,
+        data: Any,
+        recipients: tuple[C, ...],
+        now: float,
+    ) -> None:
+        """Stamp the next event of ``session``, store it and relay it to ``recipients``."""
+        raw = session.stamp(view, topic, data, now)
+        self.output.batch.events.append((session.name, session.seq, raw))
+        self.emit(recipients, raw)
+        self.counters["events"] += 1
+        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask(session):
+            self.ask_snapshot(session, session.recipients)
+
+    def enter(self, conn: C, session: RelaySession[C], ref: int, have: int | None, now: float) -> None:
+        """A new membership of ``conn``: its sync, then its ``view-join`` for everyone."""
+        view = f"v{session.seq + 1}"
+        full = conn not in session.conns
+        self.table.enter(session, conn, view, now)
+        self.peers[conn].memberships[(session.name, view)] = session
+        self.emit((conn,), session.sync(ref, view, full, have, session.clock(now)))
+        self.append(session, view, VIEW_JOIN, view, session.recipients, now)
+        self.output.batch.presence[session.name] = codec.dumps(list(session.views))
+
+    def exit(self, conn: C, session: RelaySession[C], view: str, now: float) -> None:
+        """End one membership: the exit goes to everyone who saw it, the leaver included."""
+        recipients = session.recipients
+        del self.peers[conn].memberships[(session.name, view)]
+        emptied = self.table.exit(session, conn, view)
+        self.append(session, view, VIEW_EXIT, view, recipients, now)
+        self.output.batch.presence[session.name] = codec.dumps(list(session.views))
+        if emptied:
+            self.output.emptied.append(session.name)
+
+    def tick(self, now: float) -> None:
+        """A time-only tick for every occupied session silent for a tick interval."""
+        interval = self.config.tick_ms / 1000
+        for session in self.table.occupied.values():
+            if now - session.last_sent >= interval:
+                session.time = session.clock(now)
+                session.last_sent = now
+                self.emit(session.recipients, codec.encode(Tick(session.name, session.time)))
+
+    # --- snapshots and digests ---------------------------------------------------------------
+
+    def _may_ask(self, session: RelaySession[C]) -> bool:
+        """No request outstanding, or one left unanswered for a whole interval: ask again."""
+        asked = session.asked
+        return asked is None or session.seq - asked.seq >= self.config.snapshot_every
+
+    def ask_snapshot(self, session: RelaySession[C], candidates: tuple[C, ...]) -> None:
+        """Ask one of ``candidates`` for a snapshot, and another for a digest to compare."""
+        if not candidates:
+            return
+        conn = candidates[session.seq % len(candidates)]
+        session.asked = SnapshotAsk(conn, session.seq, session.time)
+        self.peers[conn].asked.add(session.name)
+        self.emit((conn,), codec.encode(SnapshotRequest(session.name, session.seq)))
+        if len(candidates) > 1:
+            other = candidates[(session.seq + 1) % len(candidates)]
+            self.emit((other,), codec.encode(DigestRequest(session.name, session.seq)))
+
+    def snapshot(self, conn: C, message: Snapshot) -> None:
+        """A snapshot answered: it replaces the events up to it, in memory and in the store."""
+        session = self.table.in_memory.get(message.session)
+        asked = session.asked if session is not None else None
+        if session is not None and asked is not None and message.seq < asked.seq and conn in session.conns:
+            return  # the answer to a request made again since: too late to be used
+        if session is None or asked is None or asked.conn != conn or asked.seq != message.seq:
+            raise ProtocolError(ErrorCode.UNEXPECTED, "a snapshot nobody asked for")
+        session.asked = None
+        self.peers[conn].asked.discard(session.name)
+        session.keep_snapshot(message.seq, asked.time, message.state, message.digest)
+        self.output.batch.snapshots.append(
+            (session.name, message.seq, asked.time, message.state, message.digest)
+        )
+        self.compare(session, message.seq, message.digest)
+        if not session.conns:
+            self.output.emptied.append(session.name)
+        elif session.seq - session.snapshot_seq >= self.config.snapshot_every:
+            self.ask_snapshot(session, session.recipients)
+
+    def forget_asks(self, conn: C, peer: Peer[C]) -> None:
+        """``conn`` is gone: the snapshots asked of it will never come."""
+        for name in peer.asked:
+            session = self.table.in_memory.get(name)
+            if session is not None and session.asked is not None and session.asked.conn == conn:
+                session.asked = None
+                self.output.emptied.append(name)
+
+    def compare(self, session: RelaySession[C], seq: int, digest: str) -> None:
+        if session.compare(seq, digest):
+            self.counters["divergences"] += 1
+            log.warning("session %s diverged at event %d (digest %s)", session.name, seq, digest)
