@@ -12,15 +12,15 @@ events never applies an event twice. Memberships in the same process share one r
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 
+from million.replica.membership import Group, Groups, JoinError, Membership, State, Unusable
 from million.replica.model import Model, Replica, digest_of_dump, dump_state
 from million.wire import codec
 from million.wire.protocol import (
@@ -47,95 +47,25 @@ from million.wire.protocol import (
     Welcome,
 )
 
-__all__ = ["ClientCore", "ClientError", "Group", "JoinError", "Membership", "Received", "State"]
+__all__ = [
+    "ClientCore",
+    "ClientError",
+    "ClientStatistics",
+    "Group",
+    "JoinError",
+    "Membership",
+    "Received",
+    "State",
+]
 
 log = logging.getLogger(__name__)
 
 FRAME_TARGET = 1 << 18  # bytes per outgoing frame, unless the reflector allows less
-KEPT_REPLICAS = 64  # replicas of left sessions kept to rejoin with only the events since
 FATAL = {ErrorCode.VERSION, ErrorCode.UNAUTHORIZED}
 
 
 class ClientError(Exception):
     """The reflector cannot be used: unreachable, another protocol version, or refused."""
-
-
-class JoinError(Exception):
-    """The reflector refused a join; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class State(enum.Enum):
-    """Where a membership is."""
-
-    JOINING = "joining"  # asked to join, not answered yet
-    SYNCED = "synced"  # joined, and its replica follows the stream
-    RESYNCING = "resyncing"  # joined before the connection dropped; joining again
-    FAILED = "failed"  # refused (``error`` says why)
-    LEFT = "left"  # left or given up
-
-
-@attrs.define(eq=False)
-class Group:
-    """This process's memberships of one session and the replica they share."""
-
-    name: str
-    model_cls: type[Model]
-    replica: Replica | None = None
-    members: list[Membership] = attrs.Factory(list)
-    synced_from: int = 0  # seq of the snapshot the replica was last rebuilt from
-    replayed: int = 0  # events replayed on top of it
-    departing: int = 0  # memberships left but not yet confirmed by the reflector
-    connection: int = 0  # the connection the replica was synced over
-
-    def rebuild(self, sync: Sync) -> None:
-        if sync.snapshot is not None:
-            replica = Replica.restore(self.model_cls, self.name, sync.snapshot.state)
-        else:
-            replica = Replica.create(self.model_cls, self.name, sync.options)
-        self.replica = replica
-        self.synced_from = sync.snapshot.seq if sync.snapshot is not None else 0
-        self.resume(sync)
-
-    def resume(self, sync: Sync) -> None:
-        """Bring the replica to the present with the sync's events (those it has are skipped)."""
-        replica = self.replica
-        assert replica is not None
-        for event in sync.events:
-            replica.apply(event)
-        replica.advance(sync.time)
-        replica.take_view_events()
-        self.replayed = len(sync.events)
-
-
-@attrs.define(eq=False)
-class Membership:
-    """One participant of a session: its view id in it, and what it hears of the model."""
-
-    group: Group
-    options: Any  # the session's creation options once joined
-    create: bool = True
-    state: State = State.JOINING
-    view_id: str = ""
-    error: JoinError | None = None
-    resyncs: int = 0  # joins again after the connection dropped
-    handlers: dict[str, list[Callable[[Any], None]]] = attrs.Factory(dict)
-    on_resync: Callable[[], None] | None = None
-
-    @property
-    def name(self) -> str:
-        return self.group.name
-
-    @property
-    def synced(self) -> bool:
-        return self.state is State.SYNCED
-
-    def deliver(self, topic: str, data: Any) -> None:
-        for handler in self.handlers.get(topic, ()):
-            handler(data)
 
 
 @attrs.frozen
@@ -169,8 +99,7 @@ class ClientCore:
         self.connected = False
         self.connection = 0  # the number of the current (or last) connection, from 1
         self.max_frame = DEFAULT_MAX_FRAME
-        self._groups: dict[str, Group] = {}
-        self._kept: OrderedDict[str, Group] = OrderedDict()  # left groups whose replica is current
+        self._groups = Groups()
         self._joining: dict[int, Membership] = {}
         self._departing: dict[tuple[str, str], Group] = {}
         self._refs = itertools.count(1)
@@ -183,8 +112,8 @@ class ClientCore:
             Event: self._on_event,
             Tick: self._on_tick,
             Sync: self._on_sync,
-            SnapshotRequest: self._on_snapshot_request,
-            DigestRequest: self._on_digest_request,
+            SnapshotRequest: self._on_request,
+            DigestRequest: self._on_request,
             Left: self._on_left,
             Error: self._on_error,
             Pong: self._replies.append,
@@ -216,35 +145,25 @@ class ClientCore:
         ``ClientError`` if the reflector refuses this client for good, ``ProtocolError``
         for anything else unexpected.
         """
-        reply = codec.decode_reflector(data)
-        first = reply[0] if reply else None
-        if isinstance(first, Error):
-            if first.code in FATAL:
-                raise ClientError(first.message)
-            raise ProtocolError(first.code, first.message)
-        if not isinstance(first, Welcome):
-            raise ProtocolError(ErrorCode.UNEXPECTED, f"expected a welcome, got {first!r}")
-        self.max_frame = first.max_frame
+        self.max_frame = check_welcome(data).max_frame
         self.connected = True
         self.connection += 1
         self._out = []
-        for group in self._groups.values():
-            for member in group.members:
-                self._send_join(member)
+        for member in self._groups.members():
+            self._send_join(member)
 
     def disconnected(self) -> None:
         """The connection ended: memberships wait for the next, unconfirmed leaves are done."""
         self.connected = False
         self._joining.clear()
-        for group in self._groups.values():
-            for member in group.members:
-                if member.state is State.SYNCED:
-                    member.state = State.RESYNCING
+        for member in self._groups.members():
+            if member.state is State.SYNCED:
+                member.state = State.RESYNCING
         for group in self._departing.values():
             group.departing = 0
-            self._discard(group)
+            self._groups.discard(group, None)
         self._departing.clear()
-        self._kept.clear()
+        self._groups.forget_kept()
         self._out = []
 
     def receive(self, data: bytes) -> Received:
@@ -270,11 +189,7 @@ class ClientCore:
         self, name: str, model_cls: type[Model], options: Any = None, *, create: bool = True
     ) -> Membership:
         """A new membership of ``name``; it is joined once ``state`` is no longer JOINING."""
-        group = self._groups.get(name)
-        if group is None:
-            kept = self._kept.pop(name, None)
-            group = kept if kept is not None and kept.model_cls is model_cls else Group(name, model_cls)
-            self._groups[name] = group
+        group = self._groups.open(name, model_cls)
         member = Membership(group, options, create)
         group.members.append(member)
         if self.connected:
@@ -313,17 +228,13 @@ class ClientCore:
 
     def ping(self) -> int:
         """Queue a ping; its Pong carries the returned ref."""
-        ref = next(self._refs)
-        self._send(Ping(ref))
+        self._send(Ping(ref := next(self._refs)))
         return ref
 
     def status(self, summaries: Iterable[str] = ()) -> int:
         """Queue a status request; its Status carries the returned ref."""
-        ref = next(self._refs)
-        self._send(StatusRequest(ref, list(summaries)))
+        self._send(StatusRequest(ref := next(self._refs), list(summaries)))
         return ref
-
-    # --- internals ------------------------------------------------------------------------
 
     def _depart(self, name: str, view: str, group: Group) -> None:
         """Keep ``group`` until the reflector confirms that ``view`` left."""
@@ -331,12 +242,7 @@ class ClientCore:
         group.departing += 1
 
     def _discard(self, group: Group) -> None:
-        if not group.members and not group.departing and self._groups.get(group.name) is group:
-            del self._groups[group.name]
-            if self.connected and group.replica is not None and group.connection == self.connection:
-                self._kept[group.name] = group
-                if len(self._kept) > KEPT_REPLICAS:
-                    self._kept.popitem(last=False)
+        self._groups.discard(group, self.connection if self.connected else None)
 
     def _send_join(self, member: Membership) -> None:
         ref = next(self._refs)
@@ -364,24 +270,18 @@ class ClientCore:
         group = self._groups.get(event.session)
         if group is None or group.replica is None:
             return
-        replica = group.replica
         try:
-            applied = replica.apply(event)
+            applied = group.apply(event)
         except LookupError as exc:  # a gap: resynchronise everything through a new connection
             raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
-        if applied:
-            self._events_applied += 1
-            if replica.view_events:
-                _deliver(group, replica.take_view_events())
+        self._events_applied += applied
         self._touch(group)
 
     def _on_tick(self, tick: Tick) -> None:
         group = self._groups.get(tick.session)
         if group is None or group.replica is None:
             return
-        group.replica.advance(tick.time)
-        if group.replica.view_events:
-            _deliver(group, group.replica.take_view_events())
+        group.advance(tick.time)
         self._touch(group)
 
     def _on_sync(self, sync: Sync) -> None:
@@ -389,69 +289,40 @@ class ClientCore:
         if member is None:
             return
         group = member.group
-        if self._groups.get(group.name) is not group:  # given up, and nobody else here uses it
+        if not self._groups.live(group):  # given up, and nobody else here uses it
             self._send(Leave(sync.session, sync.view))
             return
-        if sync.full or group.replica is None:
-            try:
-                group.rebuild(sync)
-            except Exception as exc:  # state this model class cannot take: fail loudly, not forever
-                log.error("%s: cannot rebuild the model: %s", sync.session, exc)
-                group.replica = None
-                self._fail(member, JoinError("unusable-state", f"cannot rebuild {sync.session}: {exc}"))
-                self._send(Leave(sync.session, sync.view))
-                return
-        elif sync.events:
-            try:
-                group.resume(sync)
-            except LookupError as exc:
-                raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
+        try:
+            group.catch_up(sync)
+        except Unusable as exc:  # state this model class cannot take: fail loudly, not forever
+            log.error("%s", exc)
+            self._fail(member, JoinError("unusable-state", str(exc)))
+            self._send(Leave(sync.session, sync.view))
+            return
+        except LookupError as exc:  # a gap
+            raise ProtocolError(ErrorCode.UNEXPECTED, str(exc)) from None
         group.connection = self.connection
         self._touch(group)
         if member not in group.members:  # the join was given up on the way: leave again
             self._send(Leave(sync.session, sync.view))
             self._depart(sync.session, sync.view, group)
             return
-        again = member.state is State.RESYNCING
-        member.options = sync.options
-        member.view_id = sync.view
-        member.state = State.SYNCED
-        if again:
-            member.resyncs += 1
-            if member.on_resync is not None:
-                member.on_resync()
+        member.joined(sync)
 
     def _fail(self, member: Membership, error: JoinError) -> None:
-        member.error = error
-        member.state = State.FAILED
+        member.failed(error)
         self._touch(member.group)
 
-    def _on_snapshot_request(self, request: SnapshotRequest) -> None:
-        replica = self._replica_at(request.session, request.seq)
-        if replica is None:
+    def _on_request(self, request: SnapshotRequest | DigestRequest) -> None:
+        """A snapshot or a digest of the replica as it is after event ``seq``, if it is."""
+        group = self._groups.get(request.session)
+        replica = group.replica if group is not None else None
+        if replica is None or replica.seq != request.seq:
             return
-        state = dump_state(replica.snapshot())
-        message = codec.encode_snapshot(request.session, request.seq, state, digest_of_dump(state))
-        if len(message) + 2 > self.max_frame:  # it travels inside a frame's [ ]
-            log.error(
-                "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",
-                request.session,
-                len(message),
-                self.max_frame,
-            )
-            return
-        self._queue(message)
-
-    def _on_digest_request(self, request: DigestRequest) -> None:
-        replica = self._replica_at(request.session, request.seq)
-        if replica is not None:
+        if isinstance(request, DigestRequest):
             self._send(Digest(request.session, request.seq, replica.digest()))
-
-    def _replica_at(self, name: str, seq: int) -> Replica | None:
-        group = self._groups.get(name)
-        if group is None or group.replica is None or group.replica.seq != seq:
-            return None
-        return group.replica
+        elif (message := snapshot_of(replica, request.seq, self.max_frame)) is not None:
+            self._queue(message)
 
     def _on_left(self, left: Left) -> None:
         group = self._departing.pop((left.session, left.view), None)
@@ -468,10 +339,31 @@ class ClientCore:
         log.warning("reflector error %s: %s", error.code, error.message)
 
 
-def _deliver(group: Group, events: list[tuple[str, Any]]) -> None:
-    for member in list(group.members):
-        for topic, data in events:
-            try:
-                member.deliver(topic, data)
-            except Exception:
-                log.exception("%s: view handler for %r failed", group.name, topic)
+def check_welcome(data: bytes) -> Welcome:
+    """The reflector's answer to a hello; ``ClientError`` if it refuses this client for
+    good, ``ProtocolError`` for anything else unexpected."""
+    reply = codec.decode_reflector(data)
+    first = reply[0] if reply else None
+    if isinstance(first, Error):
+        if first.code in FATAL:
+            raise ClientError(first.message)
+        raise ProtocolError(first.code, first.message)
+    if not isinstance(first, Welcome):
+        raise ProtocolError(ErrorCode.UNEXPECTED, f"expected a welcome, got {first!r}")
+    return first
+
+
+def snapshot_of(replica: Replica, seq: int, max_frame: int) -> bytes | None:
+    """The encoded Snapshot of ``replica`` after event ``seq``; None (logged) if it is
+    over the reflector's frame limit."""
+    state = dump_state(replica.snapshot())
+    message = codec.encode_snapshot(replica.session, seq, state, digest_of_dump(state))
+    if len(message) + 2 > max_frame:  # it travels inside a frame's [ ]
+        log.error(
+            "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",
+            replica.session,
+            len(message),
+            max_frame,
+        )
+        return None
+    return message
