@@ -80,7 +80,7 @@ class Computation(Model, name="million.computation.2"):
         answer is recorded under its view."""
         if not isinstance(data, dict):
             return
-        view, want = self.sender, data.get("want")
+        view, want = self.sender or "", data.get("want")
         want = want if type(want) is int and want > 0 else 1
         given = [] if self.done or self.inputs is None else self._assign(view, want)
         if given:
@@ -106,8 +106,8 @@ class Computation(Model, name="million.computation.2"):
             quota = -(-(len(fresh) + held) // askers) - len(self.workers.get(view, ()))
             return fresh[: max(1, min(want, quota))]
         load = [0] * self.count
-        for held in self.workers.values():
-            for index in held:
+        for indexes in self.workers.values():
+            for index in indexes:
                 load[index] += 1
         mine = self.workers.get(view, ())
         incomplete = [i for i in range(self.count) if not self.completed[i] and i not in mine]
@@ -134,13 +134,13 @@ class Computation(Model, name="million.computation.2"):
                     if not held:
                         del self.workers[view]
             if self.remaining == 0 and "collect" not in self.claims:
-                self.claims["collect"] = self.sender
+                self.claims["collect"] = self.sender or ""
         if "next" in data:
             self.request(data["next"])
 
     def claim(self, task: Any) -> None:
         if task in CLAIMS and task not in self.claims:
-            self.claims[task] = self.sender
+            self.claims[task] = self.sender or ""
 
     def set_inputs(self, data: Any) -> None:
         """The prepared inputs, and with ``next`` the preparer's first request."""

@@ -45,7 +45,8 @@ class Lobby(Model, name="million.lobby"):
         }
 
     def done(self, data: Any) -> None:
-        entry = self.runs.get(data.get("name")) if isinstance(data, dict) else None
+        name = data.get("name") if isinstance(data, dict) else None
+        entry = self.runs.get(name) if isinstance(name, str) else None
         if entry is None or entry["state"] != "open":
             return
         entry["state"], entry["answer"] = "done", data.get("answer")

@@ -66,7 +66,7 @@ def is_run_summary(summary: Any) -> bool:
     return isinstance(summary, dict) and all(type(summary.get(key)) is kind for key, kind in fields.items())
 
 
-async def report_progress(run: str, progress: Session, root: Session) -> None:
+async def report_progress(run: str, progress: Session[Any], root: Session[Any]) -> None:
     """Summarize a run on its progress session, and its root, every ``SUMMARY_EVERY`` s
     until it is done."""
     seen: deque[tuple[float, int]] = deque()
@@ -128,7 +128,7 @@ class Progress(Model, name="million.progress"):
 
     def hello(self, bots: Any) -> None:
         if type(bots) is int:
-            self.bots[self.sender] = bots
+            self.bots[self.sender or ""] = bots
 
     def exit(self, view: str) -> None:
         self.bots.pop(view, None)

@@ -79,9 +79,11 @@ async def _work_in(
 class Worker(View):
     """A participant that prepares, computes or coordinates partitions, and collects."""
 
+    session: Session[Worker]
+
     def __init__(
         self,
-        session: Session,
+        session: Session[Worker],
         *,
         ctx: Context,
         report: tuple[int, Result, int | None] | None = None,
@@ -100,6 +102,11 @@ class Worker(View):
         self._output: Result | None = None  # what this view collected
         self._collected_on = 0  # the connection that sent it
         self._finished = trio.Event()
+
+    @property
+    def model(self) -> Computation:
+        model: Computation = self.session.model
+        return model
 
     async def outcome(self) -> Outcome:
         await self._finished.wait()
@@ -122,10 +129,10 @@ class Worker(View):
         self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view the preparer
         if self.report is not None:
-            index, output, connection = self.report
+            reported, result, connection = self.report
             if not self._sent_on(connection):
-                return self._child_outcome(index)
-            self.publish("end", {"index": index, "output": output.embed(), "next": self._request(0)})
+                return self._child_outcome(reported)
+            self.publish("end", {"index": reported, "output": result.embed(), "next": self._request(0)})
         while True:
             model = self.model
             self._summarize(force=model.done)
@@ -155,7 +162,9 @@ class Worker(View):
                 self.publish("end", {"index": index, "output": output.embed(), **self._refill()})
 
     def _child_outcome(self, index: int) -> Outcome:
-        child, options = self.spec.child(self.session.name, index, self.model.inputs[index])
+        inputs = self.model.inputs
+        assert inputs is not None  # a partition is given out only once there are inputs
+        child, options = self.spec.child(self.session.name, index, inputs[index])
         return Outcome(index=index, child=child, child_options=options)
 
     def _sent_on(self, connection: int | None) -> bool:
@@ -208,8 +217,9 @@ class Worker(View):
             and model.remaining > len(model.workers.get(self.view_id, ()))
         )
 
-    def _answered(self, model: Any) -> int:
-        return model.answers.get(self.view_id, (0,))[0]
+    def _answered(self, model: Computation) -> int:
+        answered: int = model.answers.get(self.view_id, [0])[0]
+        return answered
 
     async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> bool:
         """Do ``task`` if this view holds its claim (asking for it if nobody does) and

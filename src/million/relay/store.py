@@ -248,7 +248,8 @@ class Store:
             body
             for (body,) in self._db.execute("SELECT body FROM events WHERE session = ? ORDER BY seq", (name,))
         ]
-        return StoredSession(name, *row, events=events)
+        model, options, seq, time, state, digest, present = row
+        return StoredSession(name, model, options, seq, time, state, digest, present, events)
 
     def _names(self) -> list[str]:
         return [name for (name,) in self._db.execute("SELECT name FROM sessions ORDER BY name")]

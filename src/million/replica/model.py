@@ -167,7 +167,7 @@ class Model:
 
 def _method_name(model: Model, method: Callable[..., Any]) -> str:
     name = getattr(method, "__name__", None)
-    if getattr(method, "__self__", None) is not model or name is None:
+    if getattr(method, "__self__", None) is not model or not isinstance(name, str):
         raise TypeError("models subscribe and schedule their own methods only")
     return name
 

@@ -191,8 +191,10 @@ def _raw_field(item: Any) -> str | None:
 def _keep_raw(data: bytes | str, value: Any, items: list[Any]) -> None:
     """Replace the decoded values of ``RAW_FIELDS`` by the bytes they were received as."""
     try:
-        spans = msgspec.json.decode(data, type=list[msgspec.Raw] if type(value) is list else msgspec.Raw)
-        spans = spans if type(value) is list else [spans]
+        if type(value) is list:
+            spans = msgspec.json.decode(data, type=list[msgspec.Raw])
+        else:
+            spans = [msgspec.json.decode(data, type=msgspec.Raw)]
         for item, span in zip(items, spans, strict=True):
             field = _raw_field(item)
             if field is not None and field in item:
@@ -230,9 +232,9 @@ def _fast_publish(item: dict[str, Any]) -> Publish | None:
 def _fast_event(item: dict[str, Any]) -> Event | None:
     session, view, topic = item.get("session"), item.get("view"), item.get("topic")
     seq, time = item.get("seq"), item.get("time")
-    strings = type(session) is str and type(view) is str and type(topic) is str
+    strings = isinstance(session, str) and isinstance(view, str) and isinstance(topic, str)
     if strings and type(seq) is int and type(time) is int:
-        return Event(session, seq, time, view, topic, item.get("data"))
+        return Event(session, seq, time, view, topic, item.get("data"))  # type: ignore[arg-type]
     return None
 
 

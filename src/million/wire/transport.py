@@ -21,7 +21,8 @@ from urllib.parse import urlsplit
 import trio
 import trio_websocket
 from websockets.client import ClientProtocol
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
 from websockets.protocol import Protocol as WebsocketProtocol
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -153,8 +154,8 @@ class SansIOChannel:
 
     def _take_frames(self) -> None:
         for frame in self._ws.events_received():
-            if frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
-                self._parts.append(frame.data)
+            if isinstance(frame, Frame) and frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
+                self._parts.append(bytes(frame.data))
                 if frame.fin:
                     self._messages.append(b"".join(self._parts))
                     self._parts = []
@@ -198,7 +199,7 @@ async def _accept_sansio(stream: trio.abc.Stream, max_frame: int) -> SansIOChann
             return None
         ws.receive_data(data)
         events = ws.events_received()
-        if events:
+        if events and isinstance(events[0], Request):
             ws.send_response(ws.accept(events[0]))
         reply = b"".join(ws.data_to_send())
         if reply:
@@ -286,10 +287,14 @@ async def serve(
     await trio.serve_listeners(handle_stream, listeners)
 
 
-async def listen(host: str, port: int, ssl_context: ssl.SSLContext | None) -> list[trio.abc.Listener]:
+async def listen(
+    host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> list[trio.abc.Listener[trio.abc.Stream]]:
     """TCP listeners on ``host:port`` (TLS with ``ssl_context``); the error names the address."""
     try:
-        listeners: list[trio.abc.Listener] = list(await trio.open_tcp_listeners(port, host=host))
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
+            await trio.open_tcp_listeners(port, host=host)
+        )
     except OSError as exc:
         raise OSError(exc.errno, f"{host}:{port}: {exc.strerror or exc}") from None
     if ssl_context is not None:
@@ -301,7 +306,8 @@ def port_of(listener: Any) -> int:
     """The port a listener from ``listen`` is bound to."""
     if isinstance(listener, trio.SSLListener):
         listener = listener.transport_listener
-    return listener.socket.getsockname()[1]
+    port: int = listener.socket.getsockname()[1]
+    return port
 
 
 def address(url: str) -> tuple[str, int, bool]:
@@ -374,7 +380,7 @@ async def _trio_websocket_client(stream: trio.abc.Stream, url: str, max_frame: i
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 ws = await trio_websocket.wrap_client_stream(
                     nursery,
-                    stream,
+                    stream,  # type: ignore[arg-type]  # any trio stream will do
                     parts.netloc,
                     parts.path or "/",
                     message_queue_size=QUEUE,
