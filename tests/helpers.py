@@ -88,3 +88,10 @@ def start_participant(url: str, session: str, count: int, target: int, hash_seed
         [sys.executable, str(TESTS / "participant.py"), url, session, str(count), str(target)],
         env={"PYTHONHASHSEED": hash_seed},
     )
+
+
+def million_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m million ARGS`` run to its end (120 s at most), its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=120, env=env
+    )

@@ -1,30 +1,206 @@
-"""The ``million`` command: real processes, exit codes and messages without tracebacks."""
+"""The ``million`` command: its flags build the configs the library runs (in this
+process, the run functions replaced), and real processes get exit codes and messages
+without tracebacks."""
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
+import os
+import shlex
 import signal
 import sqlite3
-import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import attrs
 import million_testplugin
 import psutil
 import pytest
 import trio
 
 import million
-from helpers import Process, start_reflector
+from helpers import Process, million_command, start_reflector
+from million.cli import commands, main
+from million.cli.parser import STORE, build_parser
+from million.compute import bots, runner
+from million.compute.runner import RunConfig, RunResult, RunState
+from million.relay.config import ReflectorConfig
 from million.wire import codec, protocol, transport
 from models import Ledger
 
+Main = Callable[[list[str]], int]
 
-def million_command(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=60
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[Main]:
+    """``million.cli.main`` in this process, with no token or CA from the environment and
+    the garbage collector left as it was."""
+    monkeypatch.delenv("MILLION_TOKEN", raising=False)
+    monkeypatch.delenv("MILLION_CAFILE", raising=False)
+    threshold = gc.get_threshold()
+    yield main
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[ReflectorConfig]:
+    """The configs ``million reflector`` would have served."""
+    configs: list[ReflectorConfig] = []
+
+    async def serve(config: ReflectorConfig) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr(commands, "serve", serve)
+    return configs
+
+
+@pytest.fixture
+def computed(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
+    """The configs ``million run`` would have computed; each run's answer is 42."""
+    configs: list[RunConfig] = []
+
+    async def run(config: RunConfig, *, watch: Any = None) -> RunResult:
+        configs.append(config)
+        return RunResult(
+            "done", 42, config.partitions, config.fanout, 2.0, config.partitions / 2, False, None
+        )
+
+    monkeypatch.setattr(runner, "run", run)
+    return configs
+
+
+def test_reflector_flags_build_its_config(cli, served):
+    assert cli(["reflector", "--port", "1", "--max-frame", "5"]) == 0
+    assert served == [attrs.evolve(ReflectorConfig(), port=1, max_frame=5, store=STORE)]
+
+
+def test_reflector_defaults_are_the_configs_but_the_store_is_a_file(cli, served, monkeypatch):
+    monkeypatch.setenv("MILLION_TOKEN", "from-env")
+    assert cli(["reflector"]) == 0
+    assert served == [attrs.evolve(ReflectorConfig(), store=STORE, token="from-env")]
+
+
+def test_every_reflector_flag_reaches_its_config(cli, served, tmp_path):
+    (tmp_path / "token").write_text("secret\n")
+    assert cli(
+        ["reflector", "--host", "0.0.0.0", "--port", "9", "--store", ":memory:", "--tick-ms", "7",
+         "--snapshot-every", "8", "--max-frame", "9", "--max-queue", "10", "--max-sessions", "11",
+         "--max-rate", "12", "--max-summary", "13", "--transport", "trio-websocket",
+         "--token-file", str(tmp_path / "token"), "--insecure", "--http", "0"]
+    ) == 0  # fmt: skip
+    assert served == [
+        ReflectorConfig(
+            host="0.0.0.0", port=9, store=":memory:", tick_ms=7, snapshot_every=8, max_frame=9,
+            max_queue_bytes=10, max_sessions_per_connection=11, max_messages_per_s=12, max_summary=13,
+            transport="trio-websocket", token="secret", insecure=True, http_port=0,
+        )
+    ]  # fmt: skip
+
+
+def test_a_config_the_reflector_refuses_is_one_line_and_exit_2(cli, capsys):
+    assert cli(["reflector", "--host", "0.0.0.0", "--store", ":memory:"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("million reflector: refusing to listen on 0.0.0.0 without a token")
+    assert len(error.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["reflector", "run"])
+def test_help_shows_the_defaults_of_the_configs(cli, capsys, command):
+    with pytest.raises(SystemExit):
+        cli([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    reflector, run = ReflectorConfig(), RunConfig(plugin="")
+    shown = {
+        "reflector": [reflector.host, reflector.port, reflector.tick_ms, reflector.snapshot_every,
+                      reflector.max_sessions_per_connection, reflector.max_messages_per_s,
+                      reflector.max_summary, reflector.transport, "1 MiB", "64 MiB"],
+        "run": [run.input, run.partitions, run.fanout, run.bots],
+    }  # fmt: skip
+    for value in shown[command]:
+        assert f"(default: {value})" in text
+
+
+def test_run_defaults_are_the_configs(cli, computed, capsys):
+    assert cli(["run", "--plugin", "demo"]) == 0
+    assert computed == [RunConfig(plugin="demo")]
+    assert capsys.readouterr().out.splitlines() == [
+        "answer: 42",
+        "10,000 partitions (fanout 100) in 2.00 s: 5,000 partitions/s",
+    ]
+
+
+def test_every_run_flag_reaches_its_config(cli, computed, capsys):
+    assert cli(
+        ["run", "--plugin", "p", "--input", '"x"', "--partitions", "7", "--fanout", "3", "--option", "a=1",
+         "--option", "b=two", "--name", "n", "--store", "s.db", "--reflector", "ws://h:1", "--workers", "2",
+         "--bots", "5", "--no-detach", "--token", "t", "--json"]
+    ) == 0  # fmt: skip
+    assert computed == [
+        RunConfig(
+            plugin="p", input="x", partitions=7, fanout=3, options={"a": 1, "b": "two"}, name="n",
+            store="s.db", reflector="ws://h:1", workers=2, bots=5, detach=False, token="t",
+        )
+    ]  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["answer"] == 42
+    assert cli(["run", "--plugin", "p", "--no-work"]) == 0
+    assert computed[-1].workers == 0
+
+
+def test_an_interrupted_run_prints_the_flags_that_resume_it(cli, monkeypatch, capsys):
+    async def interrupted(config: RunConfig, *, watch: Any = None) -> RunResult:
+        watch(RunState("held", config.partitions, config.fanout, "held.db"))
+        os.kill(os.getpid(), signal.SIGINT)
+        await trio.sleep_forever()
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    args = ["run", "--plugin", "demo", "--partitions", "30", "--fanout", "4", "--input", "[1, 2]"]
+    assert cli([*args, "--option", "k=v", "--option", "n=3"]) == 130
+    stopped, resume = capsys.readouterr().err.splitlines()
+    assert stopped == "million run: interrupted, 0 of 30 partitions done"
+    assert resume.startswith("resume with: million run ")
+    again = build_parser().parse_args(shlex.split(resume.removeprefix("resume with: million ")))
+    assert (again.name, again.store, again.input, dict(again.option)) == (
+        "held",
+        "held.db",
+        [1, 2],
+        {"k": "v", "n": 3},
     )
+    assert (again.plugin, again.partitions, again.fanout) == ("demo", 30, 4)
+
+
+def test_work_processes_run_the_one_worker_command_line(cli, monkeypatch):
+    started: list[tuple[list[list[str]], dict[str, str] | None]] = []
+
+    async def run_worker_processes(commands: list[list[str]], *, env: dict[str, str] | None = None) -> None:
+        started.append((commands, env))
+
+    monkeypatch.setattr(bots, "run_worker_processes", run_worker_processes)
+    args = ["--reflector", "ws://h:1", "--run", "r", "--processes", "2", "--bots", "3", "--no-detach"]
+    assert cli(["--log-level", "info", "work", *args, "--token", "t"]) == 0
+    command = bots.worker_command("ws://h:1", "r", 3, detach=False, exit_with_parent=False, log_level="info")
+    assert started == [([command, command], {"MILLION_TOKEN": "t"})]
+    assert command[:3] == [sys.executable, "-m", "million"]
+    parsed = build_parser().parse_args(command[3:])
+    assert (parsed.log_level, parsed.command, parsed.reflector, parsed.run) == (
+        "info",
+        "work",
+        "ws://h:1",
+        "r",
+    )
+    assert (parsed.bots, parsed.processes, parsed.detach, parsed.exit_with_parent) == (3, 1, False, False)
+
+
+def test_the_workers_of_a_run_exit_with_it_and_lobby_workers_take_no_run():
+    parsed = build_parser().parse_args(bots.worker_command("ws://h:1", "r", 2)[3:])
+    assert (parsed.run, parsed.bots, parsed.detach, parsed.exit_with_parent) == ("r", 2, True, True)
+    lobby = build_parser().parse_args(bots.worker_command("ws://h:1", None, 2, exit_with_parent=False)[3:])
+    assert (lobby.run, lobby.exit_with_parent) == (None, False)
 
 
 async def test_status_lists_the_sessions_of_a_running_reflector(tmp_path):

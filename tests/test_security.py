@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import subprocess
 import sys
 
 import million_testplugin
@@ -15,16 +14,10 @@ import trio
 import trustme
 
 import million
-from helpers import Process, start_reflector
+from helpers import Process, million_command, start_reflector
 from million.wire import codec, protocol, transport
 from million.wire.protocol import ErrorCode, Hello, Join
 from models import Ledger
-
-
-def million_command(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=120, env=env
-    )
 
 
 def test_a_reflector_without_a_token_refuses_to_listen_beyond_loopback(tmp_path):

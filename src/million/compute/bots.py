@@ -3,7 +3,8 @@
 ``run_bots`` works one run with M bots sharing this process's connection until the
 run has its answer. ``run_lobby_bots`` watches the lobby and shares its bots among
 the open runs, as long as it is left running. ``million work`` runs either;
-``million run`` starts processes of the first kind.
+``worker_command`` is its command line, with which ``million run`` starts processes of
+the first kind and ``million work --processes N`` starts N of either.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from million.compute.tree import Spec
 from million.compute.worker import Context, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, join
+from million.replica.view import View
 
-__all__ = ["crew", "run_bots", "run_lobby_bots", "worker_command"]
+__all__ = ["crew", "run_bots", "run_lobby_bots", "run_worker_processes", "worker_command", "worker_env"]
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,10 @@ async def run_bots(
 
 async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> Any:
     """``bots`` bots of this process working ``run`` until it is done; returns its answer."""
-    async with join(client, run, Computation, create=False) as root:
+    async with join(client, run, Computation, View, create=False) as root:
         spec = Spec.from_options(root.options)
         plugin = _plugin_for(run, spec.plugin, spec.version)
-        async with join(client, progress_session(run), Progress, create=False) as progress:
+        async with join(client, progress_session(run), Progress, View, create=False) as progress:
             progress.publish("bots", bots)
 
             def leaf_done(name: str, count: int) -> None:
@@ -90,7 +92,7 @@ async def run_lobby_bots(
     """
     async with (
         open_client(url, token=token, label=f"lobby-bots-{os.getpid()}", ssl_context=ssl_context) as client,
-        join(client, LOBBY, Lobby) as lobby,
+        join(client, LOBBY, Lobby, View) as lobby,
         trio.open_nursery() as nursery,
     ):
         crews: dict[str, tuple[int, trio.CancelScope]] = {}
@@ -126,11 +128,23 @@ def worker_env(token: str | None, cafile: str | None) -> dict[str, str]:
     return {key: value for key, value in env.items() if value}
 
 
-def worker_command(url: str, run: str, bots: int, *, detach: bool = True) -> list[str]:
-    """The command line of one worker process for ``run``; it ends if this process dies."""
-    command = [sys.executable, "-m", "million", "work", "--reflector", url, "--run", run, "--bots", str(bots)]
-    command.append("--exit-with-parent")
-    return command if detach else [*command, "--no-detach"]
+def worker_command(
+    url: str,
+    run: str | None,
+    bots: int,
+    *,
+    detach: bool = True,
+    exit_with_parent: bool = True,
+    log_level: str | None = None,
+) -> list[str]:
+    """The command line of one ``million work`` process with ``bots`` bots, for ``run``
+    or (if None) the lobby's runs. With ``exit_with_parent`` it ends once this process
+    is gone, as the workers of a ``million run`` must."""
+    command = [sys.executable, "-m", "million", *(["--log-level", log_level] if log_level else [])]
+    command += ["work", "--reflector", url, "--bots", str(bots)]
+    command += ["--run", run] if run is not None else []
+    command += [] if detach else ["--no-detach"]
+    return command + (["--exit-with-parent"] if exit_with_parent else [])
 
 
 async def run_worker_processes(
@@ -154,9 +168,3 @@ async def _worker_process(command: list[str], env: dict[str, str]) -> None:
     result = await trio.run_process(command, check=False, stdin=subprocess.DEVNULL, stderr=None, env=env)
     if result.returncode not in (0, -2, -15, 130):
         log.warning("worker process %s exited with %s", command, result.returncode)
-
-
-async def run_worker_processes_to_end(commands: list[list[str]], env: dict[str, str]) -> bool:
-    """Run worker processes until all have ended."""
-    await run_worker_processes(commands, env=env)
-    return True

@@ -3,7 +3,8 @@
 With no reflector URL the run is self-contained: a reflector starts in this process
 (its store in a temporary file unless one is given) and worker processes start on
 this machine. Running again with the same name and store resumes the run, or returns
-its stored answer at once.
+its stored answer at once. A temporary store is removed once the run has its answer;
+an interrupted run keeps it, so that it can be resumed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from million.relay.config import ReflectorConfig
 from million.relay.server import open_reflector
 from million.replica.client import Client, open_client, ssl_context
 from million.replica.session import JoinError, Session, join
+from million.replica.view import View
 from million.wire import tasks
+from million.wire.protocol import ErrorCode
 
 __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 
@@ -42,6 +45,8 @@ class RunError(Exception):
 
 @attrs.frozen
 class RunConfig:
+    """What to compute and with whom. ``million run`` flags map onto it; its defaults are theirs."""
+
     plugin: str
     input: Any = 1
     partitions: int = 10_000
@@ -77,8 +82,8 @@ class RunState:
     partitions: int
     fanout: int
     store: str | None
-    root: Session | None = None
-    progress: Session | None = None
+    root: Session[View] | None = None
+    progress: Session[View] | None = None
 
     @property
     def done(self) -> int:
@@ -116,11 +121,14 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     answer = root.model.output
                     await _tell_lobby(client, "done", {"name": name, "answer": answer})
             except JoinError as exc:
-                if exc.code == "model-mismatch":
+                if exc.code == ErrorCode.MODEL_MISMATCH:
                     problem = f"a run named {name!r} with other settings exists in this store"
                     raise RunError(f"{problem} ({exc})") from None
                 raise
     elapsed = trio.current_time() - started
+    if store is not None and config.store is None:
+        remove_store(store)
+        store = None
     return RunResult(
         name,
         answer,
@@ -134,18 +142,20 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
 
 
 @asynccontextmanager
-async def open_run(client: Client, name: str, spec: Spec) -> AsyncIterator[tuple[Session, Session]]:
+async def open_run(
+    client: Client, name: str, spec: Spec
+) -> AsyncIterator[tuple[Session[View], Session[View]]]:
     """Create (or find) run ``name`` and observe it: its root session and its progress."""
     progress_options = {"root": name, "partitions": spec.partitions}
     async with (
-        join(client, name, Computation, options=spec.to_options()) as root,
-        join(client, progress_session(name), Progress, options=progress_options) as progress,
+        join(client, name, Computation, View, options=spec.to_options()) as root,
+        join(client, progress_session(name), Progress, View, options=progress_options) as progress,
     ):
         yield root, progress
 
 
 async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
-    async with join(client, lobby.LOBBY, lobby.Lobby) as session:
+    async with join(client, lobby.LOBBY, lobby.Lobby, View) as session:
         session.publish(topic, data)
         await session.wait_for(lambda model: data["name"] in model.runs)
 

@@ -44,7 +44,8 @@ class ReflectorConfig:
         if self.token is None and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token: anyone who can reach it could"
-                " join every session. Give a token, or insecure=True (--insecure)."
+                " join every session. Give a token (--token-file, or $MILLION_TOKEN), or allow it"
+                " explicitly (insecure=True, --insecure)."
             )
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; one of {', '.join(TRANSPORTS)}")

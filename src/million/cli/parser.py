@@ -1,0 +1,245 @@
+"""The flags of ``million`` and their types.
+
+Defaults come from the config classes (``ReflectorConfig``, ``RunConfig``), where they
+are written once; help texts show them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from million._version import __version__
+from million.compute.runner import RunConfig
+from million.relay.config import ReflectorConfig
+from million.wire.transport import ENGINES
+
+__all__ = ["STORE", "build_parser"]
+
+REFLECTOR = ReflectorConfig()
+RUN = RunConfig(plugin="")
+STORE = "million.db"  # the command keeps its sessions in a file; the library's default is in memory
+PROCESSES = 1  # of ``million work``
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="million", description="Run one computation over many partitions on workers that come and go."
+    )
+    parser.add_argument("--version", action="version", version=f"million {__version__}")
+    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _reflector(commands.add_parser("reflector", help="run a reflector that hosts sessions"))
+    _run(commands.add_parser("run", help="run a computation and print its answer"))
+    _work(commands.add_parser("work", help="run bots that work a run until it is done"))
+    _status(commands.add_parser("status", help="show a reflector's sessions"))
+    return parser
+
+
+def _reflector(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--host", default=REFLECTOR.host, help="address to listen on (default: %(default)s)")
+    add("--port", type=int, default=REFLECTOR.port, help="port to listen on (default: %(default)s)")
+    add("--store", default=STORE, help="SQLite file for sessions, or :memory: (default: %(default)s)")
+    add(
+        "--tick-ms",
+        type=_positive,
+        default=REFLECTOR.tick_ms,
+        help="tick interval of idle sessions (default: %(default)s)",
+    )
+    add(
+        "--snapshot-every",
+        type=_positive,
+        default=REFLECTOR.snapshot_every,
+        help="events between snapshot requests (default: %(default)s)",
+    )
+    add(
+        "--max-frame",
+        type=_positive,
+        default=REFLECTOR.max_frame,
+        help=f"largest frame accepted, bytes (default: {_bytes(REFLECTOR.max_frame)})",
+    )
+    add(
+        "--max-queue",
+        type=_positive,
+        default=REFLECTOR.max_queue_bytes,
+        help="bytes queued for one connection before it is dropped as too slow"
+        f" (default: {_bytes(REFLECTOR.max_queue_bytes)})",
+    )
+    add(
+        "--max-sessions",
+        type=_positive,
+        default=REFLECTOR.max_sessions_per_connection,
+        help="sessions one connection may be in at once (default: %(default)s)",
+    )
+    add(
+        "--max-rate",
+        type=_positive,
+        default=REFLECTOR.max_messages_per_s,
+        help="messages per second one connection may send; beyond it, it is slowed (default: %(default)s)",
+    )
+    add(
+        "--max-summary",
+        type=_positive,
+        default=REFLECTOR.max_summary,
+        help="bytes of one session summary (default: %(default)s)",
+    )
+    add(
+        "--transport",
+        choices=ENGINES,
+        default=REFLECTOR.transport,
+        help="websocket implementation serving clients (default: %(default)s)",
+    )
+    _security(parser)
+
+
+def _security(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add(
+        "--token-file",
+        type=Path,
+        help="file holding the secret clients must present (default: $MILLION_TOKEN, if set)",
+    )
+    add(
+        "--insecure",
+        action="store_true",
+        help="listen on a non-loopback address without a token: anyone who can reach it may join",
+    )
+    add(
+        "--http",
+        type=int,
+        metavar="PORT",
+        default=REFLECTOR.http_port,
+        help="also serve the live web page of the runs and /metrics on PORT (0: any free port)",
+    )
+    add("--certfile", type=Path, help="TLS certificate chain (PEM): serve wss://")
+    add("--keyfile", type=Path, help="TLS private key (PEM), if not in --certfile")
+
+
+def _run(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--plugin", required=True, help="the plugin (entry point in group 'million') to compute with")
+    add(
+        "--input",
+        type=_json_or_word,
+        default=RUN.input,
+        help="the run's input, as JSON (default: %(default)s)",
+    )
+    add("--partitions", type=_positive, default=RUN.partitions, help="partitions (default: %(default)s)")
+    add(
+        "--fanout",
+        type=_fanout,
+        default=RUN.fanout,
+        help="partitions or children per session (default: %(default)s)",
+    )
+    add(
+        "--option",
+        action="append",
+        default=[],
+        type=_option,
+        metavar="KEY=VALUE",
+        help="a plugin option, VALUE parsed as JSON where it parses (repeatable)",
+    )
+    add("--name", default=RUN.name, help="name of the run (default: a fresh one); the same name resumes it")
+    add("--store", default=RUN.store, help="store file of the embedded reflector (default: a temporary file)")
+    add(
+        "--reflector",
+        default=RUN.reflector,
+        help="URL of a running reflector (default: start one in this process)",
+    )
+    add(
+        "--workers",
+        type=_count,
+        default=RUN.workers,
+        help="local worker processes; 0 to only post and watch (default: one per core)",
+    )
+    add("--bots", type=_positive, default=RUN.bots, help="bots per worker process (default: %(default)s)")
+    add("--no-work", dest="workers", action="store_const", const=0, help="only post the run and watch it")
+    _no_detach(parser)
+    add("--json", action="store_true", help="print the result as one JSON object")
+    _client(parser)
+
+
+def _work(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--reflector", required=True, help="reflector URL, e.g. ws://127.0.0.1:8765")
+    add("--run", help="work this run until it is done (default: the lobby's runs, until stopped)")
+    add("--bots", type=_positive, default=RUN.bots, help="bots per process (default: %(default)s)")
+    add("--processes", type=_positive, default=PROCESSES, help="worker processes (default: %(default)s)")
+    add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # see bots.worker_command
+    _no_detach(parser)
+    _client(parser)
+
+
+def _status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--reflector",
+        default=f"ws://{REFLECTOR.host}:{REFLECTOR.port}",
+        help="reflector URL (default: %(default)s)",
+    )
+    _client(parser)
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _no_detach(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-detach",
+        dest="detach",
+        action="store_false",
+        default=RUN.detach,
+        help="coordinators stay in parent sessions",
+    )
+
+
+def _client(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token", default=os.environ.get("MILLION_TOKEN"), help="reflector token (default: $MILLION_TOKEN)"
+    )
+    parser.add_argument(
+        "--cafile",
+        default=os.environ.get("MILLION_CAFILE"),
+        help="certificates (PEM) to trust for wss:// besides the system's (default: $MILLION_CAFILE)",
+    )
+
+
+def _bytes(count: int) -> str:
+    return f"{count >> 20} MiB" if count and count % (1 << 20) == 0 else f"{count:,} bytes"
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _fanout(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, not {text}")
+    return value
+
+
+def _json_or_word(text: str) -> Any:
+    """JSON where it parses; otherwise the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, not {text!r}")
+    return key, _json_or_word(value)
