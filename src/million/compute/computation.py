@@ -90,14 +90,11 @@ class Computation(Model, name="million.computation.2"):
         self.answers[view] = [data.get("id"), given]
 
     def _assign(self, view: str, want: int) -> list[int]:
-        """Partitions nobody has started: at most ``want``, and no more than bring this view
-        to its fair share of those and the ones held, among the views that ask. Else the
-        incomplete one with the fewest workers that ``view`` does not hold yet, the last
-        such one, since holders work from the first.
+        """Up to ``want`` partitions nobody has started, within this view's fair share of
+        them; when none is left, the least-worked incomplete one it lacks, from the last.
 
-        A partition whose holder left is not handed out again before the unstarted ones:
-        a coordinator leaves its parent while it works below (``detach``), so such a
-        partition is usually still being worked on.
+        A partition whose holder left waits behind the unstarted ones: the holder is
+        usually a coordinator still working below (``detach``).
         """
         fresh = [i for i in range(self.count) if not self.started[i] and not self.completed[i]]
         if fresh:

@@ -113,7 +113,7 @@ class Progress(Model, name="million.progress"):
     def init(self, options: Any) -> None:
         self.root, self.partitions = options["root"], options["partitions"]
         self.subscribe("leaf", self.leaf)
-        self.subscribe("bots", self.hello)
+        self.subscribe("bots", self.count_bots)
         self.subscribe(VIEW_EXIT, self.exit)
 
     def leaf(self, data: Any) -> None:
@@ -126,7 +126,7 @@ class Progress(Model, name="million.progress"):
             first = int(name[len(self.root) + 1 :].split("-")[0])
             self.by_child[first] = self.by_child.get(first, 0) + count
 
-    def hello(self, bots: Any) -> None:
+    def count_bots(self, bots: Any) -> None:
         if type(bots) is int:
             self.bots[self.sender or ""] = bots
 

@@ -97,7 +97,7 @@ class Streams(Generic[C]):
         self.output.batch.events.append((session.name, session.seq, raw))
         self.emit(recipients, raw)
         self.counters["events"] += 1
-        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask(session):
+        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask_snapshot(session):
             self.ask_snapshot(session, session.recipients)
 
     def enter(self, conn: C, session: RelaySession[C], ref: int, have: int | None, now: float) -> None:
@@ -131,7 +131,7 @@ class Streams(Generic[C]):
 
     # --- snapshots and digests ---------------------------------------------------------------
 
-    def _may_ask(self, session: RelaySession[C]) -> bool:
+    def _may_ask_snapshot(self, session: RelaySession[C]) -> bool:
         """No request outstanding, or one left unanswered for a whole interval: ask again."""
         asked = session.asked
         return asked is None or session.seq - asked.seq >= self.config.snapshot_every

@@ -29,6 +29,7 @@ from million.wire.protocol import (
 )
 
 __all__ = [
+    "compact",
     "converter",
     "decode",
     "decode_client",
@@ -36,9 +37,13 @@ __all__ = [
     "dumps",
     "encode",
     "encode_event",
+    "encode_publish",
+    "encode_snapshot",
+    "fragment",
     "frame",
     "frames",
     "loads",
+    "strict_converter",
 ]
 
 
