@@ -97,7 +97,9 @@ class Streams(Generic[C]):
         self.output.batch.events.append((session.name, session.seq, raw))
         self.emit(recipients, raw)
         self.counters["events"] += 1
-        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask_snapshot(session):
+        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask_snapshot(
+            session
+        ):
             self.ask_snapshot(session, session.recipients)
 
     def enter(self, conn: C, session: RelaySession[C], ref: int, have: int | None, now: float) -> None:
