@@ -1,4 +1,8 @@
-"""Fixtures: a real reflector on 127.0.0.1 (port 0, in-memory store) and real clients."""
+"""Fixtures: a real reflector on 127.0.0.1 (port 0, in-memory store) and real clients.
+
+The ``reflector`` runs once with each websocket engine; a module or test marked
+``one_engine`` gets the default engine only (where the transport is tested elsewhere).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,26 @@ from million.relay.config import ReflectorConfig
 from million.wire.transport import ENGINES
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "one_engine: the reflector fixture uses the default engine only")
+
+
+@pytest.hookimpl(tryfirst=True)  # before the fixture's own params apply
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("one_engine"):
+        metafunc.parametrize("engine", [ReflectorConfig().transport])
+
+
 @pytest.fixture(params=ENGINES)
-async def reflector(request: pytest.FixtureRequest) -> AsyncIterator[million.Reflector]:
+def engine(request: pytest.FixtureRequest) -> str:
+    """The websocket engine of the ``reflector`` fixture."""
+    return request.param
+
+
+@pytest.fixture
+async def reflector(engine: str) -> AsyncIterator[million.Reflector]:
     """An in-process reflector, once with each websocket engine."""
-    async with million.open_reflector(ReflectorConfig(port=0, transport=request.param)) as reflector:
+    async with million.open_reflector(ReflectorConfig(port=0, transport=engine)) as reflector:
         yield reflector
 
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import trio
 
+from million.compute.bots import worker_command
+from million.compute.tree import Spec
+
 TESTS = Path(__file__).parent
 
 
@@ -95,3 +98,27 @@ def million_command(*args: str, env: dict[str, str] | None = None) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "million", *args], capture_output=True, text=True, timeout=120, env=env
     )
+
+
+def ordered_spec(input: Any, partitions: int, fanout: int, **options: Any) -> Spec:
+    """What a run of the test plugin ``ordered`` computes."""
+    return Spec("ordered", "1.2.3", input, partitions, fanout, options)
+
+
+def start_worker(url: str, run: str | None, bots: int) -> Process:
+    """A ``million work`` process: for ``run``, or for the lobby's runs (None)."""
+    return Process(worker_command(url, run, bots, exit_with_parent=False))
+
+
+async def wait_for_markers(
+    session: Any, directory: Path, *, name: str | None = None, count: int = 1, seconds: float = 60
+) -> None:
+    """Wait until the test plugin has left its marker ``name`` in ``directory`` (or ``count``
+    markers), looking again whenever ``session`` changes."""
+
+    def there() -> bool:
+        return (directory / name).exists() if name else len(list(directory.iterdir())) >= count
+
+    with trio.fail_after(seconds):
+        while not there():
+            await session.wait_changed()

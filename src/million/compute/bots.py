@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from million.compute.computation import Computation
-from million.compute.lobby import LOBBY, Lobby, share
+from million.compute.lobby import LOBBY, Lobby, bots_per_run
 from million.compute.plugins import Plugin, PluginError, load_plugin
 from million.compute.progress import Progress, progress_session, report_progress
 from million.compute.tree import Spec
@@ -110,7 +110,7 @@ async def run_lobby_bots(
                 lobby.publish("done", {"name": run, "answer": answer})
 
         while True:
-            wanted = share(bots, [run for run in lobby.model.open_runs() if run not in refused])
+            wanted = bots_per_run(bots, [run for run in lobby.model.open_runs() if run not in refused])
             for run, (count, scope) in list(crews.items()):
                 if wanted.get(run) != count:
                     scope.cancel()

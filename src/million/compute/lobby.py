@@ -14,7 +14,7 @@ import attrs
 from million.compute.tree import Spec
 from million.replica.model import Model
 
-__all__ = ["LOBBY", "Lobby", "share"]
+__all__ = ["LOBBY", "Lobby", "bots_per_run", "post_event"]
 
 LOBBY = "million-lobby"
 KEEP_FINISHED = 200  # finished runs the lobby remembers
@@ -58,7 +58,7 @@ class Lobby(Model, name="million.lobby"):
         return [name for name, run in self.runs.items() if run["state"] == "open"]
 
 
-def post(name: str, spec: Spec) -> dict[str, Any]:
+def post_event(name: str, spec: Spec) -> dict[str, Any]:
     """The ``post`` event for a run."""
     return {
         "name": name,
@@ -69,7 +69,7 @@ def post(name: str, spec: Spec) -> dict[str, Any]:
     }
 
 
-def share(bots: int, runs: list[str]) -> dict[str, int]:
+def bots_per_run(bots: int, runs: list[str]) -> dict[str, int]:
     """Bots per run: as even as it gets, earlier runs first; runs beyond ``bots`` wait."""
     if not runs:
         return {}

@@ -116,7 +116,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     state.root, state.progress = root, progress
                     resumed = root.replica.seq > 1
                     if not root.model.done:
-                        await _tell_lobby(client, "post", lobby.post(name, spec))
+                        await _tell_lobby(client, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch)
                     answer = root.model.output
                     await _tell_lobby(client, "done", {"name": name, "answer": answer})

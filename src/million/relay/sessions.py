@@ -88,8 +88,9 @@ class RelaySession(Generic[C]):
         self.recipients = tuple(self.conns)
         self.views[view] = conn
 
-    def exit(self, conn: C, view: str) -> None:
-        """``view`` of ``conn`` is no longer present; the last one out leaves it empty."""
+    def exit(self, conn: C, view: str, now: float) -> None:
+        """``view`` of ``conn`` is no longer present; the last one out leaves it empty, its
+        time stopped at ``now``."""
         del self.views[view]
         count = self.conns[conn] - 1
         if count:
@@ -98,6 +99,7 @@ class RelaySession(Generic[C]):
             del self.conns[conn]
             self.recipients = tuple(self.conns)
         if not self.conns:
+            self.time = self.clock(now)
             self.occupied_since = None
             self.phase = Phase.EMPTY
 
@@ -217,9 +219,9 @@ class SessionTable(Generic[C]):
             self.occupied[session.name] = session
         session.enter(conn, view, now)
 
-    def exit(self, session: RelaySession[C], conn: C, view: str) -> bool:
+    def exit(self, session: RelaySession[C], conn: C, view: str, now: float) -> bool:
         """End a membership; True if that left the session empty."""
-        session.exit(conn, view)
+        session.exit(conn, view, now)
         if session.phase is Phase.EMPTY:
             self.occupied.pop(session.name, None)
             return True

@@ -116,7 +116,7 @@ class Streams(Generic[C]):
         """End one membership: the exit goes to everyone who saw it, the leaver included."""
         recipients = session.recipients
         del self.peers[conn].memberships[(session.name, view)]
-        emptied = self.table.exit(session, conn, view)
+        emptied = self.table.exit(session, conn, view, now)
         self.append(session, view, VIEW_EXIT, view, recipients, now)
         self.output.batch.presence[session.name] = codec.dumps(list(session.views))
         if emptied:

@@ -289,8 +289,8 @@ class ClientCore:
         if member is None:
             return
         group = member.group
-        if not self._groups.live(group):  # given up, and nobody else here uses it
-            self._send(Leave(sync.session, sync.view))
+        if not self._groups.live(group) and not self._groups.restore(group):
+            self._send(Leave(sync.session, sync.view))  # given up, and its name reused since
             return
         try:
             group.catch_up(sync)

@@ -193,6 +193,16 @@ class Groups:
             self._live[name] = group
         return group
 
+    def restore(self, group: Group) -> bool:
+        """Make a discarded ``group`` live again (a join given up whose sync came after all:
+        it is rebuilt and left, so that it can answer a snapshot asked of the leaver);
+        False if its name is taken."""
+        if group.name in self._live:
+            return False
+        self._kept.pop(group.name, None)
+        self._live[group.name] = group
+        return True
+
     def discard(self, group: Group, connection: int | None) -> None:
         """Forget ``group`` once nobody uses it; keep its replica if it was synced over
         ``connection``, the current one (None: there is none)."""

@@ -24,7 +24,7 @@ import orjson
 from million.wire.codec import strict_converter
 from million.wire.protocol import Event
 
-__all__ = ["Model", "Random", "Replica", "converter", "model_class"]
+__all__ = ["Model", "Random", "Replica", "converter"]
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +93,11 @@ class Random:
             items[i], items[j] = items[j], items[i]
 
 
-_registry: dict[str, type[Model]] = {}
-
-
-def model_class(name: str) -> type[Model]:
-    """The model class registered under ``name``."""
-    try:
-        return _registry[name]
-    except KeyError:
-        raise LookupError(f"no model class is registered as {name!r}") from None
-
-
 class Model:
     """Base class of replicated models.
 
     Subclass it with ``@attrs.define`` and give every field a default; pass
-    ``name=`` to register under a short name (default: module and class name)::
+    ``name=`` to give it a short name, the one joins send (default: module and class name)::
 
         @attrs.define
         class Counter(million.Model, name="counter"):
@@ -130,7 +119,6 @@ class Model:
         # attrs rebuilds slotted classes, calling this again without ``name``: keep the first.
         name = name or cls.__dict__.get("model_name") or f"{cls.__module__}.{cls.__qualname__}"
         cls.model_name = name
-        _registry[cls.model_name] = cls
 
     def init(self, options: Any) -> None:
         """Called once, when the session is created, with the options of its first join."""

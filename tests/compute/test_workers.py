@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-import sys
 from typing import Any
 
 import attrs
@@ -13,31 +12,18 @@ import pytest
 import trio
 
 import million
-from helpers import Process, finish, start_reflector
+from helpers import finish, ordered_spec, start_reflector, start_worker, wait_for_markers
 from million.compute.computation import Computation
-from million.compute.lobby import LOBBY, Lobby, post
+from million.compute.lobby import LOBBY, Lobby, post_event
 from million.compute.runner import open_run
 from million.compute.tree import Spec
-from million.relay.config import ReflectorConfig
 
-
-@pytest.fixture
-async def reflector():
-    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
-        yield reflector
-
-
-def ordered(input: Any, partitions: int, fanout: int, **options: Any) -> Spec:
-    return Spec("ordered", "1.2.3", input, partitions, fanout, options)
-
-
-def lobby_worker(url: str, bots: int) -> Process:
-    return Process([sys.executable, "-m", "million", "work", "--reflector", url, "--bots", str(bots)])
+pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
 
 
 async def post_run(client: million.Client, name: str, spec: Spec) -> None:
     async with million.join(client, LOBBY, Lobby) as lobby:
-        lobby.publish("post", post(name, spec))
+        lobby.publish("post", post_event(name, spec))
         await lobby.wait_for(lambda model: name in model.runs)
 
 
@@ -67,16 +53,14 @@ async def finished_everywhere(
 
 
 async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(reflector, tmp_path):
-    gated = ordered("slow", 40, 10, slow=[0], marker_dir=str(tmp_path))
-    quick = ordered("quick", 60, 7)
+    gated = ordered_spec("slow", 40, 10, slow=[0], marker_dir=str(tmp_path))
+    quick = ordered_spec("quick", 60, 7)
     async with million.open_client(reflector.url) as client:
         async with open_run(client, "gated", gated) as (gated_root, _):
             await post_run(client, "gated", gated)
-            worker = lobby_worker(reflector.url, 4)
+            worker = start_worker(reflector.url, None, 4)
             try:
-                with trio.fail_after(30):
-                    while not (tmp_path / "0").exists():
-                        await gated_root.wait_changed()
+                await wait_for_markers(gated_root, tmp_path, name="0", seconds=30)
                 async with open_run(client, "quick", quick) as (quick_root, _):
                     await post_run(client, "quick", quick)
                     with trio.fail_after(30):
@@ -98,11 +82,11 @@ async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(re
 async def finish_beside(client: million.Client, url: str, skipped: str, spec: Spec) -> str:
     """Post run ``skipped`` (which the caller holds open) and a run of the test plugin,
     let two lobby bots finish the latter, and return what their process logged."""
-    mine = ordered("mine", 12, 5)
+    mine = ordered_spec("mine", 12, 5)
     async with open_run(client, "mine", mine) as (root, _):
         await post_run(client, skipped, spec)
         await post_run(client, "mine", mine)
-        worker = lobby_worker(url, 2)
+        worker = start_worker(url, None, 2)
         await finish(root, [worker], 30)
     assert root.model.output == million_testplugin.expected("mine", 12, 5)
     return worker.errors
@@ -128,7 +112,7 @@ class OlderComputation(million.Model, name="million.computation"):
 
 
 async def test_lobby_workers_skip_a_run_made_by_another_version_of_million(reflector):
-    older = ordered("older", 10, 5)
+    older = ordered_spec("older", 10, 5)
     async with (
         million.open_client(reflector.url) as client,
         million.join(client, "older", OlderComputation, options=older.to_options(), create=True),
@@ -141,10 +125,10 @@ async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):
     # Partitions spread over the second half hold their workers until three kills have
     # happened, so that the kills fall in the middle of the run however fast it is.
     held = list(range(10_000, 20_000, 997))
-    spec = ordered("chaos", 20_000, 30, slow=held, marker_dir=str(tmp_path))
+    spec = ordered_spec("chaos", 20_000, 30, slow=held, marker_dir=str(tmp_path))
     rng = random.Random(20261128)
     async with million.open_client(reflector.url) as client, open_run(client, "chaos", spec) as (root, _):
-        workers = [Process(_run_worker(reflector.url, "chaos", 2)) for _ in range(8)]
+        workers = [start_worker(reflector.url, "chaos", 2) for _ in range(8)]
         kills = 0
         try:
             with trio.fail_after(240):
@@ -155,7 +139,7 @@ async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):
                         break
                     victim = rng.randrange(len(workers))
                     workers[victim].kill()
-                    workers[victim] = Process(_run_worker(reflector.url, "chaos", 2))
+                    workers[victim] = start_worker(reflector.url, "chaos", 2)
                     kills += 1
                     if kills == 3:
                         (tmp_path / "go").touch()
@@ -167,25 +151,19 @@ async def test_chaos_random_workers_killed_and_replaced(reflector, tmp_path):
         assert await finished_everywhere(client, "chaos") == 1 + 30 + 30 * 30
 
 
-def _run_worker(url: str, run: str, bots: int) -> list[str]:
-    return [sys.executable, "-m", "million", "work", "--reflector", url, "--run", run, "--bots", str(bots)]
-
-
 async def test_drain_every_worker_stops_and_new_ones_finish(reflector, tmp_path):
-    spec = ordered("drain", 2_000, 10, slow=list(range(1000, 2000)), marker_dir=str(tmp_path))
+    spec = ordered_spec("drain", 2_000, 10, slow=list(range(1000, 2000)), marker_dir=str(tmp_path))
     async with (
         million.open_client(reflector.url) as client,
         open_run(client, "drain", spec) as (root, progress),
     ):
-        workers = [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)]
-        with trio.fail_after(60):
-            while len(list(tmp_path.iterdir())) < 3:
-                await progress.wait_changed()
+        workers = [start_worker(reflector.url, "drain", 3) for _ in range(2)]
+        await wait_for_markers(progress, tmp_path, count=3)
         for worker in workers:
             worker.stop()
         assert not root.model.done and progress.model.done < 2_000
         (tmp_path / "go").touch()
-        await finish(root, [Process(_run_worker(reflector.url, "drain", 3)) for _ in range(2)], 60)
+        await finish(root, [start_worker(reflector.url, "drain", 3) for _ in range(2)], 60)
         assert root.model.output == million_testplugin.expected("drain", 2_000, 10)
 
 
@@ -193,15 +171,13 @@ async def test_a_killed_reflector_restarted_on_its_store_finishes_the_run(tmp_pa
     store = str(tmp_path / "store.db")
     markers = tmp_path / "markers"
     markers.mkdir()
-    spec = ordered("crash", 3_000, 20, slow=list(range(1500, 3000)), marker_dir=str(markers))
+    spec = ordered_spec("crash", 3_000, 20, slow=list(range(1500, 3000)), marker_dir=str(markers))
     reflector, url = await start_reflector(store)
     port = int(url.rsplit(":", 1)[1])
-    workers = [Process(_run_worker(url, "crash", 4)) for _ in range(2)]
+    workers = [start_worker(url, "crash", 4) for _ in range(2)]
     try:
         async with million.open_client(url) as client, open_run(client, "crash", spec) as (root, progress):
-            with trio.fail_after(60):
-                while len(list(markers.iterdir())) < 2:
-                    await progress.wait_changed()
+            await wait_for_markers(progress, markers, count=2)
             reflector.kill()
             (markers / "go").touch()
             reflector, _ = await start_reflector(store, port)
@@ -216,17 +192,15 @@ async def test_a_killed_reflector_restarted_on_its_store_finishes_the_run(tmp_pa
 
 
 async def test_a_late_joiner_replays_a_big_leaf_and_takes_work_at_once(reflector, tmp_path):
-    spec = ordered("late", 1_000, 1_000, slow=list(range(500, 1000)), marker_dir=str(tmp_path))
+    spec = ordered_spec("late", 1_000, 1_000, slow=list(range(500, 1000)), marker_dir=str(tmp_path))
     async with million.open_client(reflector.url) as client, open_run(client, "late", spec) as (root, _):
-        early = Process(_run_worker(reflector.url, "late", 1))
+        early = start_worker(reflector.url, "late", 1)
         late = None
         try:
-            with trio.fail_after(60):
-                while not (tmp_path / "500").exists():
-                    await root.wait_changed()
+            await wait_for_markers(root, tmp_path, name="500")
             assert root.replica.seq > 500  # half the leaf is done: a long stream to replay
             members = set(root.model.workers)
-            late = Process(_run_worker(reflector.url, "late", 1))
+            late = start_worker(reflector.url, "late", 1)
             with trio.fail_after(30):
                 await root.wait_for(lambda model: set(model.workers) - members)
             newcomer = (set(root.model.workers) - members).pop()
@@ -245,13 +219,13 @@ async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsiv
     # The last partition of every leaf waits for a go, so that the run lasts until the
     # whole herd has found its way into the leaves, however fast the machine.
     held = [leaf * 100 + 99 for leaf in range(100)]
-    spec = ordered("herd", 10_000, 100, slow=held, marker_dir=str(tmp_path))
+    spec = ordered_spec("herd", 10_000, 100, slow=held, marker_dir=str(tmp_path))
     async with (
         million.open_client(reflector.url) as client,
         open_run(client, "herd", spec) as (root, _),
         million.open_client(reflector.url) as watcher,
     ):
-        herd = [Process(_run_worker(reflector.url, "herd", 100)) for _ in range(2)]
+        herd = [start_worker(reflector.url, "herd", 100) for _ in range(2)]
         in_leaves = 0
         try:
             with trio.fail_after(180):

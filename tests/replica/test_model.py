@@ -8,7 +8,7 @@ import attrs
 import pytest
 
 import million
-from million.replica.model import Random, Replica, model_class
+from million.replica.model import Random, Replica
 from million.wire.protocol import Event
 
 
@@ -120,10 +120,14 @@ def test_models_subscribe_their_own_methods_only():
         replica.model.subscribe("poke", print)
 
 
-def test_models_register_by_name():
-    assert model_class("test-clockwork") is Clockwork
-    with pytest.raises(LookupError):
-        model_class("no-such-model")
+def test_models_are_named_by_their_class_or_by_name():
+    class Unnamed(million.Model):
+        pass
+
+    assert Clockwork.model_name == "test-clockwork"
+    assert Unnamed.model_name.endswith(
+        "test_model.test_models_are_named_by_their_class_or_by_name.<locals>.Unnamed"
+    )
 
 
 def test_the_random_generator_is_deterministic_and_in_range():

@@ -15,8 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import million
-from helpers import Process, finish
-from million.compute.bots import run_bots, worker_command
+from helpers import finish, ordered_spec, start_worker, wait_for_markers
+from million.compute.bots import run_bots
 from million.compute.computation import Computation
 from million.compute.plugins import PluginError, load_plugin, plugin_from_object
 from million.compute.runner import open_run
@@ -28,12 +28,7 @@ from million.wire import codec
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN, Event
 from models import Ledger
 
-
-@pytest.fixture
-async def reflector():
-    """One engine is enough here: the transport is tested elsewhere."""
-    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
-        yield reflector
+pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
 
 
 @pytest.mark.parametrize(
@@ -162,10 +157,6 @@ async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool =
         return root.model.output
 
 
-def ordered_spec(input: Any, partitions: int, fanout: int, **options: Any) -> Spec:
-    return Spec("ordered", "1.2.3", input, partitions, fanout, options)
-
-
 async def test_three_levels_of_seven_over_two(reflector):
     demo = load_plugin("demo")
     spec = Spec("demo", demo.version, 2, 7, 2)
@@ -233,13 +224,11 @@ async def test_the_first_result_for_a_partition_wins_everywhere(reflector):
 async def test_a_worker_killed_mid_partition_loses_nothing(reflector, tmp_path):
     spec = ordered_spec("k", 3, 4, slow=[0], marker_dir=str(tmp_path))
     async with million.open_client(reflector.url) as client, open_run(client, "killed", spec) as (root, _):
-        doomed = Process(worker_command(reflector.url, "killed", 1))
-        with trio.fail_after(20):
-            while not (tmp_path / "0").exists():
-                await root.wait_changed()
+        doomed = start_worker(reflector.url, "killed", 1)
+        await wait_for_markers(root, tmp_path, name="0", seconds=20)
         doomed.kill()
         (tmp_path / "go").touch()
-        await finish(root, [Process(worker_command(reflector.url, "killed", 1))], 30)
+        await finish(root, [start_worker(reflector.url, "killed", 1)], 30)
         assert root.model.output == million_testplugin.expected("k", 3, 4)
 
 
@@ -249,17 +238,16 @@ async def test_a_run_everyone_left_is_finished_by_a_newcomer(reflector, tmp_path
         million.open_client(reflector.url) as client,
         open_run(client, "half", spec) as (root, progress),
     ):
-        workers = [Process(worker_command(reflector.url, "half", 2)) for _ in range(2)]
+        workers = [start_worker(reflector.url, "half", 2) for _ in range(2)]
         with trio.fail_after(30):
             await progress.wait_for(lambda model: model.done >= 9)
-            while len(list(tmp_path.iterdir())) < 2:
-                await progress.wait_changed()
+        await wait_for_markers(progress, tmp_path, count=2, seconds=30)
         for worker in workers:
             worker.stop()  # SIGINT: every participant leaves
         assert not root.model.done
         assert progress.model.done < 27
         (tmp_path / "go").touch()
-        await finish(root, [Process(worker_command(reflector.url, "half", 1))], 60)
+        await finish(root, [start_worker(reflector.url, "half", 1)], 60)
         assert root.model.output == million_testplugin.expected("half", 27, 3)
 
 
@@ -326,7 +314,7 @@ async def test_a_hook_the_plugin_lacks_is_named_each_time_it_is_called():
             return input
 
     plugin = plugin_from_object("partial", Partial())
-    assert await plugin.compute(5, 0, {}) == 5
+    assert (await plugin.compute(5, 0, {})).value() == 5
     for _ in range(2):
         with pytest.raises(PluginError, match="plugin partial does not implement collect_results"):
             await plugin.collect_results([5], {})
