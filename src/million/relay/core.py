@@ -211,7 +211,9 @@ class RelayCore(Generic[C]):
     # --- messages -------------------------------------------------------------------------
 
     def _on_publish(self, conn: C, message: Publish, now: float) -> None:
-        session = self._member(conn, message.session, message.view)
+        session = self.peers[conn].memberships.get((message.session, message.view))
+        if session is None:
+            session = self._member(conn, message.session, message.view)  # raises
         self.streams.append(session, message.view, message.topic, message.data, session.recipients, now)
 
     def _on_join(self, conn: C, message: Join, now: float) -> None:

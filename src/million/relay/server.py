@@ -27,7 +27,7 @@ from million.relay.core import RelayCore
 from million.relay.store import Store, open_store
 from million.relay.web import WebPage, serve_web
 from million.wire import codec, tasks, transport
-from million.wire.protocol import Error, ErrorCode, ProtocolError
+from million.wire.protocol import Error, ErrorCode, Join, ProtocolError
 
 __all__ = ["Reflector", "open_reflector", "serve_reflector"]
 
@@ -213,14 +213,16 @@ class Reflector:
                 core.error(conn, exc)
                 self._dirty.set()
                 continue
-            pause = core.charge(conn, len(messages), trio.current_time())
+            now = trio.current_time()
+            pause = core.charge(conn, len(messages), now)
             if pause:
                 await trio.sleep(pause)  # its socket backs up: the sender slows, nobody else does
+                now = trio.current_time()
             for message in messages:
-                name = core.needs_load(message)
-                if name is not None:
+                if type(message) is Join and (name := core.needs_load(message)) is not None:
                     await self._load(name)
-                core.receive(conn, message, trio.current_time())
+                    now = trio.current_time()
+                core.receive(conn, message, now)
             self._dirty.set()
 
     async def _load(self, name: str) -> None:

@@ -94,8 +94,9 @@ class Streams(Generic[C]):
     ) -> None:
         """Stamp the next event of ``session``, store it and relay it to ``recipients``."""
         raw = session.stamp(view, topic, data, now)
-        self.output.batch.events.append((session.name, session.seq, raw))
-        self.emit(recipients, raw)
+        output = self.output
+        output.batch.events.append((session.name, session.seq, raw))
+        output.sends.append((recipients, raw))
         self.counters["events"] += 1
         if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask_snapshot(
             session

@@ -47,7 +47,7 @@ class Client:
         self.core.on_output = self._wake_writer
         self._waiting: dict[str, trio.Event] = {}  # session -> set when its group changes
         self._replies: dict[int, trio.MemorySendChannel[Pong | Status]] = {}
-        self._moved = trio.Event()  # set when a frame was handled or the connection dropped
+        self._moved: trio.Event | None = None  # set when a frame was handled or the connection dropped
         self._wake = trio.Event()
         self._drained = trio.Event()
         self._drained.set()
@@ -111,6 +111,8 @@ class Client:
     async def settle(self) -> None:
         """Wait until every leave is confirmed and everything queued is sent."""
         while self.core.connected and self.core.departing:
+            if self._moved is None:
+                self._moved = trio.Event()
             await self._moved.wait()
         await self.drain()
 
@@ -151,8 +153,9 @@ class Client:
             self._drained = trio.Event()
 
     def _moving(self) -> None:
-        self._moved.set()
-        self._moved = trio.Event()
+        if self._moved is not None:
+            self._moved.set()
+            self._moved = None
 
     # --- the connection --------------------------------------------------------------------
 
