@@ -111,12 +111,15 @@ class Group:
             self.deliver(replica.take_view_events())
 
     def deliver(self, events: list[tuple[str, Any]]) -> None:
+        """Hand what the model published to each membership's view handlers."""
         for member in list(self.members):
+            handlers = member.handlers
             for topic, data in events:
-                try:
-                    member.deliver(topic, data)
-                except Exception:
-                    log.exception("%s: view handler for %r failed", self.name, topic)
+                for handler in handlers.get(topic, ()):
+                    try:
+                        handler(data)
+                    except Exception:
+                        log.exception("%s: view handler for %r failed", self.name, topic)
 
 
 @attrs.define(eq=False)
@@ -140,10 +143,6 @@ class Membership:
     @property
     def synced(self) -> bool:
         return self.state is State.SYNCED
-
-    def deliver(self, topic: str, data: Any) -> None:
-        for handler in self.handlers.get(topic, ()):
-            handler(data)
 
     def joined(self, sync: Sync) -> None:
         """The reflector answered this membership's join (again, after a reconnect)."""

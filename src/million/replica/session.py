@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -33,15 +34,12 @@ class Session(Generic[V]):
     def __init__(self, client: Client, member: Membership) -> None:
         self.client = client
         self.member = member
+        self.view_id = member.view_id  # ``v<seq of its view-join>``; a new one after a resync
         self._view: V | None = None
 
     @property
     def name(self) -> str:
         return self.member.name
-
-    @property
-    def view_id(self) -> str:
-        return self.member.view_id
 
     @property
     def options(self) -> Any:
@@ -73,7 +71,10 @@ class Session(Generic[V]):
 
     @property
     def model(self) -> Any:
-        return self.replica.model
+        replica = self.member.group.replica
+        if replica is None:
+            raise RuntimeError(f"session {self.name} has no model yet")
+        return replica.model
 
     def sync_info(self) -> SyncInfo:
         group = self.member.group
@@ -101,6 +102,10 @@ class Session(Generic[V]):
         """Wait until ``predicate(model)`` holds after an applied event or timer."""
         while not (self.member.group.replica is not None and predicate(self.model)):
             await self.client.wait_changed(self.name)
+
+    def _resynced(self, view: View) -> None:
+        self.view_id = self.member.view_id
+        view.resynced()
 
     async def wait_seen(self) -> None:
         """Wait until the replica has applied this membership's own ``view-join``."""
@@ -130,7 +135,7 @@ async def join(
     try:
         async with tasks.open_nursery() as nursery:
             view = session._view = view_cls(session)
-            member.on_resync = view.resynced
+            member.on_resync = partial(session._resynced, view)
             nursery.start_soon(view.run)
             yield session
             nursery.cancel_scope.cancel()
