@@ -22,7 +22,7 @@ from million.relay.core import RelayCore
 from million.relay.records import Batch, StoredSession
 from million.replica.core import ClientCore
 from million.wire import codec
-from million.wire.protocol import PROTOCOL_VERSION, Hello, Welcome
+from million.wire.protocol import PROTOCOL_VERSION, Hello, ProtocolError, Welcome
 
 __all__ = ["MemoryStore", "Relay", "connect"]
 
@@ -34,7 +34,7 @@ class MemoryStore:
     sessions: dict[str, tuple[str, bytes]] = attrs.Factory(dict)  # name -> (model, options)
     snapshots: dict[str, tuple[int, int, bytes, str]] = attrs.Factory(dict)  # (seq, time, state, digest)
     events: dict[str, dict[int, bytes]] = attrs.Factory(dict)  # name -> seq -> event
-    presence: dict[str, bytes] = attrs.Factory(dict)
+    presence: dict[str, list[str]] = attrs.Factory(dict)  # name -> the views present
     batches: list[Batch] = attrs.Factory(list)  # every batch, in order
 
     def commit(self, batch: Batch) -> None:
@@ -42,12 +42,15 @@ class MemoryStore:
         for name, model, options in batch.created:
             self.sessions.setdefault(name, (model, options))
         for name, seq, raw in batch.events:
-            self.events.setdefault(name, {})[seq] = raw
+            self.events.setdefault(name, {}).setdefault(seq, raw)  # the first one stored stays
         for name, seq, time, state, digest in batch.snapshots:
             if seq > self.snapshots.get(name, (0,))[0]:
                 self.snapshots[name] = (seq, time, state, digest)
                 self.events[name] = {n: raw for n, raw in self.events.get(name, {}).items() if n > seq}
-        self.presence.update(batch.presence)
+        for name, view in batch.joined:
+            self.presence.setdefault(name, []).append(view)
+        for name, view in batch.left:
+            self.presence[name].remove(view)
 
     def load(self, name: str) -> StoredSession | None:
         if name not in self.sessions:
@@ -55,7 +58,7 @@ class MemoryStore:
         seq, time, state, digest = self.snapshots.get(name, (0, 0, None, None))
         events = [raw for _, raw in sorted(self.events.get(name, {}).items())]
         return StoredSession(
-            name, *self.sessions[name], seq, time, state, digest, self.presence.get(name, b"[]"), events
+            name, *self.sessions[name], seq, time, state, digest, list(self.presence.get(name, [])), events
         )
 
     def stream(self, name: str) -> list[dict[str, Any]]:
@@ -72,6 +75,8 @@ class Relay:
         self.now = now
         self.core = self._start()
         self.clients: list[ClientCore] = []
+        self.store_fails: str | None = None  # while set, committing a batch fails for this reason
+        self.cut: set[Hashable] = set()  # connections the server would have closed after a failed commit
         self.replies: dict[ClientCore, list[Any]] = defaultdict(list)  # Pong and Status received
         self._queued: dict[Hashable, list[bytes]] = defaultdict(list)  # sent by the core, not yet read
 
@@ -79,13 +84,22 @@ class Relay:
 
     def hello(self, conn: Hashable, hello: Hello | None = None) -> Welcome:
         """Admit ``conn`` (``ProtocolError`` if refused)."""
-        data = self.core.hello(conn, [hello or Hello(PROTOCOL_VERSION)], self.now, str(conn))
+        self.core.open("")
+        try:
+            data = self.core.hello(conn, [hello or Hello(PROTOCOL_VERSION)], self.now, str(conn))
+        except ProtocolError:
+            self.core.drop(conn, self.now)
+            raise
         (welcome,) = codec.decode_reflector(data)
         return welcome
 
     def send(self, conn: Hashable, *messages: Any) -> None:
         """``messages`` in one frame from ``conn``, through the codec, then the output flushed."""
-        for message in codec.decode_client(codec.frame(codec.encode(m) for m in messages)):
+        self.send_frame(conn, codec.frame(codec.encode(m) for m in messages))
+
+    def send_frame(self, conn: Hashable, frame: bytes) -> None:
+        """A frame from ``conn`` as it is (``ProtocolError`` if it does not decode)."""
+        for message in codec.decode_client(frame):
             self._receive(conn, message)
         self.flush()
 
@@ -110,6 +124,11 @@ class Relay:
     def flush(self) -> None:
         """Store the core's batch, then queue its messages for their recipients."""
         output = self.core.take()
+        if output.batch and self.store_fails is not None:
+            self.core.store_failed(output.batch, self.store_fails)
+            self.cut |= {conn for recipients, _ in output.sends for conn in recipients}
+            self.core.stored_batch(output.emptied)
+            return
         if output.batch:
             self.store.commit(output.batch)
         for recipients, data in output.sends:
@@ -140,6 +159,7 @@ class Relay:
 
     def admit(self, client: ClientCore) -> None:
         """The hello/welcome exchange of a (new) connection of ``client``."""
+        self.core.open("")
         welcome = self.core.hello(client, codec.decode_client(client.hello()), self.now, client.label)
         client.welcome(welcome)
         self.clients.append(client)

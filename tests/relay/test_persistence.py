@@ -10,8 +10,9 @@ import trio
 
 import million
 from helpers import start_reflector
+from million.relay import store as store_module
 from million.relay.config import ReflectorConfig
-from million.relay.store import Batch, open_store
+from million.relay.store import MAGIC, Batch, StoreError, open_store
 from models import Ledger
 
 
@@ -106,14 +107,15 @@ async def test_a_journal_cut_short_by_a_kill_is_applied_up_to_its_last_whole_bat
     assert not (tmp_path / "second.db.journal").exists()
 
 
-async def test_batches_survive_an_apply_that_sqlite_refuses(tmp_path):
+async def test_batches_survive_an_apply_that_sqlite_refuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", 0.01)
     path = str(tmp_path / "store.db")
     store = open_store(path)
     try:
         await store.commit(Batch(created=[("s", "m", b"{}")], events=[("s", 1, b'{"seq":1}')]))
         with contextlib.closing(sqlite3.connect(path)) as blocker:
             blocker.execute("BEGIN EXCLUSIVE")  # another writer holds the file
-            with pytest.raises(sqlite3.OperationalError, match="locked"):
+            with pytest.raises(StoreError, match="database is locked"):
                 await store.apply()
             await store.commit(Batch(events=[("s", 2, b'{"seq":2}')]))
             blocker.rollback()
@@ -130,7 +132,7 @@ async def test_a_kill_during_an_apply_leaves_two_journals_and_both_are_applied(t
     await store.commit(Batch(created=[("s", "m", b"{}")], events=[("s", 1, b'{"seq":1}')]))
     older = (tmp_path / "first.db.journal").read_bytes()
     await store.commit(Batch(events=[("s", 2, b'{"seq":2}')]))
-    newer = (tmp_path / "first.db.journal").read_bytes()[len(older) :]
+    newer = MAGIC + (tmp_path / "first.db.journal").read_bytes()[len(older) :]  # as a new journal begins
     store.close()
     (tmp_path / "second.db.journal-applying").write_bytes(older)
     (tmp_path / "second.db.journal").write_bytes(newer)

@@ -158,13 +158,13 @@ async def test_a_client_that_stops_reading_is_dropped_and_memory_stays_bounded(t
 
 
 async def test_a_reflector_with_a_token_refuses_clients_without_it():
-    config = million.ReflectorConfig(port=0, token="open sesame")
+    config = million.ReflectorConfig(port=0, token="open sesame, please")
     async with million.open_reflector(config) as reflector:
         for token in (None, "open sesame!"):
             with pytest.raises(million.ClientError, match="missing or wrong token"):
                 async with million.open_client(reflector.url, token=token):
                     pass
-        async with million.open_client(reflector.url, token="open sesame") as client:
+        async with million.open_client(reflector.url, token="open sesame, please") as client:
             await client.ping()
 
 

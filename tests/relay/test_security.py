@@ -44,13 +44,13 @@ def test_unusable_security_options_get_one_line(args, message):
 
 async def test_a_wrong_token_gets_a_reason_and_no_session_data(tmp_path):
     secret = tmp_path / "token"
-    secret.write_text("s3cret-token\n")
+    secret.write_text("s3cret-token-long-enough\n")
     args = ("--host", "0.0.0.0", "--token-file", str(secret))
     process, url = await start_reflector(str(tmp_path / "store.db"), 0, *args)
     url = url.replace("0.0.0.0", "127.0.0.1")
     try:
         async with (
-            million.open_client(url, token="s3cret-token") as client,
+            million.open_client(url, token="s3cret-token-long-enough") as client,
             million.join(client, "private", Ledger) as session,
         ):
             assert session.view_id
@@ -81,19 +81,19 @@ def tls(tmp_path):
 
 async def test_a_run_over_tls_with_a_token_gets_the_right_answer(tmp_path, tls):
     secret = tmp_path / "token"
-    secret.write_text("over-tls")
+    secret.write_text("over-tls-and-long-enough")
     tls_args = ("--certfile", str(tls["cert"]), "--keyfile", str(tls["key"]), "--token-file", str(secret))
     process, url = await start_reflector(str(tmp_path / "store.db"), 0, *tls_args)
     assert url.startswith("wss://")
     try:
-        trusted = ("--reflector", url, "--cafile", str(tls["ca"]), "--token", "over-tls")
+        trusted = ("--reflector", url, "--cafile", str(tls["ca"]), "--token", "over-tls-and-long-enough")
         run = million_command("run", "--plugin", "demo", "--partitions", "500", "--fanout", "10", *trusted,
                               "--workers", "1", "--bots", "4", "--input", "3", "--json")  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["answer"] == 1500
         status = million_command("status", *trusted, "--json")
         assert status.returncode == 0, status.stderr
-        untrusted = million_command("status", "--reflector", url, "--token", "over-tls")
+        untrusted = million_command("status", "--reflector", url, "--token", "over-tls-and-long-enough")
         assert untrusted.returncode == 1
         assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
         assert len(untrusted.stderr.strip().splitlines()) == 1

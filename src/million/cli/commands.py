@@ -14,6 +14,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from million._version import __version__
 from million.cli.display import ProgressDisplay, result_lines, resume_args, status_lines
-from million.cli.parser import build_parser
+from million.cli.parser import LIMITS, build_parser
 from million.compute import bots, runner
 from million.compute.pages import RUNS_PAGE
 from million.compute.plugins import PluginError
@@ -92,10 +93,14 @@ def reflector(args: argparse.Namespace) -> int:
         max_messages_per_s=args.max_rate,
         max_summary=args.max_summary,
         token=_reflector_token(args),
+        view_token=_read_token(args.view_token_file) if args.view_token_file else None,
+        allow_origins=tuple(args.allow_origin),
         insecure=args.insecure,
+        fsync=args.fsync,
         ssl_context=_server_tls(args),
         transport=args.transport,
         http_port=args.http,
+        **{field: getattr(args, field) for _, field, _ in LIMITS},
     )
     try:
         trio.run(serve, config)
@@ -128,12 +133,16 @@ async def serve(config: ReflectorConfig) -> None:
 def _reflector_token(args: argparse.Namespace) -> str | None:
     if args.token_file is None:
         return os.environ.get("MILLION_TOKEN") or None
+    return _read_token(args.token_file)
+
+
+def _read_token(path: Path) -> str:
     try:
-        token: str = args.token_file.read_text().strip()
+        token = path.read_text().strip()
     except OSError as exc:
         raise Failure(f"cannot read the token file: {exc}", 2) from None
     if not token:
-        raise Failure(f"the token file {args.token_file} is empty", 2)
+        raise Failure(f"the token file {path} is empty", 2)
     return token
 
 

@@ -17,12 +17,29 @@ from million.compute.runner import RunConfig
 from million.relay.config import ReflectorConfig
 from million.wire.transport import ENGINES
 
-__all__ = ["STORE", "build_parser"]
+__all__ = ["LIMITS", "STORE", "build_parser"]
 
 REFLECTOR = ReflectorConfig()
 RUN = RunConfig(plugin="")
 STORE = "million.db"  # the command keeps its sessions in a file; the library's default is in memory
 PROCESSES = 1  # of ``million work``
+
+#: Flags of the reflector's limits: (flag, ReflectorConfig field, what it bounds). See docs/security.md.
+LIMITS = [
+    ("--max-depth", "max_depth", "levels of nesting in join options and summaries"),
+    ("--max-members", "max_members", "memberships of one session"),
+    ("--max-sessions-total", "max_sessions_total", "sessions in all, in the store"),
+    ("--max-tail", "max_tail", "events a session keeps after its latest snapshot; beyond, events wait"),
+    ("--max-tail-bytes", "max_tail_bytes", "bytes of those events"),
+    ("--max-connections", "max_connections", "open client connections"),
+    ("--max-connections-per-ip", "max_connections_per_ip", "open connections from one address"),
+    ("--max-handshakes", "max_handshakes", "connections in their handshake at once"),
+    ("--handshake-timeout", "handshake_timeout", "seconds a connection gets for its handshake and hello"),
+    ("--max-auth-failures", "max_auth_failures", "wrong tokens from one address per minute"),
+    ("--max-queue-total", "max_queue_total", "bytes queued for all connections together"),
+    ("--max-live", "max_live", "web page sockets open at once"),
+    ("--live-lifetime", "live_lifetime", "seconds a web page socket lives"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +111,16 @@ def _reflector(parser: argparse.ArgumentParser) -> None:
         help="websocket implementation serving clients (default: %(default)s)",
     )
     _security(parser)
+    _limits(parser)
+
+
+def _limits(parser: argparse.ArgumentParser) -> None:
+    limits = parser.add_argument_group("limits", "each refusal is counted in /metrics (docs/security.md)")
+    for flag, field, what in LIMITS:
+        default = getattr(REFLECTOR, field)
+        kind, metavar = (_positive, "N") if isinstance(default, int) else (_seconds, "SECONDS")
+        help_text = f"{what} (default: %(default)s)"
+        limits.add_argument(flag, dest=field, type=kind, default=default, metavar=metavar, help=help_text)
 
 
 def _security(parser: argparse.ArgumentParser) -> None:
@@ -104,9 +131,28 @@ def _security(parser: argparse.ArgumentParser) -> None:
         help="file holding the secret clients must present (default: $MILLION_TOKEN, if set)",
     )
     add(
+        "--view-token-file",
+        type=Path,
+        help="file holding a second secret that only reads: the web page and million status",
+    )
+    add(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a web origin whose pages may connect, e.g. https://example.org (repeatable;"
+        " the reflector's own web port is allowed)",
+    )
+    add(
         "--insecure",
         action="store_true",
         help="listen on a non-loopback address without a token: anyone who can reach it may join",
+    )
+    add(
+        "--fsync",
+        action="store_true",
+        help="flush the store's journal to the disk before relaying: events survive a power cut,"
+        " at the cost of a disk flush per batch",
     )
     add(
         "--http",
@@ -207,6 +253,13 @@ def _client(parser: argparse.ArgumentParser) -> None:
 
 def _bytes(count: int) -> str:
     return f"{count >> 20} MiB" if count and count % (1 << 20) == 0 else f"{count:,} bytes"
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _positive(text: str) -> int:

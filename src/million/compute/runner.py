@@ -9,6 +9,7 @@ an interrupted run keeps it, so that it can be resumed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
@@ -202,13 +203,21 @@ async def _reflector_url(config: RunConfig) -> AsyncIterator[tuple[str, str | No
         raise RunError(f"cannot start a reflector on store {store}: {exc}") from None
 
 
+TEMPORARY_PREFIX = "million-"  # of the private directory that holds a temporary store
+
+
 def _temporary_store() -> str:
-    directory = Path(tempfile.gettempdir()) / "million"
-    directory.mkdir(exist_ok=True)
-    return str(directory / f"run-{secrets.token_hex(4)}.db")
+    """A store path in a new directory of its own (this user's, mode 0700): nobody else
+    can have put a journal there."""
+    directory = tempfile.mkdtemp(prefix=TEMPORARY_PREFIX)
+    return str(Path(directory) / "run.db")
 
 
 def remove_store(path: str) -> None:
-    """Delete a store file and its WAL companions."""
-    for suffix in ("", "-wal", "-shm", ".journal", ".journal-applying"):
+    """Delete a store file and its companions, and the temporary directory that held it."""
+    for suffix in ("", "-wal", "-shm", ".journal", ".journal-applying", ".lock"):
         Path(path + suffix).unlink(missing_ok=True)
+    directory = Path(path).parent
+    if directory.parent == Path(tempfile.gettempdir()) and directory.name.startswith(TEMPORARY_PREFIX):
+        with contextlib.suppress(OSError):  # not empty: somebody else's files stay
+            directory.rmdir()

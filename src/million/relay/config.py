@@ -10,6 +10,7 @@ import attrs
 from million.wire.protocol import DEFAULT_MAX_FRAME
 
 TRANSPORTS = ("sansio", "trio-websocket")
+MIN_TOKEN = 16  # characters: a shorter token could be guessed online
 
 
 class ConfigError(ValueError):
@@ -26,15 +27,33 @@ class ReflectorConfig:
     tick_ms: int = 100  # time-only ticks of an occupied, silent session
     snapshot_every: int = 1000  # events between snapshot requests
     max_frame: int = DEFAULT_MAX_FRAME  # bytes of one frame received
-    max_sessions_per_connection: int = 100_000
+    max_depth: int = 64  # nesting of join options, summaries and snapshot states
+    max_sessions_per_connection: int = 100_000  # memberships one connection may hold
+    max_members: int = 100_000  # memberships of one session
+    max_sessions_total: int = 1_000_000  # sessions in all, in the store
+    max_tail: int = 1_000_000  # events a session keeps after its latest snapshot
+    max_tail_bytes: int = 32 << 20  # bytes of those events
+    max_connections: int = 10_000  # open client connections
+    max_connections_per_ip: int = 1_000
+    max_handshakes: int = 1_000  # connections that have not completed the handshake and hello
+    handshake_timeout: float = 10.0  # seconds a connection gets for the handshake and hello
+    max_auth_failures: int = 20  # wrong tokens per IP per minute; beyond, its hellos are refused
     max_queue_bytes: int = 64 << 20  # queued for one connection before it is dropped as too slow
-    max_messages_per_s: int = 200_000  # per connection; beyond it, its reading pauses
+    max_queue_total: int = 256 << 20  # queued for all connections; beyond, the largest queue is dropped
+    max_messages_per_s: int = (
+        200_000  # cost units per connection per second (a ping is 1); beyond, reading pauses
+    )
     max_summary: int = 4096  # bytes of one session summary
     summaries: int = 100_000  # session summaries kept, the most recent
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
     leave_snapshot_after: int = 64  # events since the last snapshot that make the last leaver snapshot
-    token: str | None = None
+    max_live: int = 16  # web page sockets (/live) open at once
+    live_lifetime: float = 3600.0  # seconds a web page socket lives
+    token: str | None = None  # what clients must present to join and publish
+    view_token: str | None = None  # what the page and ``million status`` may present instead: read-only
+    allow_origins: tuple[str, ...] = ()  # web origins whose pages may connect, besides the web port's own
     insecure: bool = False  # listen beyond loopback without a token
+    fsync: bool = False  # flush the store's journal to the disk before relaying
     ssl_context: ssl.SSLContext | None = None
     transport: str = "sansio"  # or "trio-websocket": see million.wire.transport
     http_port: int | None = None  # the web page and metrics (million.relay.web); None: not served
@@ -47,6 +66,11 @@ class ReflectorConfig:
                 " join every session. Give a token (--token-file, or $MILLION_TOKEN), or allow it"
                 " explicitly (insecure=True, --insecure)."
             )
+        for name, token in (("token", self.token), ("view token", self.view_token)):
+            if token is not None and len(token) < MIN_TOKEN:
+                raise ConfigError(f"the {name} must have at least {MIN_TOKEN} characters, not {len(token)}")
+        if self.view_token is not None and self.view_token == self.token:
+            raise ConfigError("the view token must differ from the token")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; one of {', '.join(TRANSPORTS)}")
 
@@ -73,3 +97,4 @@ class ReflectorStatistics:
     divergences: int
     errors: int
     throttled: int  # pauses of a connection that sent over max_messages_per_s
+    refused: dict[str, int]  # refusals by limit (the ``limit`` field of docs/security.md)

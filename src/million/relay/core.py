@@ -8,20 +8,25 @@ are stored. The caller (``million.relay.server``) takes the output (``take``), c
 its batch to the store, and only then sends its messages: nothing is relayed that a
 restart could lose. Each connection receives its messages in the order they were caused.
 
+Nothing a client sends can break a session: what cannot be stamped, stored and relayed
+is refused before it gets a sequence number, with an error to its sender only, and
+every limit of ``ReflectorConfig`` is enforced here (``docs/security.md``).
+
 A connection is any hashable handle the caller chooses; the core never looks inside it.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, TypeVar
 
 import attrs
 
+from million.relay.checks import check_json, check_options, cost
 from million.relay.config import ReflectorConfig, ReflectorStatistics
-from million.relay.records import StoredSession
+from million.relay.gate import Gate, Refused, Role
+from million.relay.records import Batch, StoredSession
 from million.relay.sessions import RelaySession, SessionTable, Summaries, revived
 from million.relay.stream import Output, Peer, Streams
 from million.wire import codec
@@ -31,7 +36,6 @@ from million.wire.protocol import (
     Digest,
     Error,
     ErrorCode,
-    Hello,
     Join,
     Leave,
     Left,
@@ -52,6 +56,18 @@ __all__ = ["Output", "Peer", "RelayCore"]
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=Hashable)
+STATUS_SESSIONS = 1000  # occupied sessions a status describes, the first by name
+READ = (Ping, StatusRequest)  # what a connection with the view token may send
+COUNTERS = (
+    "events",
+    "frames_in",
+    "frames_out",
+    "bytes_in",
+    "bytes_out",
+    "divergences",
+    "errors",
+    "throttled",
+)
 
 
 class RelayCore(Generic[C]):
@@ -67,7 +83,9 @@ class RelayCore(Generic[C]):
         self.table: SessionTable[C] = SessionTable(config.idle_sessions)
         self.table.stored.update(stored)
         self.peers: dict[C, Peer[C]] = {}
-        self.counters = dict.fromkeys(attrs.fields_dict(ReflectorStatistics), 0)
+        self.gate = Gate(config)
+        self.counters = dict.fromkeys(COUNTERS, 0)
+        self.refusals: dict[str, int] = {}  # refusals by limit
         self._summaries = Summaries(config.summaries)
         self.streams: Streams[C] = Streams(config, self.table, self.peers, self.counters)
         self._handlers: dict[type, Callable[[C, Any, float], None]] = {
@@ -83,15 +101,34 @@ class RelayCore(Generic[C]):
 
     # --- what the caller feeds in -------------------------------------------------------
 
-    def hello(self, conn: C, messages: list[Any], now: float, conn_name: str) -> bytes:
+    def open(self, ip: str) -> None:
+        """A connection from ``ip`` begins; ``Refused`` if a connection limit is reached.
+        Every ``open`` that passes is ended by ``drop`` (after ``hello`` or not)."""
+        try:
+            self.gate.open(ip)
+        except Refused as exc:
+            self.refuse(exc.limit)
+            raise
+
+    def hello(self, conn: C, messages: list[Any], now: float, conn_name: str, ip: str = "") -> bytes:
         """Admit ``conn`` if ``messages`` are a valid hello; the encoded welcome to send it.
 
         ``ProtocolError`` says why it is refused.
         """
-        hello = check_hello(messages, self.config.token)
-        self.peers[conn] = Peer(hello.client, allowance=self.config.max_messages_per_s, refilled=now)
+        try:
+            hello, role = self.gate.hello(messages, ip, now)
+        except Refused as exc:
+            self.refuse(exc.limit)
+            raise
+        self.gate.admitted()
+        peer: Peer[C] = Peer(hello.client, ip, role, allowance=self.config.max_messages_per_s, refilled=now)
+        self.peers[conn] = peer
         welcome = Welcome(PROTOCOL_VERSION, conn_name, f"million {self.version}", self.config.max_frame)
         return codec.encode(welcome)
+
+    def refuse(self, limit: str) -> None:
+        """Count a refusal by ``limit`` (docs/security.md names them)."""
+        self.refusals[limit] = self.refusals.get(limit, 0) + 1
 
     def needs_load(self, message: Any) -> str | None:
         """The stored session that must be loaded (``revive``) before ``message`` is received."""
@@ -105,12 +142,10 @@ class RelayCore(Generic[C]):
             return
         session: RelaySession[C] = revived(stored)
         self.table.add(session)
-        present = codec.loads(stored.present)
         output = self.streams.output
-        for view in present:  # present when the reflector last stopped without a goodbye: gone now
+        for view in stored.present:  # present when the reflector last stopped without a goodbye: gone now
             self.streams.append(session, view, VIEW_EXIT, view, (), now)
-        if present:
-            output.batch.presence[stored.name] = b"[]"
+            output.batch.left.append((stored.name, view))
         output.emptied.append(stored.name)
 
     def receive(self, conn: C, message: Any, now: float) -> None:
@@ -119,8 +154,12 @@ class RelayCore(Generic[C]):
             handler = self._handlers.get(type(message))
             if handler is None:
                 raise ProtocolError(ErrorCode.UNEXPECTED, f"unexpected {type(message).__name__.lower()}")
+            if self.peers[conn].role is Role.VIEWER and type(message) not in READ:
+                raise ProtocolError(ErrorCode.READ_ONLY, "this connection's token only reads")
             handler(conn, message, now)
         except ProtocolError as exc:
+            if isinstance(exc, Refused):
+                self.refuse(exc.limit)
             self.error(conn, exc, getattr(message, "session", None), getattr(message, "ref", None))
 
     def error(self, conn: C, exc: ProtocolError, session: str | None = None, ref: int | None = None) -> None:
@@ -129,19 +168,27 @@ class RelayCore(Generic[C]):
         log.info("connection %s: %s: %s", conn, exc.code, exc.message)
         self.streams.emit((conn,), codec.encode(Error(exc.code, exc.message, session, ref)))
 
-    def charge(self, conn: C, messages: int, now: float) -> float:
-        """Seconds ``conn`` must wait before its ``messages`` are handled (a token bucket
-        holding one second's allowance)."""
-        pause = self.peers[conn].charge(self.config.max_messages_per_s, messages, now)
+    def charge(self, conn: C, messages: list[Any], now: float) -> float:
+        """Seconds ``conn`` must wait before its ``messages`` are handled: each costs what it
+        makes the reflector do (``checks.cost``), from a bucket of one second's allowance."""
+        units = len(messages)
+        for message in messages:
+            if type(message) is not Publish:
+                units += cost(message, len(self.table.occupied)) - 1
+        pause = self.peers[conn].charge(self.config.max_messages_per_s, units, now)
         if pause:
             self.counters["throttled"] += 1
+            self.refuse("rate")
         return pause
 
-    def drop(self, conn: C, now: float) -> None:
-        """``conn`` ended: every membership it held exits, every snapshot asked of it is off."""
+    def drop(self, conn: C, now: float, ip: str = "") -> None:
+        """``conn`` (opened from ``ip``) ended: every membership it held exits, every
+        snapshot asked of it is off."""
         peer = self.peers.get(conn)
         if peer is None:
+            self.gate.close(ip, admitted=False)
             return
+        self.gate.close(peer.ip, admitted=True)
         for (_, view), session in list(peer.memberships.items()):
             self.streams.exit(conn, session, view, now)
         del self.peers[conn]
@@ -171,25 +218,39 @@ class RelayCore(Generic[C]):
         oldest idle ones beyond the limit leave memory."""
         self.table.settle(emptied)
 
+    def store_failed(self, batch: Batch, reason: str) -> None:
+        """``batch`` could not be stored, and its messages are not sent (the caller drops
+        the connections they were for): the sessions it touched take no more events until
+        they leave memory and come back from the store as it is."""
+        names = {name for name, *_ in batch.created} | {name for name, *_ in batch.events}
+        names |= {name for name, *_ in batch.snapshots}
+        for name in names:
+            session = self.sessions.get(name)
+            if session is not None:
+                session.broken = reason
+        log.error("the store failed (%s): %d sessions take no more events", reason, len(names))
+
     # --- what the caller may read ---------------------------------------------------------
 
     def statistics(self) -> ReflectorStatistics:
-        counters = dict(
-            self.counters,
+        return ReflectorStatistics(
             connections=len(self.peers),
             sessions=len(self.table.occupied),
             idle=len(self.table.idle),
+            refused=dict(self.refusals),
+            **self.counters,
         )
-        return ReflectorStatistics(**counters)
 
     def describe(self, now: float) -> dict[str, Any]:
         """What ``million status`` shows: the reflector and its occupied sessions."""
+        occupied = sorted(self.table.occupied)[:STATUS_SESSIONS]
         return {
             "version": self.version,
             "uptime_s": round(now - self.started_at, 3),
             "store": self.store_path,
             "statistics": attrs.asdict(self.statistics()),
-            "sessions": [s.describe(now) for s in sorted(self.table.occupied.values(), key=lambda s: s.name)],
+            "sessions": [self.table.occupied[name].describe(now) for name in occupied],
+            "sessions_total": len(self.table.occupied),
         }
 
     def summary_names(self) -> list[str]:
@@ -214,18 +275,33 @@ class RelayCore(Generic[C]):
         session = self.peers[conn].memberships.get((message.session, message.view))
         if session is None:
             session = self._member(conn, message.session, message.view)  # raises
+        config = self.config
+        if (
+            session.broken
+            or len(session.tail) >= config.max_tail
+            or session.tail_bytes >= config.max_tail_bytes
+        ):
+            self.streams.check_publish(session)  # says why not
         self.streams.append(session, message.view, message.topic, message.data, session.recipients, now)
 
     def _on_join(self, conn: C, message: Join, now: float) -> None:
         check_session_name(message.session)
-        peer = self.peers[conn]
-        if len(peer.memberships) >= self.config.max_sessions_per_connection:
-            raise ProtocolError(
-                ErrorCode.LIMIT,
-                f"a connection may hold at most {self.config.max_sessions_per_connection} memberships",
+        config = self.config
+        if len(self.peers[conn].memberships) >= config.max_sessions_per_connection:
+            raise Refused(
+                "memberships",
+                f"a connection may hold at most {config.max_sessions_per_connection} memberships",
             )
-        options = codec.compact(codec.dumps(message.options)) if message.create else None
+        options = check_options(message.options, config.max_depth) if message.create else None
         session = self._session(message, options)
+        if session.broken:
+            raise ProtocolError(
+                ErrorCode.STORAGE, f"session {session.name!r} cannot be joined: {session.broken}"
+            )
+        if len(session.views) >= config.max_members:
+            raise Refused(
+                "members", f"session {session.name!r} has its maximum of {config.max_members} members"
+            )
         if session.model != message.model or (options is not None and options != session.options):
             if not session.conns:
                 self.streams.output.emptied.append(session.name)
@@ -245,6 +321,10 @@ class RelayCore(Generic[C]):
             return session
         if options is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"there is no session {name!r}")
+        if name not in self.stored and len(self.stored) >= self.config.max_sessions_total:
+            raise Refused(
+                "sessions", f"the reflector holds its maximum of {self.config.max_sessions_total} sessions"
+            )
         session = RelaySession(name, message.model, options)
         self.streams.output.batch.created.append((name, message.model, session.options))
         self.table.add(session)
@@ -259,43 +339,48 @@ class RelayCore(Generic[C]):
         self.streams.emit((conn,), codec.encode(Left(message.session, message.view)))
 
     def _on_snapshot(self, conn: C, message: Snapshot, now: float) -> None:
+        if message.session not in self.sessions and message.session in self.peers[conn].asked:
+            self.peers[conn].asked.discard(message.session)
+            return  # asked before the session left memory: too late to be used
+        check_json(message.state, None, "a snapshot's state")
         self.streams.snapshot(conn, message)
 
     def _on_digest(self, conn: C, message: Digest, now: float) -> None:
         session = self.sessions.get(message.session)
         if session is None or conn not in session.conns:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"not in session {message.session!r}")
-        self.streams.compare(session, message.seq, message.digest)
+        asked = session.asked is not None and session.asked.seq == message.seq
+        if asked or message.seq in session.digests:  # any other digest is nobody's business
+            self.streams.compare(session, message.seq, message.digest)
 
     def _on_summary(self, conn: C, message: Summarize, now: float) -> None:
-        self._member(conn, message.session, message.view)
+        session = self._member(conn, message.session, message.view)
         raw = message.data
         if len(raw) > self.config.max_summary:
-            raise ProtocolError(
-                ErrorCode.LIMIT, f"a summary may have at most {self.config.max_summary} bytes, not {len(raw)}"
+            raise Refused(
+                "summary", f"a summary may have at most {self.config.max_summary} bytes, not {len(raw)}"
             )
+        if message.seq > session.seq + 1:
+            raise ProtocolError(
+                ErrorCode.UNEXPECTED, f"a summary of event {message.seq}, after {session.seq}"
+            )
+        check_json(raw, self.config.max_depth, "a summary")
         self._summaries.keep(message.session, message.seq, raw)
+
+    def _summary_names(self, names: list[str]) -> list[str]:
+        """The names a status asks summaries of; ``*SUFFIX`` stands for every name ending
+        in SUFFIX (at most a thousand)."""
+        suffixes = tuple(name[1:] for name in names if name.startswith("*"))
+        if not suffixes:
+            return names
+        matching = [name for name in self._summaries.names() if name.endswith(suffixes)]
+        return [name for name in names if not name.startswith("*")] + matching[-1000:]
 
     def _on_ping(self, conn: C, message: Ping, now: float) -> None:
         self.streams.emit((conn,), codec.encode(Pong(message.ref)))
 
     def _on_status(self, conn: C, message: StatusRequest, now: float) -> None:
         info = self.describe(now)
-        summaries = self.summaries(message.summaries[:1000])
+        summaries = self.summaries(self._summary_names(message.summaries[:1000]))
         info["summaries"] = {name: codec.fragment(raw) for name, raw in summaries.items()}
         self.streams.emit((conn,), codec.encode(Status(message.ref, info)))
-
-
-def check_hello(messages: list[Any], token: str | None) -> Hello:
-    """The hello that must open a connection; ``ProtocolError`` says why it is refused."""
-    hello = messages[0] if len(messages) == 1 else None
-    if not isinstance(hello, Hello):
-        raise ProtocolError(ErrorCode.UNEXPECTED, "the first message must be a hello")
-    if hello.version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            ErrorCode.VERSION,
-            f"this reflector speaks protocol version {PROTOCOL_VERSION}, not {hello.version}",
-        )
-    if token is not None and not hmac.compare_digest((hello.token or "").encode(), token.encode()):
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "missing or wrong token")
-    return hello

@@ -21,7 +21,7 @@ class StoredSession:
     snapshot_time: int
     snapshot_state: bytes | None
     snapshot_digest: str | None
-    present: bytes
+    present: list[str]  # views present when the store last heard of the session
     events: list[bytes]
 
 
@@ -32,7 +32,8 @@ class Batch:
     created: list[tuple[str, str, bytes]] = attrs.Factory(list)
     events: list[tuple[str, int, bytes]] = attrs.Factory(list)
     snapshots: list[tuple[str, int, int, bytes, str]] = attrs.Factory(list)
-    presence: dict[str, bytes] = attrs.Factory(dict)  # the views present, as a JSON list
+    joined: list[tuple[str, str]] = attrs.Factory(list)  # (session, view) now present
+    left: list[tuple[str, str]] = attrs.Factory(list)  # (session, view) no longer present
 
     def __bool__(self) -> bool:
-        return bool(self.created or self.events or self.snapshots or self.presence)
+        return bool(self.created or self.events or self.snapshots or self.joined or self.left)

@@ -23,8 +23,9 @@ import trio
 
 from million._version import __version__
 from million.relay.config import ReflectorConfig, ReflectorStatistics
-from million.relay.core import RelayCore
-from million.relay.store import Store, open_store
+from million.relay.core import Output, RelayCore
+from million.relay.origins import allowed_origins, origin_check
+from million.relay.store import Store, StoreError, open_store
 from million.relay.web import WebPage, serve_web
 from million.wire import codec, tasks, transport
 from million.wire.protocol import Error, ErrorCode, Join, ProtocolError
@@ -33,7 +34,23 @@ __all__ = ["Reflector", "open_reflector", "serve_reflector"]
 
 log = logging.getLogger(__name__)
 
-HELLO_TIMEOUT = 10.0
+
+@attrs.define(eq=False)
+class Queues:
+    """The bytes queued for all connections: beyond ``limit``, the largest queue is dropped."""
+
+    limit: int
+    total: int = 0
+    conns: set[Conn] = attrs.Factory(set)
+
+    def grew(self, size: int) -> None:
+        self.total += size
+        if self.total > self.limit and self.conns:
+            largest = max(self.conns, key=lambda conn: conn.out_bytes)
+            largest.kill(
+                transport.POLICY,
+                f"{ErrorCode.SLOW_CONSUMER}: the reflector's send queues are over {self.limit} bytes",
+            )
 
 
 @attrs.define(eq=False, repr=False)
@@ -43,6 +60,7 @@ class Conn:
     id: str
     channel: transport.Channel
     max_queue_bytes: int
+    queues: Queues
     out: list[bytes] = attrs.Factory(list)
     out_bytes: int = 0
     wake: trio.Event = attrs.Factory(trio.Event)
@@ -58,18 +76,26 @@ class Conn:
             return
         self.out.append(data)
         self.out_bytes += len(data)
+        self.wake.set()
         if self.out_bytes > self.max_queue_bytes:
             self.kill(
                 transport.POLICY, f"{ErrorCode.SLOW_CONSUMER}: send queue over {self.max_queue_bytes} bytes"
             )
-        self.wake.set()
+        else:
+            self.queues.grew(len(data))
+
+    def take(self) -> list[bytes]:
+        """Everything queued, to send now."""
+        parts, self.out = self.out, []
+        self.queues.total -= self.out_bytes
+        self.out_bytes = 0
+        return parts
 
     def kill(self, code: int, reason: str) -> None:
         if not self.close_reason:
             log.warning("closing connection %s: %s", self.id, reason)
             self.close_code, self.close_reason = code, reason
-            self.out.clear()
-            self.out_bytes = 0
+            self.take()
             self.scope.cancel()
 
 
@@ -78,6 +104,7 @@ class Reflector:
 
     def __init__(self, config: ReflectorConfig, store: Store, pages: Sequence[WebPage] = ()) -> None:
         config.check()
+        allowed_origins(config, None)  # ConfigError for an origin that is none
         self.config = config
         self.store = store
         self.pages = pages
@@ -87,6 +114,7 @@ class Reflector:
             config, stored=(), now=0.0, version=__version__, store_path=store.path
         )
         self._loading: dict[str, trio.Event] = {}
+        self._queues = Queues(config.max_queue_total)
         self._dirty = trio.Event()
 
     @property
@@ -128,8 +156,7 @@ class Reflector:
                 nursery.start_soon(self._pump)
                 nursery.start_soon(self.store.keep_applying)
                 nursery.start_soon(self._ticker)
-                self.port = await nursery.start(self._listen)
-                if self.config.http_port is not None:
+                if self.config.http_port is not None:  # first: its origin is the main port's to allow
                     self.http_port = await nursery.start(
                         partial(
                             serve_web,
@@ -140,6 +167,7 @@ class Reflector:
                             ssl_context=self.config.ssl_context,
                         )
                     )
+                self.port = await nursery.start(self._listen)
                 log.info("reflector listening on %s (store %s)", self.url, self.store.path)
                 task_status.started(self)
         finally:
@@ -154,42 +182,75 @@ class Reflector:
             ssl_context=self.config.ssl_context,
             max_frame=self.config.max_frame,
             engine=self.config.transport,
+            origins=self._origin_check(),
+            handshake_timeout=self.config.handshake_timeout,
+            max_handshakes=self.config.max_handshakes,
+            on_refused=partial(self.core.refuse, "handshakes"),
             task_status=task_status,
         )
 
+    def _origin_check(self) -> transport.OriginCheck:
+        """Pages of the web port and of ``allow_origins`` may connect; others are counted."""
+        allowed = origin_check(self.config, self.http_port)
+
+        def check(origin: str | None) -> bool:
+            if allowed(origin):
+                return True
+            self.core.refuse("origin")
+            return False
+
+        return check
+
     async def _handle(self, channel: transport.Channel) -> None:
         # Whatever happens here must never reach the server's nursery: other clients go on.
-        conn = Conn(secrets.token_hex(4), channel, self.config.max_queue_bytes)
+        conn = Conn(secrets.token_hex(4), channel, self.config.max_queue_bytes, self._queues)
+        ip = channel.remote
         try:
-            if await self._handshake(conn):
+            self.core.open(ip)
+        except ProtocolError as exc:
+            await self._refuse(conn, exc)
+            with trio.CancelScope(shield=True):
+                await channel.close(conn.close_code, conn.close_reason)
+            return
+        self._queues.conns.add(conn)
+        try:
+            if await self._handshake(conn, ip):
                 await self._serve_connection(conn)
         except transport.Closed:
             pass
         except Exception:
             log.exception("connection %s failed", conn.id)
         finally:
+            self._queues.conns.discard(conn)
+            conn.take()
             if trio.current_effective_deadline() == -math.inf and not conn.close_reason:
                 conn.close_code = transport.GOING_AWAY
                 conn.close_reason = f"{ErrorCode.SHUTDOWN}: the reflector is stopping"
-            self.core.drop(conn, trio.current_time())
+            self.core.drop(conn, trio.current_time(), ip)
             self._dirty.set()
             if conn.close_reason:
                 with trio.CancelScope(shield=True):
                     await channel.close(conn.close_code, conn.close_reason)
 
-    async def _handshake(self, conn: Conn) -> bool:
-        with trio.move_on_after(HELLO_TIMEOUT):
+    async def _handshake(self, conn: Conn, ip: str) -> bool:
+        timeout = self.config.handshake_timeout
+        with trio.move_on_after(timeout):
             data = await conn.channel.receive()
             try:
-                welcome = self.core.hello(conn, codec.decode_client(data), trio.current_time(), conn.id)
+                welcome = self.core.hello(conn, codec.decode_client(data), trio.current_time(), conn.id, ip)
             except ProtocolError as exc:
-                await conn.channel.send(codec.encode(Error(exc.code, exc.message)))
-                conn.close_code, conn.close_reason = transport.POLICY, f"{exc.code}: {exc.message}"
+                await self._refuse(conn, exc)
                 return False
             await conn.channel.send(welcome)
             return True
-        conn.close_code, conn.close_reason = transport.POLICY, f"no hello within {HELLO_TIMEOUT:.0f} s"
+        conn.close_code, conn.close_reason = transport.POLICY, f"no hello within {timeout:g} s"
         return False
+
+    async def _refuse(self, conn: Conn, exc: ProtocolError) -> None:
+        """Tell a connection why it is refused; it is closed on the way out."""
+        with trio.move_on_after(transport.CLOSE_TIMEOUT):
+            await conn.channel.send(codec.encode(Error(exc.code, exc.message)))
+        conn.close_code, conn.close_reason = transport.POLICY, f"{exc.code}: {exc.message}"
 
     async def _serve_connection(self, conn: Conn) -> None:
         with conn.scope:
@@ -214,13 +275,18 @@ class Reflector:
                 self._dirty.set()
                 continue
             now = trio.current_time()
-            pause = core.charge(conn, len(messages), now)
+            pause = core.charge(conn, messages, now)
             if pause:
                 await trio.sleep(pause)  # its socket backs up: the sender slows, nobody else does
                 now = trio.current_time()
             for message in messages:
                 if type(message) is Join and (name := core.needs_load(message)) is not None:
-                    await self._load(name)
+                    try:
+                        await self._load(name)
+                    except StoreError as exc:
+                        error = ProtocolError(ErrorCode.STORAGE, f"cannot load session {name!r}: {exc}")
+                        core.error(conn, error, name, message.ref)
+                        continue
                     now = trio.current_time()
                 core.receive(conn, message, now)
             self._dirty.set()
@@ -245,7 +311,7 @@ class Reflector:
         while True:
             await conn.wake.wait()
             conn.wake = trio.Event()
-            parts, conn.out, conn.out_bytes = conn.out, [], 0
+            parts = conn.take()
             if not parts:
                 continue
             data = parts[0] if len(parts) == 1 else codec.frame(parts)
@@ -268,11 +334,27 @@ class Reflector:
         self._dirty = trio.Event()
         output = self.core.take()
         if output.batch:
-            with trio.CancelScope(shield=True):  # once taken, a batch is always written
-                await self.store.commit(output.batch)
+            try:
+                with trio.CancelScope(shield=True):  # once taken, a batch is always written
+                    await self.store.commit(output.batch)
+            except StoreError as exc:
+                self._store_failed(output, str(exc))
+                return
         for recipients, data in output.sends:
             for conn in recipients:
                 conn.enqueue(data)
+        self.core.stored_batch(output.emptied)
+
+    def _store_failed(self, output: Output[Conn], reason: str) -> None:
+        """Relay nothing of a batch the store could not keep: its sessions take no more
+        events, and whoever would have heard of it is disconnected, so that nobody waits
+        for what was not sent (clients come back, and are told why their joins fail)."""
+        self.core.store_failed(output.batch, reason)
+        for recipients, _ in output.sends:
+            for conn in recipients:
+                conn.kill(
+                    transport.GOING_AWAY, f"{ErrorCode.STORAGE}: the reflector could not store: {reason}"
+                )
         self.core.stored_batch(output.emptied)
 
     async def _ticker(self) -> None:
@@ -294,7 +376,7 @@ async def open_reflector(
     """
     config = config or ReflectorConfig(port=0)
     config.check()
-    store = open_store(config.store)
+    store = open_store(config.store, fsync=config.fsync)
     try:
         async with tasks.open_nursery() as nursery:
             reflector = await nursery.start(partial(serve_reflector, config, store, pages=pages))

@@ -55,12 +55,14 @@ class RelaySession(Generic[C]):
     snapshot_state: bytes | None = None
     snapshot_digest: str | None = None
     tail: list[bytes] = attrs.Factory(list)  # encoded events after the snapshot
+    tail_bytes: int = 0
     views: dict[str, C] = attrs.Factory(dict)  # present view -> its connection
     conns: dict[C, int] = attrs.Factory(dict)  # connection -> its views here
     recipients: tuple[C, ...] = ()  # the connections, in the order they came
     asked: SnapshotAsk[C] | None = None
     digests: dict[int, str] = attrs.Factory(dict)  # seq -> the first digest reported for it
     divergences: int = 0
+    broken: str = ""  # why the store failed it: then it takes no more events
 
     def clock(self, now: float) -> int:
         """Session time: only time while someone is present counts."""
@@ -69,12 +71,15 @@ class RelaySession(Generic[C]):
         return max(self.time, self.time_base + int((now - self.occupied_since) * 1000))
 
     def stamp(self, view: str, topic: str, data: Any, now: float) -> bytes:
-        """The next event of the stream, encoded once and kept in the tail."""
+        """The next event of the stream, encoded once and kept in the tail. ``TypeError``,
+        and nothing changed, if ``data`` cannot be encoded: seqs stay consecutive."""
+        time = self.clock(now)
+        raw = codec.encode_event(self.name, self.seq + 1, time, view, topic, data)
         self.seq += 1
-        self.time = self.clock(now)
+        self.time = time
         self.last_sent = now
-        raw = codec.encode_event(self.name, self.seq, self.time, view, topic, data)
         self.tail.append(raw)
+        self.tail_bytes += len(raw)
         return raw
 
     def enter(self, conn: C, view: str, now: float) -> None:
@@ -84,8 +89,10 @@ class RelaySession(Generic[C]):
             self.occupied_since = now
             self.occupied_seq = self.seq
             self.phase = Phase.OCCUPIED
-        self.conns[conn] = self.conns.get(conn, 0) + 1
-        self.recipients = tuple(self.conns)
+        count = self.conns.get(conn, 0)
+        self.conns[conn] = count + 1
+        if not count:
+            self.recipients = (*self.recipients, conn)
         self.views[view] = conn
 
     def exit(self, conn: C, view: str, now: float) -> None:
@@ -135,6 +142,7 @@ class RelaySession(Generic[C]):
     def keep_snapshot(self, seq: int, time: int, state: bytes, digest: str) -> None:
         """The snapshot after event ``seq`` replaces the events up to it."""
         self.tail = self.tail[seq - self.snapshot_seq :]
+        self.tail_bytes = sum(map(len, self.tail))
         self.snapshot_seq, self.snapshot_time = seq, time
         self.snapshot_state, self.snapshot_digest = state, digest
 
@@ -169,8 +177,9 @@ class RelaySession(Generic[C]):
 
     @property
     def pinned(self) -> bool:
-        """Whether it must stay in memory: someone is present or a snapshot is awaited."""
-        return bool(self.conns) or self.asked is not None
+        """Whether it must stay in memory: someone is present. A snapshot asked of a
+        leaver does not pin it: one that never answers could otherwise keep it forever."""
+        return bool(self.conns)
 
 
 class Summaries:
@@ -204,7 +213,7 @@ class SessionTable(Generic[C]):
     def __init__(self, idle_limit: int) -> None:
         self.idle_limit = idle_limit
         self.in_memory: dict[str, RelaySession[C]] = {}
-        self.occupied: dict[str, RelaySession[C]] = {}
+        self.occupied: OrderedDict[str, RelaySession[C]] = OrderedDict()  # least recently stamped first
         self.idle: OrderedDict[str, None] = OrderedDict()  # oldest first
         self.stored: set[str] = set()
 
@@ -217,6 +226,7 @@ class SessionTable(Generic[C]):
         if session.phase is not Phase.OCCUPIED:
             self.idle.pop(session.name, None)
             self.occupied[session.name] = session
+            session.last_sent = now  # its place in ``occupied``
         session.enter(conn, view, now)
 
     def exit(self, session: RelaySession[C], conn: C, view: str, now: float) -> bool:
@@ -232,7 +242,9 @@ class SessionTable(Generic[C]):
         ones beyond the limit leave memory."""
         for name in emptied:
             session = self.in_memory.get(name)
-            if session is not None and not session.pinned:
+            if session is not None and session.broken and not session.conns:
+                del self.in_memory[name]  # come back as the store has it
+            elif session is not None and not session.pinned:
                 session.phase = Phase.IDLE
                 self.idle[name] = None
                 self.idle.move_to_end(name)
@@ -249,11 +261,12 @@ def revived(stored: StoredSession) -> RelaySession[Any]:
         stored.name,
         stored.model,
         stored.options,
-        seq=stored.snapshot_seq + len(stored.events),
+        seq=codec.loads(stored.events[-1])["seq"] if stored.events else stored.snapshot_seq,
         time=codec.loads(stored.events[-1])["time"] if stored.events else stored.snapshot_time,
         snapshot_seq=stored.snapshot_seq,
         snapshot_time=stored.snapshot_time,
         snapshot_state=stored.snapshot_state,
         snapshot_digest=stored.snapshot_digest,
         tail=list(stored.events),
+        tail_bytes=sum(map(len, stored.events)),
     )

@@ -13,8 +13,9 @@ from typing import Any, Generic, TypeVar
 import attrs
 
 from million.relay.config import ReflectorConfig
+from million.relay.gate import Refused, Role
 from million.relay.records import Batch
-from million.relay.sessions import RelaySession, SessionTable, SnapshotAsk
+from million.relay.sessions import Phase, RelaySession, SessionTable, SnapshotAsk
 from million.wire import codec
 from million.wire.protocol import (
     VIEW_EXIT,
@@ -24,7 +25,6 @@ from million.wire.protocol import (
     ProtocolError,
     Snapshot,
     SnapshotRequest,
-    Tick,
 )
 
 __all__ = ["Output", "Peer", "Streams"]
@@ -39,6 +39,8 @@ class Peer(Generic[C]):
     """What the core knows of one connection."""
 
     label: str
+    ip: str = ""
+    role: Role = Role.MEMBER
     memberships: dict[tuple[str, str], RelaySession[C]] = attrs.Factory(dict)  # (session, view)
     asked: set[str] = attrs.Factory(set)  # sessions it was asked a snapshot of
     allowance: float = 0.0  # messages it may still send now (token bucket)
@@ -92,8 +94,14 @@ class Streams(Generic[C]):
         recipients: tuple[C, ...],
         now: float,
     ) -> None:
-        """Stamp the next event of ``session``, store it and relay it to ``recipients``."""
-        raw = session.stamp(view, topic, data, now)
+        """Stamp the next event of ``session``, store it and relay it to ``recipients``;
+        ``ProtocolError`` (and nothing changed) if it cannot be encoded."""
+        try:
+            raw = session.stamp(view, topic, data, now)
+        except TypeError as exc:  # orjson: nested too deep, or an integer out of range
+            raise ProtocolError(ErrorCode.MALFORMED, f"the event cannot be relayed: {exc}") from None
+        if session.phase is Phase.OCCUPIED:
+            self.table.occupied.move_to_end(session.name)
         output = self.output
         output.batch.events.append((session.name, session.seq, raw))
         output.sends.append((recipients, raw))
@@ -103,34 +111,58 @@ class Streams(Generic[C]):
         ):
             self.ask_snapshot(session, session.recipients)
 
+    def check_publish(self, session: RelaySession[C]) -> None:
+        """``ProtocolError`` if ``session`` may take no more events now."""
+        if session.broken:
+            raise ProtocolError(
+                ErrorCode.STORAGE, f"session {session.name!r} takes no events: {session.broken}"
+            )
+        if len(session.tail) >= self.config.max_tail or session.tail_bytes >= self.config.max_tail_bytes:
+            if self._may_ask_snapshot(session):
+                self.ask_snapshot(session, session.recipients)
+            raise Refused(
+                "tail",
+                f"session {session.name!r} keeps {len(session.tail)} events ({session.tail_bytes} bytes)"
+                " since its latest snapshot: no more until a participant sends one",
+            )
+
     def enter(self, conn: C, session: RelaySession[C], ref: int, have: int | None, now: float) -> None:
         """A new membership of ``conn``: its sync, then its ``view-join`` for everyone."""
         view = f"v{session.seq + 1}"
         full = conn not in session.conns
+        sync = session.sync(ref, view, full, have, session.clock(now))
         self.table.enter(session, conn, view, now)
         self.peers[conn].memberships[(session.name, view)] = session
-        self.emit((conn,), session.sync(ref, view, full, have, session.clock(now)))
+        self.emit((conn,), sync)
         self.append(session, view, VIEW_JOIN, view, session.recipients, now)
-        self.output.batch.presence[session.name] = codec.dumps(list(session.views))
+        self.output.batch.joined.append((session.name, view))
 
     def exit(self, conn: C, session: RelaySession[C], view: str, now: float) -> None:
         """End one membership: the exit goes to everyone who saw it, the leaver included."""
         recipients = session.recipients
         del self.peers[conn].memberships[(session.name, view)]
         emptied = self.table.exit(session, conn, view, now)
-        self.append(session, view, VIEW_EXIT, view, recipients, now)
-        self.output.batch.presence[session.name] = codec.dumps(list(session.views))
+        if not session.broken:  # else the store's own stream goes on from where it stopped
+            self.append(session, view, VIEW_EXIT, view, recipients, now)
+            self.output.batch.left.append((session.name, view))
         if emptied:
             self.output.emptied.append(session.name)
 
     def tick(self, now: float) -> None:
-        """A time-only tick for every occupied session silent for a tick interval."""
+        """A time-only tick for every occupied session silent for a tick interval. The
+        occupied sessions are kept least recently stamped first: only the due are visited."""
         interval = self.config.tick_ms / 1000
-        for session in self.table.occupied.values():
-            if now - session.last_sent >= interval:
-                session.time = session.clock(now)
-                session.last_sent = now
-                self.emit(session.recipients, codec.encode(Tick(session.name, session.time)))
+        occupied = self.table.occupied
+        due = []
+        for session in occupied.values():
+            if now - session.last_sent < interval:
+                break
+            due.append(session)
+        for session in due:
+            session.time = session.clock(now)
+            session.last_sent = now
+            occupied.move_to_end(session.name)
+            self.emit(session.recipients, codec.encode_tick(session.name, session.time))
 
     # --- snapshots and digests ---------------------------------------------------------------
 

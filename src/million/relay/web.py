@@ -10,14 +10,25 @@
 
 A page's websocket pushes what the page's ``live`` function returns every half second;
 whatever JSON the page sends back is handed to the next call. The relay knows nothing
-of what registered pages show (the computation registers its runs page). With a token,
-every path needs it, as ``?token=...`` or an ``Authorization: Bearer`` header.
+of what registered pages show (the computation registers its runs page).
+
+The pages themselves are static HTML with no data in them: they are served to anyone,
+with a content security policy that lets only their own script and style run and
+their own websocket connect. What holds data, the websockets and ``/metrics``, needs
+the token or the view token when the reflector has a token (``?token=...`` or an
+``Authorization: Bearer`` header). A websocket opened by a browser page from an origin
+the reflector does not allow (``million.relay.origins``) is refused, token or not; at
+most ``max_live`` are open at once, each for ``live_lifetime`` seconds (the page then
+reconnects).
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
@@ -35,16 +46,25 @@ from websockets.server import ServerProtocol
 
 from million._version import __version__
 from million.relay.config import ReflectorConfig, ReflectorStatistics
+from million.relay.origins import origin_check
 from million.relay.store import Store
 from million.wire import codec, tasks, transport
 from million.wire.transport import RECEIVE_BUFFER, SansIOChannel
 
-__all__ = ["Relay", "WebPage", "serve_web"]
+__all__ = ["Relay", "WebPage", "WebStatistics", "serve_web"]
 
 log = logging.getLogger(__name__)
 
 PUSH_EVERY = 0.5  # seconds between a page's updates
 RECENT_SUMMARIES = 200  # summaries shown on the generic page, the most recent
+LIFETIME_OVER = "the page's socket has lived its time: reconnect"
+REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
+#: Sent with every response: nothing is cached, no address leaks to another site.
+HEADERS = [
+    ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Content-Type-Options", "nosniff"),
+]
 
 
 class Relay(Protocol):
@@ -80,6 +100,39 @@ class WebPage:
         return self.path.rstrip("/") + "/live"
 
 
+@attrs.define
+class WebStatistics:
+    """The web port's page sockets and what it refused, for ``/metrics``."""
+
+    live: int = 0  # page sockets open now
+    live_refused: int = 0  # page sockets beyond ``max_live``
+    origin_refused: int = 0  # websockets from a page of an origin not allowed
+    unauthorized: int = 0  # requests for data without the token or the view token
+
+    def refusals(self) -> dict[str, int]:
+        """The refusals by reason, as ``/metrics`` labels them."""
+        return {
+            "max_live": self.live_refused,
+            "origin": self.origin_refused,
+            "unauthorized": self.unauthorized,
+        }
+
+
+def content_policy(html: bytes) -> str:
+    """A content security policy for ``html``: nothing loads or runs but its own inline
+    scripts and styles (by hash), and it connects only to its own server."""
+
+    def hashes(tag: bytes) -> str:
+        pattern = rb"<%s(?:\s[^>]*)?>(.*?)</%s>" % (tag, tag)
+        found = [hashlib.sha256(body).digest() for body in re.findall(pattern, html, re.S)]
+        return " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in found) or "'none'"
+
+    return (
+        f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+
+
 def sessions_view(relay: Relay, choice: Any) -> dict[str, Any]:
     """What the generic page shows: statistics, occupied sessions, the latest summaries."""
     info = relay.describe()
@@ -101,36 +154,47 @@ async def serve_web(
     *,
     pages: Sequence[WebPage] = (),
     ssl_context: ssl.SSLContext | None = None,
+    statistics: WebStatistics | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the pages, their websockets and the metrics until cancelled."""
-    routes = _routes([SESSIONS_PAGE, *pages])
-    registry = CollectorRegistry()
-    registry.register(_Collector(relay))
-    token = relay.config.token
+    """Serve the pages, their websockets and the metrics until cancelled.
 
-    async def handle(stream: trio.abc.Stream) -> None:
+    ``statistics`` (a new record if None) counts the page sockets and the refusals.
+    """
+    listeners = await transport.listen(host, port, ssl_context)
+    bound = transport.port_of(listeners[0])
+    web = _Web(relay, _routes([SESSIONS_PAGE, *pages]), origin_check(relay.config, bound), statistics)
+    task_status.started(bound)
+    await trio.serve_listeners(web.handle, listeners)
+
+
+class _Web:
+    """The web port's requests: who may have what, and the page sockets."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        routes: dict[str, tuple[WebPage, bool]],
+        origins: transport.OriginCheck,
+        statistics: WebStatistics | None,
+    ) -> None:
+        self.relay = relay
+        self.config = relay.config
+        self.routes = routes
+        self.origins = origins
+        self.statistics = statistics if statistics is not None else WebStatistics()
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(relay, self.statistics))
+        self.policies = {page.path: content_policy(page.html) for page, _ in routes.values()}
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
         # Whatever happens here must never reach the server's nursery: the reflector goes on.
         try:
             request, ws = None, ServerProtocol(max_size=4096)
-            with trio.move_on_after(transport.HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(self.config.handshake_timeout):
                 request = await _read_request(stream, ws)
-            if request is None:
-                return
-            target = urlsplit(request.path)
-            page, live = routes.get(target.path, (None, False))
-            if not _authorized(token, request, target.query):
-                await _respond(stream, ws, 401, "text/plain", b"missing or wrong token\n")
-            elif target.path == "/metrics":
-                await _respond(stream, ws, 200, "text/plain; version=0.0.4", generate_latest(registry))
-            elif page is None:
-                await _respond(stream, ws, 404, "text/plain", b"not found\n")
-            elif not live:
-                await _respond(stream, ws, 200, "text/html; charset=utf-8", page.html)
-            elif token is None and not _same_origin(request):
-                await _respond(stream, ws, 403, "text/plain", b"another site's page may not read this\n")
-            else:
-                await _live(relay, page, stream, ws, request)
+            if request is not None:
+                await self.answer(stream, ws, request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, transport.Closed):
             pass
         except Exception:
@@ -138,9 +202,53 @@ async def serve_web(
         finally:
             await trio.aclose_forcefully(stream)
 
-    listeners = await transport.listen(host, port, ssl_context)
-    task_status.started(transport.port_of(listeners[0]))
-    await trio.serve_listeners(handle, listeners)
+    async def answer(self, stream: trio.abc.Stream, ws: ServerProtocol, request: Request) -> None:
+        target = urlsplit(request.path)
+        page, live = self.routes.get(target.path, (None, False))
+        if target.path == "/metrics":
+            if self.authorized(request, target.query):
+                await _respond(stream, ws, 200, "text/plain; version=0.0.4", generate_latest(self.registry))
+            else:
+                await _respond(stream, ws, 401, "text/plain", b"missing or wrong token\n")
+        elif page is None:
+            await _respond(stream, ws, 404, "text/plain", b"not found\n")
+        elif not live:
+            policy = [("Content-Security-Policy", self.policies[page.path])]
+            await _respond(stream, ws, 200, "text/html; charset=utf-8", page.html, policy)
+        elif refusal := self.refusal(request, target.query):
+            await _respond(stream, ws, *refusal)
+        else:
+            self.statistics.live += 1
+            try:
+                await _live(self.relay, page, stream, ws, request)
+            finally:
+                self.statistics.live -= 1
+
+    def refusal(self, request: Request, query: str) -> tuple[int, str, bytes] | None:
+        """Why a page socket may not open (status, type, body), or None: it may."""
+        if not transport.origin_allowed(self.origins, request.headers.get_all("Origin")):
+            self.statistics.origin_refused += 1
+            return 403, "text/plain", b"a page of this origin may not read this\n"
+        if not self.authorized(request, query):
+            return 401, "text/plain", b"missing or wrong token\n"
+        if self.statistics.live >= self.config.max_live:
+            self.statistics.live_refused += 1
+            return 503, "text/plain", b"too many pages open: try again later\n"
+        return None
+
+    def authorized(self, request: Request, query: str) -> bool:
+        """Whether the request carries the token or the view token (if the reflector has a token)."""
+        token, view_token = self.config.token, self.config.view_token
+        if token is None:
+            return True
+        given = parse_qs(query).get("token", [""])[0]
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            given = header[len("Bearer ") :]
+        accepted = [hmac.compare_digest(given.encode(), key.encode()) for key in (token, view_token) if key]
+        if not any(accepted):
+            self.statistics.unauthorized += 1
+        return any(accepted)
 
 
 def _routes(pages: list[WebPage]) -> dict[str, tuple[WebPage, bool]]:
@@ -166,42 +274,35 @@ async def _read_request(stream: trio.abc.Stream, ws: ServerProtocol) -> Request 
             return None
 
 
-def _same_origin(request: Request) -> bool:
-    """Whether the websocket was opened by a page of this server (or by no page at all):
-    without a token, nothing else stops any site the user visits from reading the runs."""
-    origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("Host")
-
-
-def _authorized(token: str | None, request: Request, query: str) -> bool:
-    if token is None:
-        return True
-    given = parse_qs(query).get("token", [""])[0]
-    header = request.headers.get("Authorization", "")
-    if header.startswith("Bearer "):
-        given = header[len("Bearer ") :]
-    return hmac.compare_digest(given.encode(), token.encode())
-
-
-async def _respond(stream: trio.abc.Stream, ws: ServerProtocol, status: int, kind: str, body: bytes) -> None:
-    reasons = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}
-    headers = Headers(
-        [("Content-Type", kind), ("Content-Length", str(len(body))), ("Cache-Control", "no-store")]
-    )
-    ws.send_response(Response(status, reasons[status], headers, body))
+async def _respond(
+    stream: trio.abc.Stream,
+    ws: ServerProtocol,
+    status: int,
+    kind: str,
+    body: bytes,
+    extra: Sequence[tuple[str, str]] = (),
+) -> None:
+    headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))), *HEADERS, *extra])
+    ws.send_response(Response(status, REASONS[status], headers, body))
     await stream.send_all(b"".join(ws.data_to_send()))
 
 
 async def _live(
     relay: Relay, page: WebPage, stream: trio.abc.Stream, ws: ServerProtocol, request: Request
 ) -> None:
-    """Push what ``page`` shows until the page goes away."""
+    """Push what ``page`` shows until the page goes away or the socket's lifetime is over."""
     response = ws.accept(request)
     ws.send_response(response)
     await stream.send_all(b"".join(ws.data_to_send()))
     if response.status_code != 101:
         return
-    channel = SansIOChannel(stream, ws)
+    channel = SansIOChannel(stream, ws, transport.peer_address(stream))
+    with trio.move_on_after(relay.config.live_lifetime):
+        await _push(relay, page, channel)
+    await channel.close(transport.NORMAL, LIFETIME_OVER)
+
+
+async def _push(relay: Relay, page: WebPage, channel: SansIOChannel) -> None:
     choice: list[Any] = [None]
 
     async def listen() -> None:
@@ -223,8 +324,9 @@ async def _live(
 class _Collector(Collector):
     """The reflector's counters as Prometheus metrics, read at each scrape."""
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, web: WebStatistics) -> None:
         self.relay = relay
+        self.web = web
 
     def collect(self) -> Any:
         stats = self.relay.statistics()
@@ -246,6 +348,12 @@ class _Collector(Collector):
         ]
         for name, help_text, value in counters:
             yield CounterMetricFamily(name, help_text, value=value)
+        yield _labelled(
+            "million_refusals", "Requests the reflector refused, by limit", "limit", stats.refused
+        )
+        yield GaugeMetricFamily("million_web_live", "Web page sockets open", value=self.web.live)
+        refusals = self.web.refusals()
+        yield _labelled("million_web_refusals", "Web port requests refused, by reason", "reason", refusals)
         yield SummaryMetricFamily(
             "million_store_apply_seconds",
             "Transactions moving journaled batches into SQLite",
@@ -255,3 +363,10 @@ class _Collector(Collector):
         yield GaugeMetricFamily(
             "million_store_pending_bytes", "Journaled bytes not yet in SQLite", value=store.pending_bytes
         )
+
+
+def _labelled(name: str, help_text: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, help_text, labels=[label])
+    for key, value in sorted(values.items()):
+        family.add_metric([key], value)
+    return family

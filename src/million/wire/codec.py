@@ -39,6 +39,7 @@ __all__ = [
     "encode_event",
     "encode_publish",
     "encode_snapshot",
+    "encode_tick",
     "fragment",
     "frame",
     "frames",
@@ -124,6 +125,11 @@ def encode_event(session: str, seq: int, time: int, view: str, topic: str, data:
             option=_OPTIONS,
         )
     )
+
+
+def encode_tick(session: str, time: int) -> bytes:
+    """The hot path's encoder for a ``Tick``: the same bytes as ``encode(Tick(...))``."""
+    return orjson.dumps({"session": session, "time": time, "type": "tick"})
 
 
 def encode_snapshot(session: str, seq: int, state: bytes, digest: str) -> bytes:

@@ -49,6 +49,8 @@ class ErrorCode:
     MODEL_MISMATCH = "model-mismatch"  # join names another model or options
     BAD_NAME = "bad-name"  # session name does not match SESSION_NAME
     LIMIT = "limit"  # a configured limit was exceeded
+    READ_ONLY = "read-only"  # a connection with the view token may only read
+    STORAGE = "storage"  # the reflector could not store the session's events: it takes none now
     SLOW_CONSUMER = "slow-consumer"  # the connection's send queue overflowed
     SHUTDOWN = "shutdown"  # the reflector is stopping
 

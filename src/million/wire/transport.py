@@ -6,6 +6,10 @@ a reason. A closed channel raises ``Closed`` from ``send`` and ``receive``.
 Both ends can use trio-websocket or, by default, ``websockets``' sans-IO protocol
 driven directly from the connection's own tasks: no reader task and queue between the
 socket and its user, which saves a few scheduler rounds per frame on the hot path.
+
+A server refuses, with HTTP 403, an opening handshake whose ``Origin`` header its
+``OriginCheck`` does not allow: a browser sends the origin of the page that opens a
+websocket, so no other site's page can talk to a reflector through its visitor's browser.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 from urllib.parse import urlsplit
 
 import trio
@@ -45,6 +49,10 @@ GOING_AWAY = 1001
 POLICY = 1008
 TOO_BIG = 1009
 
+#: Whether a websocket may be opened from a page of this origin (None: no ``Origin`` header).
+OriginCheck: TypeAlias = Callable[[str | None], bool]
+FORBIDDEN_ORIGIN = "websockets from this origin are not allowed here\n"
+
 
 class Closed(Exception):
     """The websocket is closed; ``code`` and ``reason`` say why."""
@@ -56,7 +64,10 @@ class Closed(Exception):
 
 
 class Channel(Protocol):
-    """One websocket connection carrying binary frames."""
+    """One websocket connection carrying binary frames; ``remote`` is the peer's IP address
+    ("" if unknown)."""
+
+    remote: str
 
     async def send(self, data: bytes) -> None: ...
 
@@ -68,8 +79,9 @@ class Channel(Protocol):
 class WebsocketChannel:
     """A ``Channel`` over a trio-websocket connection."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    def __init__(self, ws: trio_websocket.WebSocketConnection, remote: str = "") -> None:
         self._ws = ws
+        self.remote = remote
 
     async def send(self, data: bytes) -> None:
         try:
@@ -102,9 +114,10 @@ class SansIOChannel:
     interleaving their bytes on the stream.
     """
 
-    def __init__(self, stream: trio.abc.Stream, ws: WebsocketProtocol) -> None:
+    def __init__(self, stream: trio.abc.Stream, ws: WebsocketProtocol, remote: str = "") -> None:
         self._stream = stream
         self._ws = ws
+        self.remote = remote
         self._messages: deque[bytes] = deque()
         self._parts: list[bytes] = []
         self._send_lock = trio.Lock()
@@ -190,8 +203,37 @@ class SansIOChannel:
         return Closed(close.code, close.reason)
 
 
-async def _accept_sansio(stream: trio.abc.Stream, max_frame: int) -> SansIOChannel | None:
-    """The server side of the opening handshake; None if the peer is no websocket client."""
+def peer_address(stream: trio.abc.Stream) -> str:
+    """The IP address of the other end of ``stream`` (under its TLS layer, if any); "" if unknown."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return ""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else ""
+
+
+def origin_allowed(origins: OriginCheck | None, values: list[str]) -> bool:
+    """Whether a handshake with these ``Origin`` header values may open a websocket."""
+    if origins is None:
+        return True
+    if len(values) > 1:
+        return False  # a browser sends one
+    return origins(values[0] if values else None)
+
+
+def _origin_headers(request: trio_websocket.WebSocketRequest) -> list[str]:
+    return [value.decode("latin-1") for name, value in request.headers if name.lower() == b"origin"]
+
+
+async def _accept_sansio(
+    stream: trio.abc.Stream, max_frame: int, origins: OriginCheck | None = None
+) -> SansIOChannel | None:
+    """The server side of the opening handshake; None if the peer is no websocket client,
+    or comes from an origin that ``origins`` refuses (it gets a 403)."""
     ws = ServerProtocol(max_size=max_frame)
     while True:
         data = await stream.receive_some(RECEIVE_BUFFER)
@@ -199,15 +241,17 @@ async def _accept_sansio(stream: trio.abc.Stream, max_frame: int) -> SansIOChann
             return None
         ws.receive_data(data)
         events = ws.events_received()
+        refused = False
         if events and isinstance(events[0], Request):
-            ws.send_response(ws.accept(events[0]))
+            refused = not origin_allowed(origins, events[0].headers.get_all("Origin"))
+            ws.send_response(ws.reject(403, FORBIDDEN_ORIGIN) if refused else ws.accept(events[0]))
         reply = b"".join(ws.data_to_send())
         if reply:
             await stream.send_all(reply)
-        if ws.handshake_exc is not None:
+        if ws.handshake_exc is not None or refused:
             return None
         if events:
-            channel = SansIOChannel(stream, ws)
+            channel = SansIOChannel(stream, ws, peer_address(stream))
             ws.events.extend(events[1:])  # frames that came with the request
             channel._take_frames()
             return channel
@@ -227,7 +271,7 @@ async def _connect_sansio(stream: trio.abc.Stream, url: str, max_frame: int) -> 
         if ws.handshake_exc is not None:
             raise OSError(f"websocket handshake with {url} failed: {ws.handshake_exc}")
         if events:
-            channel = SansIOChannel(stream, ws)
+            channel = SansIOChannel(stream, ws, peer_address(stream))
             ws.events.extend(events[1:])  # frames that came with the response
             channel._take_frames()
             return channel
@@ -241,11 +285,19 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     max_frame: int = DEFAULT_MAX_FRAME,
     engine: str = "sansio",
+    origins: OriginCheck | None = None,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    max_handshakes: int | None = None,
+    on_refused: Callable[[], None] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve websockets on ``host:port`` until cancelled; ``task_status`` gets the bound port.
 
     ``engine`` is ``"sansio"`` or ``"trio-websocket"`` (see the module docstring).
+    ``origins`` decides which ``Origin`` headers may open a websocket (None: any); a
+    refused handshake gets HTTP 403. The opening handshake must end within
+    ``handshake_timeout`` seconds, and at most ``max_handshakes`` may be under way at
+    once: a connection beyond is closed at once (and ``on_refused`` called).
 
     ``handler`` must not raise: the caller decides what a failed connection means.
     Each TCP stream is closed when its handler ends, however the peer went away.
@@ -254,14 +306,18 @@ async def serve(
     async def handle_trio_websocket(stream: trio.abc.Stream) -> None:
         async with trio.open_nursery() as nursery:
             ws = None
-            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            with trio.move_on_after(handshake_timeout):
                 request = await trio_websocket.wrap_server_stream(
                     nursery, stream, QUEUE, max_frame, RECEIVE_BUFFER
                 )
-                ws = await request.accept()
+                if origin_allowed(origins, _origin_headers(request)):
+                    ws = await request.accept()
+                else:
+                    await request.reject(403, body=FORBIDDEN_ORIGIN.encode())
+            shaking.done(stream)
             if ws is not None:
                 try:
-                    await handler(WebsocketChannel(ws))
+                    await handler(WebsocketChannel(ws, peer_address(stream)))
                 finally:
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await ws.aclose()
@@ -269,22 +325,47 @@ async def serve(
 
     async def handle_sansio(stream: trio.abc.Stream) -> None:
         channel = None
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            channel = await _accept_sansio(stream, max_frame)
+        with trio.move_on_after(handshake_timeout):
+            channel = await _accept_sansio(stream, max_frame, origins)
+        shaking.done(stream)
         if channel is not None:
             await handler(channel)
 
+    shaking = _Handshakes(max_handshakes)
+
     async def handle_stream(stream: trio.abc.Stream) -> None:
         try:
+            if not shaking.begin(stream):
+                if on_refused is not None:
+                    on_refused()
+                return
             await (handle_sansio if engine == "sansio" else handle_trio_websocket)(stream)
         except (trio_websocket.ConnectionClosed, trio.BrokenResourceError, LocalProtocolError, Closed):
             pass  # the peer went away or spoke no websocket: nothing to serve
         finally:
+            shaking.done(stream)
             await trio.aclose_forcefully(stream)
 
     listeners = await listen(host, port, ssl_context)
     task_status.started(port_of(listeners[0]))
     await trio.serve_listeners(handle_stream, listeners)
+
+
+class _Handshakes:
+    """The streams whose opening handshake is under way, at most ``limit`` (None: no limit)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.streams: set[trio.abc.Stream] = set()
+
+    def begin(self, stream: trio.abc.Stream) -> bool:
+        if self.limit is not None and len(self.streams) >= self.limit:
+            return False
+        self.streams.add(stream)
+        return True
+
+    def done(self, stream: trio.abc.Stream) -> None:
+        self.streams.discard(stream)
 
 
 async def listen(
@@ -390,7 +471,7 @@ async def _trio_websocket_client(stream: trio.abc.Stream, url: str, max_frame: i
         except (trio_websocket.HandshakeError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             raise OSError(f"websocket handshake with {url} failed: {exc!r}") from None
         try:
-            yield WebsocketChannel(ws)
+            yield WebsocketChannel(ws, peer_address(stream))
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
                 await ws.aclose()
