@@ -125,7 +125,7 @@ class Relay:
         """Store the core's batch, then queue its messages for their recipients."""
         output = self.core.take()
         if output.batch and self.store_fails is not None:
-            self.core.store_failed(output.batch, self.store_fails)
+            self.cut |= self.core.store_failed(output.batch, self.store_fails)
             self.cut |= {conn for recipients, _ in output.sends for conn in recipients}
             self.core.stored_batch(output.emptied)
             return

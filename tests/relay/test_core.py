@@ -436,8 +436,11 @@ def test_two_different_digests_of_one_seq_are_counted_as_a_divergence():
     relay = relay_with(snapshot_every=2)
     join(relay, "a")
     join(relay, "b")  # seq 2: one is asked for a snapshot, the other for a digest
-    relay.send("a", Digest("s", 2, "x"))
-    relay.send("b", Digest("s", 2, "y"))
+    asked = relay.core.sessions["s"].asked.conn
+    other = "b" if asked == "a" else "a"
+    relay.send(other, Digest("s", 2, "y"))
+    relay.send(other, Digest("s", 2, "z"))  # a second answer is nobody's business
+    relay.send(asked, Snapshot("s", 2, b"{}", "x"))
     assert relay.core.statistics().divergences == 1
     assert relay.core.describe(relay.now)["sessions"][0]["divergences"] == 1
     assert relay.messages("a") == relay.messages("b") == []
@@ -454,10 +457,11 @@ def test_equal_digests_of_one_seq_are_no_divergence():
 
 def test_a_snapshots_digest_is_compared_with_a_digest_of_the_same_seq():
     relay = relay_with(snapshot_every=3)
-    asked_snapshot(relay)
+    join(relay, "a")
     join(relay, "b")
-    relay.send("b", Digest("s", 3, "theirs"))
-    relay.send("a", Snapshot("s", 3, b"{}", "mine"))
+    publish(relay, "a", "v1", 1)  # seq 3: 3 % 2 asks "b" for a snapshot, "a" for a digest
+    relay.send("a", Digest("s", 3, "theirs"))
+    relay.send("b", Snapshot("s", 3, b"{}", "mine"))
     assert relay.core.statistics().divergences == 1
 
 

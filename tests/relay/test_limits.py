@@ -149,7 +149,7 @@ def test_members_beyond_the_limit_are_refused_and_counted():
 
 
 def test_sessions_beyond_the_limit_are_refused_and_those_in_the_store_still_open():
-    relay = relay_with(max_sessions_total=2)
+    relay = relay_with(max_open_sessions=2)
     join(relay, "a", "one")
     join(relay, "a", "two")
     relay.send("a", Join(3, "three", "m"))

@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -39,6 +40,7 @@ from million.wire import tasks
 __all__ = ["Failure", "main", "serve", "until_stopped"]
 
 T = TypeVar("T")
+log = logging.getLogger("million")
 GC_THRESHOLD = 10_000  # allocations between collections of the youngest generation (Python's: 700)
 STATUS_TIMEOUT = 5  # seconds ``million status`` waits for the reflector's answer
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -102,6 +104,7 @@ def reflector(args: argparse.Namespace) -> int:
         http_port=args.http,
         **{field: getattr(args, field) for _, field, _ in LIMITS},
     )
+    _open_files(config.max_connections + config.max_handshakes)
     try:
         trio.run(serve, config)
     except (ConfigError, StoreError) as exc:
@@ -109,6 +112,18 @@ def reflector(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise Failure(f"cannot listen: {exc}", 1) from None
     return 0
+
+
+def _open_files(wanted: int) -> None:
+    """Let this process open as many files as its limits ask for (each connection is one),
+    up to what the system allows it; say so if that is fewer."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted + 100  # the store, the listeners, the web port
+    if soft < target:
+        allowed = target if hard == resource.RLIM_INFINITY else min(target, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (allowed, hard))
+        if allowed < target:
+            log.warning("this process may open %d files: fewer connections than --max-connections", allowed)
 
 
 async def serve(config: ReflectorConfig) -> None:

@@ -90,6 +90,9 @@ def status_lines(info: dict[str, Any]) -> list[str]:
         f" {stats['divergences']} divergences",
     ]
     lines += [_session_line(session) for session in info["sessions"]]
+    unlisted = info.get("sessions_total", 0) - len(info["sessions"])
+    if unlisted > 0:
+        lines.append(f"  and {unlisted:,} more sessions with participants")
     if info["runs"]:
         lines.append("runs in the lobby:")
     return lines + [_run_line(run) for run in info["runs"]]
@@ -110,7 +113,8 @@ def _run_line(run: dict[str, Any]) -> str:
         value = run.get(key, 0)
         return f"{value:,}" if type(value) is int else str(value)
 
-    line = f"  {run['name']:20} {run.get('plugin')} {run.get('version')}  {run.get('state')!s:5}"
+    plugin = f"{run.get('plugin', '?')} {run.get('version', '')}".strip()
+    line = f"  {run['name']:20} {plugin}  {run.get('state')!s:5}"
     line += f"  {count('completed')} of {count('partitions')} partitions"
     if run.get("state") == "done":
         return line + f"  answer {json.dumps(run.get('answer'))}"

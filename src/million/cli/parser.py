@@ -28,13 +28,21 @@ PROCESSES = 1  # of ``million work``
 LIMITS = [
     ("--max-depth", "max_depth", "levels of nesting in join options and summaries"),
     ("--max-members", "max_members", "memberships of one session"),
-    ("--max-sessions-total", "max_sessions_total", "sessions in all, in the store"),
-    ("--max-tail", "max_tail", "events a session keeps after its latest snapshot; beyond, events wait"),
+    ("--max-open-sessions", "max_open_sessions", "sessions in memory: occupied or left lately"),
+    (
+        "--max-tail",
+        "max_tail",
+        "events a session keeps after its latest snapshot; beyond, it takes no publish or join",
+    ),
     ("--max-tail-bytes", "max_tail_bytes", "bytes of those events"),
     ("--max-connections", "max_connections", "open client connections"),
     ("--max-connections-per-ip", "max_connections_per_ip", "open connections from one address"),
     ("--max-handshakes", "max_handshakes", "connections in their handshake at once"),
-    ("--handshake-timeout", "handshake_timeout", "seconds a connection gets for its handshake and hello"),
+    (
+        "--handshake-timeout",
+        "handshake_timeout",
+        "seconds for the websocket handshake, then again for the hello",
+    ),
     ("--max-auth-failures", "max_auth_failures", "wrong tokens from one address per minute"),
     ("--max-queue-total", "max_queue_total", "bytes queued for all connections together"),
     ("--max-live", "max_live", "web page sockets open at once"),
@@ -96,7 +104,8 @@ def _reflector(parser: argparse.ArgumentParser) -> None:
         "--max-rate",
         type=_positive,
         default=REFLECTOR.max_messages_per_s,
-        help="messages per second one connection may send; beyond it, it is slowed (default: %(default)s)",
+        help="cost units one connection may spend per second (a ping or a publish costs 1, a status"
+        " more); beyond, it waits (default: %(default)s)",
     )
     add(
         "--max-summary",

@@ -30,19 +30,17 @@ class ReflectorConfig:
     max_depth: int = 64  # nesting of join options, summaries and snapshot states
     max_sessions_per_connection: int = 100_000  # memberships one connection may hold
     max_members: int = 100_000  # memberships of one session
-    max_sessions_total: int = 1_000_000  # sessions in all, in the store
+    max_open_sessions: int = 100_000  # sessions in memory: occupied, or left lately
     max_tail: int = 1_000_000  # events a session keeps after its latest snapshot
     max_tail_bytes: int = 32 << 20  # bytes of those events
     max_connections: int = 10_000  # open client connections
     max_connections_per_ip: int = 1_000
     max_handshakes: int = 1_000  # connections that have not completed the handshake and hello
-    handshake_timeout: float = 10.0  # seconds a connection gets for the handshake and hello
+    handshake_timeout: float = 10.0  # seconds for the websocket handshake, then again for the hello
     max_auth_failures: int = 20  # wrong tokens per IP per minute; beyond, its hellos are refused
     max_queue_bytes: int = 64 << 20  # queued for one connection before it is dropped as too slow
     max_queue_total: int = 256 << 20  # queued for all connections; beyond, the largest queue is dropped
-    max_messages_per_s: int = (
-        200_000  # cost units per connection per second (a ping is 1); beyond, reading pauses
-    )
+    max_messages_per_s: int = 200_000  # cost units per connection per second (a ping: 1)
     max_summary: int = 4096  # bytes of one session summary
     summaries: int = 100_000  # session summaries kept, the most recent
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
@@ -71,6 +69,8 @@ class ReflectorConfig:
                 raise ConfigError(f"the {name} must have at least {MIN_TOKEN} characters, not {len(token)}")
         if self.view_token is not None and self.view_token == self.token:
             raise ConfigError("the view token must differ from the token")
+        if self.view_token is not None and self.token is None:
+            raise ConfigError("a view token needs a token: without one, everyone may write")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; one of {', '.join(TRANSPORTS)}")
 

@@ -117,8 +117,11 @@ class RelayCore(Generic[C]):
         """
         try:
             hello, role = self.gate.hello(messages, ip, now)
-        except Refused as exc:
-            self.refuse(exc.limit)
+        except ProtocolError as exc:
+            if isinstance(exc, Refused):
+                self.refuse(exc.limit)
+            elif exc.code == ErrorCode.UNAUTHORIZED:
+                self.refuse("token")
             raise
         self.gate.admitted()
         peer: Peer[C] = Peer(hello.client, ip, role, allowance=self.config.max_messages_per_s, refilled=now)
@@ -218,17 +221,20 @@ class RelayCore(Generic[C]):
         oldest idle ones beyond the limit leave memory."""
         self.table.settle(emptied)
 
-    def store_failed(self, batch: Batch, reason: str) -> None:
+    def store_failed(self, batch: Batch, reason: str) -> set[C]:
         """``batch`` could not be stored, and its messages are not sent (the caller drops
         the connections they were for): the sessions it touched take no more events until
         they leave memory and come back from the store as it is."""
         names = {name for name, *_ in batch.created} | {name for name, *_ in batch.events}
         names |= {name for name, *_ in batch.snapshots}
+        members: set[C] = set()
         for name in names:
             session = self.sessions.get(name)
             if session is not None:
                 session.broken = reason
+                members.update(session.conns)
         log.error("the store failed (%s): %d sessions take no more events", reason, len(names))
+        return members
 
     # --- what the caller may read ---------------------------------------------------------
 
@@ -298,6 +304,8 @@ class RelayCore(Generic[C]):
             raise ProtocolError(
                 ErrorCode.STORAGE, f"session {session.name!r} cannot be joined: {session.broken}"
             )
+        if len(session.tail) >= 2 * config.max_tail or session.tail_bytes >= 2 * config.max_tail_bytes:
+            self.streams.check_publish(session)  # joins get twice a publish's room: one may answer a snapshot
         if len(session.views) >= config.max_members:
             raise Refused(
                 "members", f"session {session.name!r} has its maximum of {config.max_members} members"
@@ -321,9 +329,10 @@ class RelayCore(Generic[C]):
             return session
         if options is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"there is no session {name!r}")
-        if name not in self.stored and len(self.stored) >= self.config.max_sessions_total:
+        if len(self.sessions) >= self.config.max_open_sessions:
             raise Refused(
-                "sessions", f"the reflector holds its maximum of {self.config.max_sessions_total} sessions"
+                "sessions",
+                f"the reflector holds its maximum of {self.config.max_open_sessions} open sessions",
             )
         session = RelaySession(name, message.model, options)
         self.streams.output.batch.created.append((name, message.model, session.options))
@@ -349,8 +358,8 @@ class RelayCore(Generic[C]):
         session = self.sessions.get(message.session)
         if session is None or conn not in session.conns:
             raise ProtocolError(ErrorCode.NOT_JOINED, f"not in session {message.session!r}")
-        asked = session.asked is not None and session.asked.seq == message.seq
-        if asked or message.seq in session.digests:  # any other digest is nobody's business
+        if session.digest_asked == (conn, message.seq):  # any other digest is nobody's business
+            session.digest_asked = None
             self.streams.compare(session, message.seq, message.digest)
 
     def _on_summary(self, conn: C, message: Summarize, now: float) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -40,6 +40,7 @@ class Queues:
     """The bytes queued for all connections: beyond ``limit``, the largest queue is dropped."""
 
     limit: int
+    refused: Callable[[str], None]  # counts a connection dropped for its queue
     total: int = 0
     conns: set[Conn] = attrs.Factory(set)
 
@@ -47,6 +48,7 @@ class Queues:
         self.total += size
         if self.total > self.limit and self.conns:
             largest = max(self.conns, key=lambda conn: conn.out_bytes)
+            self.refused("queue_total")
             largest.kill(
                 transport.POLICY,
                 f"{ErrorCode.SLOW_CONSUMER}: the reflector's send queues are over {self.limit} bytes",
@@ -78,6 +80,7 @@ class Conn:
         self.out_bytes += len(data)
         self.wake.set()
         if self.out_bytes > self.max_queue_bytes:
+            self.queues.refused("queue")
             self.kill(
                 transport.POLICY, f"{ErrorCode.SLOW_CONSUMER}: send queue over {self.max_queue_bytes} bytes"
             )
@@ -114,7 +117,7 @@ class Reflector:
             config, stored=(), now=0.0, version=__version__, store_path=store.path
         )
         self._loading: dict[str, trio.Event] = {}
-        self._queues = Queues(config.max_queue_total)
+        self._queues = Queues(config.max_queue_total, self.core.refuse)
         self._dirty = trio.Event()
 
     @property
@@ -244,6 +247,7 @@ class Reflector:
             await conn.channel.send(welcome)
             return True
         conn.close_code, conn.close_reason = transport.POLICY, f"no hello within {timeout:g} s"
+        self.core.refuse("hello_timeout")
         return False
 
     async def _refuse(self, conn: Conn, exc: ProtocolError) -> None:
@@ -349,12 +353,10 @@ class Reflector:
         """Relay nothing of a batch the store could not keep: its sessions take no more
         events, and whoever would have heard of it is disconnected, so that nobody waits
         for what was not sent (clients come back, and are told why their joins fail)."""
-        self.core.store_failed(output.batch, reason)
-        for recipients, _ in output.sends:
-            for conn in recipients:
-                conn.kill(
-                    transport.GOING_AWAY, f"{ErrorCode.STORAGE}: the reflector could not store: {reason}"
-                )
+        told = self.core.store_failed(output.batch, reason)
+        told.update(conn for recipients, _ in output.sends for conn in recipients)
+        for conn in told:
+            conn.kill(transport.GOING_AWAY, f"{ErrorCode.STORAGE}: the reflector could not store: {reason}")
         self.core.stored_batch(output.emptied)
 
     async def _ticker(self) -> None:

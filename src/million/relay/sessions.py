@@ -60,6 +60,7 @@ class RelaySession(Generic[C]):
     conns: dict[C, int] = attrs.Factory(dict)  # connection -> its views here
     recipients: tuple[C, ...] = ()  # the connections, in the order they came
     asked: SnapshotAsk[C] | None = None
+    digest_asked: tuple[C, int] | None = None  # who was asked a digest of which event
     digests: dict[int, str] = attrs.Factory(dict)  # seq -> the first digest reported for it
     divergences: int = 0
     broken: str = ""  # why the store failed it: then it takes no more events

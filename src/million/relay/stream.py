@@ -181,6 +181,7 @@ class Streams(Generic[C]):
         self.emit((conn,), codec.encode(SnapshotRequest(session.name, session.seq)))
         if len(candidates) > 1:
             other = candidates[(session.seq + 1) % len(candidates)]
+            session.digest_asked = (other, session.seq)
             self.emit((other,), codec.encode(DigestRequest(session.name, session.seq)))
 
     def snapshot(self, conn: C, message: Snapshot) -> None:
