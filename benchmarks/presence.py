@@ -55,8 +55,9 @@ def cpu(process: psutil.Process) -> float:
 class Reader:
     """A raw connection that reads everything the reflector sends and counts it."""
 
-    def __init__(self, channel: transport.Channel) -> None:
+    def __init__(self, channel: transport.Channel, scope: trio.CancelScope) -> None:
         self.channel = channel
+        self.scope = scope  # cancelled: the connection is closed
         self.pong = trio.Event()
         self.info: dict[str, Any] = {}
         self.answered = trio.Event()
@@ -102,12 +103,7 @@ async def join_all(readers: list[Reader], names: list[list[str]]) -> None:
 async def scenario(url: str, process: psutil.Process, names: list[list[str]], idle: float) -> dict[str, Any]:
     memberships = sum(map(len, names))
     async with trio.open_nursery() as nursery:
-        readers: list[Reader] = []
-        for _ in names:
-            channel = await nursery.start(_connection, url)
-            reader = Reader(channel)
-            nursery.start_soon(reader.read)
-            readers.append(reader)
+        readers = [await nursery.start(_connection, url) for _ in names]
         before = cpu(process)
         started = time.monotonic()
         await join_all(readers, names)
@@ -117,7 +113,7 @@ async def scenario(url: str, process: psutil.Process, names: list[list[str]], id
         idle_cpu = (cpu(process) - before) / idle
         leaver, stayer = readers[0], readers[-1]
         before = cpu(process)
-        await leaver.channel.close()
+        leaver.scope.cancel()
         while await stayer.present() > memberships - len(names[0]):  # noqa: ASYNC110 (another process: poll)
             await trio.sleep(0.05)
         exits = cpu(process) - before, len(names[0])
@@ -132,12 +128,14 @@ async def scenario(url: str, process: psutil.Process, names: list[list[str]], id
     }
 
 
-async def _connection(url: str, task_status: trio.TaskStatus[transport.Channel]) -> None:
-    async with transport.connect(url) as channel:
-        await channel.send(codec.encode(Hello(PROTOCOL_VERSION, None, "bench-presence")))
-        await channel.receive()  # welcome
-        task_status.started(channel)
-        await trio.sleep_forever()
+async def _connection(url: str, task_status: trio.TaskStatus[Reader]) -> None:
+    with trio.CancelScope() as scope:
+        async with transport.connect(url) as channel:
+            await channel.send(codec.encode(Hello(PROTOCOL_VERSION, None, "bench-presence")))
+            await channel.receive()  # welcome
+            reader = Reader(channel, scope)
+            task_status.started(reader)
+            await reader.read()
 
 
 def crowd(members: int, connections: int) -> list[list[str]]:
