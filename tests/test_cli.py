@@ -332,6 +332,8 @@ def test_run_resumes_or_returns_the_stored_answer_by_name(tmp_path):
         (["--plugin", "demo", "--option", "delay_ms"], "expected KEY=VALUE", 2),
         (["--plugin", "demo", "--reflector", "ws://127.0.0.1:9"], "cannot reach the reflector", 1),
         (["--plugin", "demo", "--store", "/nonexistent/dir/store.db"], "cannot open store", 2),
+        (["--plugin", "demo", "--partitions", str(10**16)], "cannot run that: partitions", 1),
+        (["--plugin", "demo", "--input", "[" * 40 + "]" * 40], "cannot run that: input", 1),
     ],
 )
 def test_run_refuses_what_it_cannot_do_in_one_line(args, message, code):

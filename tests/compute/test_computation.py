@@ -20,8 +20,8 @@ from million.compute.bots import run_bots
 from million.compute.computation import Computation
 from million.compute.plugins import PluginError, load_plugin, plugin_from_object
 from million.compute.runner import open_run
-from million.compute.tree import Spec, depth, split
-from million.compute.worker import Context, work
+from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, Spec, SpecError, depth, split
+from million.compute.worker import Context, RunRefused, run_spec, work
 from million.relay.config import ReflectorConfig
 from million.replica.model import Replica
 from million.wire import codec
@@ -147,6 +147,174 @@ def test_malformed_events_fail_nothing_and_give_away_little(topic, data, caplog)
     assert model.inputs == [0, 1, 2] and model.remaining == 3 and not any(model.completed)
     assert len(model.workers.get("a", [])) <= 3
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
+def nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+DEEP = nested(300)
+GONE = object()  # a field left out
+
+
+def test_a_specs_options_give_it_back():
+    root = Spec("p", "1", {"x": [1, 2]}, 1001, 10, {"delay_ms": 3})
+    assert Spec.from_options(root.to_options()) == root
+    name, options = root.child("R", 9, "in")
+    assert name == "R-9"
+    assert Spec.from_options(options) == Spec("p", "1", "in", 100, 10, {"delay_ms": 3}, 901, "R", 9)
+    big = Spec("p", "1", None, MAX_PARTITIONS, MAX_FANOUT)
+    assert Spec.from_options(big.to_options()).count == MAX_FANOUT
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"partitions": GONE, "plugin": GONE}, "missing plugin, partitions"),
+        ({"extra": 1}, "unknown 'extra'"),
+        ({"partitions": True}, "partitions must be an integer from 1 to"),
+        ({"partitions": 0}, "partitions must be"),
+        ({"partitions": 2.0}, "partitions must be"),
+        ({"partitions": 10**15 + 1}, "partitions must be"),
+        ({"partitions": 2**70}, "partitions must be .*, not an int"),
+        ({"fanout": 1}, "fanout must be an integer from 2 to 1,000,000"),
+        ({"fanout": 10**6 + 1}, "fanout must be"),
+        ({"fanout": "3"}, "fanout must be"),
+        ({"start": -1}, "start must be"),
+        ({"start": 10**15}, "go beyond"),
+        ({"plugin": 5}, "plugin must be a string"),
+        ({"version": None}, "version must be a string"),
+        ({"plugin": "p" * 201}, "plugin must be a string of at most 200"),
+        ({"parent": "R"}, "parent and index must both"),
+        ({"index": 0}, "parent and index must both"),
+        ({"parent": "R", "index": 3}, "index 3 is not below the fanout 3"),
+        ({"parent": "bad name!", "index": 0}, "parent must be null or a session name"),
+        ({"parent": "R", "index": -1}, "index must be"),
+        ({"parent": "R", "index": False}, "index must be"),
+        ({"options": []}, "options must be a JSON object"),
+        ({"options": {"k": DEEP}}, "options must be"),
+        ({"input": DEEP}, "input must be a JSON value nested at most 32 deep"),
+        ({"input": 2**64}, "input must be"),
+        ({"input": float("nan")}, "input must be"),
+    ],
+)
+def test_options_that_describe_no_session_are_refused_with_the_reason(change, message):
+    options = {**Spec("p", "1", 0, 10, 3).to_options(), **change}
+    options = {key: value for key, value in options.items() if value is not GONE}
+    with pytest.raises(SpecError, match=message):
+        Spec.from_options(options)
+    with pytest.raises(RunRefused, match=f"session R holds no valid computation: .*{message}"):
+        run_spec("R", options)
+
+
+@pytest.mark.parametrize("options", [None, [], "options", {}, {"x": 1}])
+def test_options_that_are_no_object_of_spec_fields_are_refused(options):
+    with pytest.raises(SpecError, match="options must"):
+        Spec.from_options(options)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        None,
+        [1, 2],
+        {**Spec("p", "1", 0, 7, 2).to_options(), "partitions": True},
+        {**Spec("p", "1", 0, 7, 2).to_options(), "partitions": 7.5, "fanout": 10},
+        {**Spec("p", "1", 0, 7, 2).to_options(), "partitions": "7"},
+        Spec("p", "1", 0, 10**9, 10**9).to_options(),
+        Spec("p", "1", DEEP, 7, 2).to_options(),
+    ],
+)
+def test_a_computation_with_invalid_options_is_inert(options, caplog):
+    replicas = [Replica.create(Computation, "bad", options) for _ in range(2)]
+    for replica in replicas:
+        model = replica.model
+        assert (model.count, model.remaining, model.outputs, model.done) == (0, 0, [], False)
+        assert replica.subscriptions == {}
+        replica.apply(Event("bad", 1, 1, "v1", "inputs", {"inputs": []}))
+        replica.apply(Event("bad", 2, 2, "v1", "output", "forged"))
+        assert not model.done and model.inputs is None
+    assert replicas[0].digest() == replicas[1].digest()
+    assert "a computation with invalid options ignores every event" in caplog.text
+
+
+def model_state(stream: Stream) -> Any:
+    return stream.replica.snapshot()["model"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "data"),
+    [
+        ("request", {"want": 2}),
+        ("request", {"id": 1.0, "want": 2}),
+        ("request", {"id": True, "want": 2}),
+        ("request", {"id": "1", "want": 2}),
+        ("request", {"id": -1, "want": 2}),
+        ("request", {"id": 2**63, "want": 2}),
+        ("request", {"id": 2**64 - 1, "want": 2}),
+        ("request", {"id": [1], "want": 2}),
+        ("request", {"id": 1}),
+        ("request", {"id": 1, "want": 2.0}),
+        ("request", {"id": 1, "want": True}),
+        ("request", {"id": 1, "want": "2"}),
+        ("end", {"index": True, "output": 1}),
+        ("end", {"index": 1.0, "output": 1}),
+        ("end", {"index": -1, "output": 1}),
+        ("end", {"index": 3, "output": 1}),
+        ("end", {"index": 2**64 - 1, "output": 1}),
+        ("end", {"index": 0}),
+        ("end", {"index": 0, "output": DEEP}),
+        ("end", {"index": 0, "output": [2**64]}),
+        ("end", {"index": 0, "output": float("inf")}),
+        ("end", {"index": 0, "output": 1, "next": {"id": "x", "want": 1}}),
+        ("end", {"index": 0, "output": 1, "next": None}),
+        ("end", [0, 1]),
+        ("inputs", {"inputs": [0, 1, DEEP], "next": {"id": 1, "want": 3}}),
+        ("inputs", {"inputs": [0, 1, 2], "next": {"id": 1.5, "want": 3}}),
+        ("inputs", {"inputs": [0, 1], "next": {"id": 1, "want": 3}}),
+        ("claim", ["prepare"]),
+        ("claim", {"prepare": 1}),
+        ("claim", "anything"),
+        (VIEW_EXIT, ["a"]),
+        (VIEW_EXIT, {"a": 1}),
+        (VIEW_JOIN, ["a"]),
+        ("output", DEEP),
+    ],
+)
+def test_a_malformed_event_changes_nothing(topic, data):
+    stream = Stream(3)
+    stream.send("a", VIEW_JOIN, "a")
+    before = model_state(stream)
+    model = stream.send("b", topic, data)
+    assert model_state(stream) == before
+    assert model.inputs is None and "prepare" not in model.claims
+    stream.replica.digest()  # still encodable
+
+
+def test_a_malformed_output_is_ignored_and_a_good_one_still_counts():
+    stream = Stream(2)
+    stream.send("a", "inputs", {"inputs": [0, 1], "next": {"id": 1, "want": 2}})
+    stream.send("a", "end", {"index": 0, "output": "x"})
+    stream.send("a", "end", {"index": 1, "output": DEEP, "next": {"id": 2, "want": 1}})
+    model = stream.send("a", "end", {"index": 1, "output": "y"})
+    assert model.outputs == ["x", "y"] and model.answers["a"] == [1, [0, 1]]
+    stream.send("a", "output", nested(40))
+    model = stream.send("a", "output", ["x", "y"])
+    assert model.done and model.output == ["x", "y"]
+    stream.replica.digest()
+
+
+def test_a_report_for_a_partition_already_done_still_asks_for_more():
+    stream = Stream(4)
+    stream.send("a", "inputs", {"inputs": list(range(4)), "next": {"id": 1, "want": 1}})
+    stream.send("b", "request", {"id": 1, "want": 1})
+    stream.send("b", "end", {"index": 0, "output": "b"})
+    model = stream.send("a", "end", {"index": 0, "output": "a", "next": {"id": 2, "want": 1}})
+    assert model.outputs[0] == "b" and model.answers["a"] == [2, [2]]
 
 
 async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool = True) -> Any:
@@ -305,6 +473,31 @@ async def test_a_plugin_that_prepares_the_wrong_number_of_inputs_is_named():
     plugin = plugin_from_object("sloppy", Sloppy())
     with pytest.raises(PluginError, match="plugin sloppy: prepare_inputs must return a list of 3 inputs"):
         await plugin.prepare_inputs(1, 3, {})
+
+
+async def test_a_result_no_model_could_keep_is_refused_where_it_is_made():
+    class Deep:
+        @million.hookimpl
+        def compute(self, input: Any, index: int, options: Any) -> Any:
+            value: Any = 1
+            for _ in range(40):
+                value = [value]
+            return value
+
+    plugin = plugin_from_object("deep", Deep())
+    with pytest.raises(PluginError, match="plugin deep: compute returned a value nested deeper than 32"):
+        await plugin.compute(1, 0, {})
+
+
+async def test_a_child_made_by_someone_else_with_other_options_ends_the_bots_with_one_error(reflector):
+    demo = load_plugin("demo")
+    spec = Spec("demo", demo.version, 2, 4, 2)
+    async with million.open_client(reflector.url) as client, open_run(client, "forged", spec) as _:
+        forged = attrs.evolve(spec, partitions=1, parent="forged", index=0).to_options()
+        async with million.join(client, "forged-0", Computation, options=forged):
+            with pytest.raises(million.JoinError) as refused:
+                await run_bots(reflector.url, "forged", 2)
+        assert refused.value.code == "model-mismatch"
 
 
 async def test_a_hook_the_plugin_lacks_is_named_each_time_it_is_called():

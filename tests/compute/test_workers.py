@@ -103,6 +103,17 @@ async def test_lobby_workers_skip_a_run_whose_plugin_they_lack(reflector):
     assert "skipping run foreign: no plugin named 'nosuch' is installed" in errors
 
 
+async def test_lobby_workers_skip_a_run_whose_root_is_no_computation(reflector):
+    posted = ordered_spec("hollow", 10, 5)
+    async with (
+        million.open_client(reflector.url) as client,
+        million.join(client, "hollow", Computation, options={}),  # an inert root
+    ):
+        errors = await finish_beside(client, reflector.url, "hollow", posted)
+    assert "skipping run hollow: session hollow holds no valid computation: options must have" in errors
+    assert "Traceback" not in errors
+
+
 @attrs.define
 class OlderComputation(million.Model, name="million.computation"):
     """What another version of million would have made a run's root with."""

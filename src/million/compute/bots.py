@@ -22,8 +22,7 @@ from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, bots_per_run
 from million.compute.plugins import Plugin, PluginError, load_plugin
 from million.compute.progress import Progress, progress_session, report_progress
-from million.compute.tree import Spec
-from million.compute.worker import Context, work
+from million.compute.worker import Context, RunRefused, run_spec, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, join
 from million.replica.view import View
@@ -45,16 +44,21 @@ async def run_bots(
     """Work run ``run`` with ``bots`` bots until it is done; returns its answer.
 
     Raises ``PluginError`` when this machine lacks the run's plugin or has another
-    version of it: the run is left untouched.
+    version of it, ``RunRefused`` (one) when the run's root is no valid computation: the
+    run is left untouched.
     """
     async with open_client(url, token=token, label=f"bots-{os.getpid()}", ssl_context=ssl_context) as client:
         return await crew(client, run, bots, detach=detach)
 
 
 async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> Any:
-    """``bots`` bots of this process working ``run`` until it is done; returns its answer."""
+    """``bots`` bots of this process working ``run`` until it is done; returns its answer.
+
+    Raises ``PluginError`` (``RunRefused`` when the root's options describe no computation)
+    if this process cannot work the run: the run is left untouched.
+    """
     async with join(client, run, Computation, View, create=False) as root:
-        spec = Spec.from_options(root.options)
+        spec = run_spec(run, root.options)
         plugin = _plugin_for(run, spec.plugin, spec.version)
         async with join(client, progress_session(run), Progress, View, create=False) as progress:
             progress.publish("bots", bots)
@@ -63,11 +67,23 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
                 progress.publish("leaf", {"name": name, "count": count})
 
             ctx = Context(client, plugin, detach, leaf_done)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(report_progress, run, progress, root)
-                for _ in range(bots):
-                    nursery.start_soon(work, ctx, run)
+            refused: BaseException | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(report_progress, run, progress, root)
+                    for _ in range(bots):
+                        nursery.start_soon(work, ctx, run)
+            except* (PluginError, JoinError) as group:  # e.g. a child session made with other options
+                refused = _first(group)
+            if refused is not None:
+                raise refused
         return root.model.output
+
+
+def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception of ``group`` that is not itself a group."""
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _plugin_for(run: str, name: str, version: str) -> Plugin:
@@ -87,8 +103,9 @@ async def run_lobby_bots(
 ) -> None:
     """Share ``bots`` bots among the lobby's open runs, moving on as runs finish or start.
 
-    Runs whose plugin this machine lacks (or has in another version) are skipped with
-    one log line each. Returns only when cancelled.
+    Runs whose plugin this machine lacks (or has in another version), and runs whose
+    root is no valid computation, are skipped with one log line each. Returns only when
+    cancelled.
     """
     async with (
         open_client(url, token=token, label=f"lobby-bots-{os.getpid()}", ssl_context=ssl_context) as client,
@@ -102,7 +119,7 @@ async def run_lobby_bots(
             with scope:
                 try:
                     answer = await crew(client, run, count, detach=detach)
-                except (PluginError, JoinError) as exc:
+                except (PluginError, RunRefused, JoinError) as exc:
                     log.warning("skipping run %s: %s", run, exc)
                     refused.add(run)
                     client.changed(lobby.name)

@@ -14,15 +14,18 @@ session at any time, and every worker may leave: the work resumes where it stopp
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import attrs
 
-from million.compute.tree import Spec
-from million.replica.model import Model
+from million.compute.tree import Spec, SpecError
+from million.replica.model import INT64_MAX, Model, is_json
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
 __all__ = ["CLAIMS", "Computation"]
+
+log = logging.getLogger(__name__)
 
 CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
 
@@ -33,6 +36,10 @@ class Computation(Model, name="million.computation.2"):
 
     The number in its name changes whenever its events change meaning, so that a worker
     of another version is refused at the join (``model-mismatch``) instead of diverging.
+
+    Every handler checks every field of its event before it changes anything, and
+    ignores a malformed event whole: the same decision on every replica. Options that
+    are not a valid ``Spec`` leave an inert model that subscribes to nothing.
     """
 
     leaf: bool = True
@@ -51,7 +58,11 @@ class Computation(Model, name="million.computation.2"):
     done: bool = False
 
     def init(self, options: Any) -> None:
-        spec = Spec.from_options(options)
+        try:
+            spec = Spec.from_options(options)
+        except SpecError as exc:
+            log.warning("a computation with invalid options ignores every event: %s", exc)
+            return
         self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
@@ -72,22 +83,21 @@ class Computation(Model, name="million.computation.2"):
         Only workers open child sessions; a run's root is opened by whoever posts the
         run, so there the preparer asks (``claim``).
         """
-        if not self.root and self.inputs is None and "prepare" not in self.claims:
+        if type(view) is str and not self.root and self.inputs is None and "prepare" not in self.claims:
             self.claims["prepare"] = view
 
     def request(self, data: Any) -> None:
-        """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``); the
-        answer is recorded under its view."""
-        if not isinstance(data, dict):
+        """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``; a
+        ``want`` below one asks for one); the answer is recorded under its view."""
+        if not _is_request(data):
             return
-        view, want = self.sender or "", data.get("want")
-        want = want if type(want) is int and want > 0 else 1
+        view, want = self.sender or "", max(1, min(data["want"], self.count))
         given = [] if self.done or self.inputs is None else self._assign(view, want)
         if given:
             self.workers.setdefault(view, []).extend(given)
             for index in given:
                 self.started[index] = True
-        self.answers[view] = [data.get("id"), given]
+        self.answers[view] = [data["id"], given]
 
     def _assign(self, view: str, want: int) -> list[int]:
         """Up to ``want`` partitions nobody has started, within this view's fair share of
@@ -117,10 +127,10 @@ class Computation(Model, name="million.computation.2"):
         The first output reported wins; later ones are ignored. Whoever completes the
         last partition collects, without asking.
         """
-        if not isinstance(data, dict):
+        if not self._is_report(data):
             return
-        index, output = data.get("index"), data.get("output")
-        if type(index) is int and 0 <= index < self.count and not self.completed[index]:
+        index, output = data["index"], data["output"]
+        if not self.completed[index]:
             self.completed[index] = True
             self.outputs[index] = output
             self.done_by[index] = self.sender
@@ -135,28 +145,53 @@ class Computation(Model, name="million.computation.2"):
         if "next" in data:
             self.request(data["next"])
 
+    def _is_report(self, data: Any) -> bool:
+        """Whether ``data`` is ``{"index": i, "output": o, "next"?: request}`` with ``i`` a
+        partition of this session and ``o`` a value a model may keep."""
+        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
+            return False
+        index = data.get("index")
+        return type(index) is int and 0 <= index < self.count and "output" in data and is_json(data["output"])
+
     def claim(self, task: Any) -> None:
-        if task in CLAIMS and task not in self.claims:
+        if type(task) is str and task in CLAIMS and task not in self.claims:
             self.claims[task] = self.sender or ""
 
     def set_inputs(self, data: Any) -> None:
         """The prepared inputs, and with ``next`` the preparer's first request."""
-        if not isinstance(data, dict):
+        if not self._is_inputs(data):
             return
-        inputs = data.get("inputs")
-        if self.inputs is None and isinstance(inputs, list) and len(inputs) == self.count:
-            self.inputs = inputs
+        if self.inputs is None:
+            self.inputs = data["inputs"]
             self.claims.pop("prepare", None)
         if "next" in data:
             self.request(data["next"])
 
+    def _is_inputs(self, data: Any) -> bool:
+        """Whether ``data`` is ``{"inputs": [one per partition], "next"?: request}``."""
+        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
+            return False
+        inputs = data.get("inputs")
+        return type(inputs) is list and len(inputs) == self.count and all(is_json(item) for item in inputs)
+
     def set_output(self, output: Any) -> None:
-        if not self.done and self.remaining == 0:
+        if not self.done and self.remaining == 0 and is_json(output):
             self.output, self.done = output, True
             self.claims.pop("collect", None)
 
     def exit(self, view: str) -> None:
+        if type(view) is not str:
+            return
         self.workers.pop(view, None)
         self.answers.pop(view, None)
         for task in [task for task, holder in self.claims.items() if holder == view]:
             del self.claims[task]
+
+
+def _is_request(data: Any) -> bool:
+    """Whether ``data`` is ``{"id": n, "want": k}`` with whole numbers, ``n`` from 0 to
+    2**63 - 1 (it is kept in the state)."""
+    if type(data) is not dict:
+        return False
+    ident, want = data.get("id"), data.get("want")
+    return type(ident) is int and 0 <= ident <= INT64_MAX and type(want) is int

@@ -11,13 +11,16 @@ from typing import Any
 
 import attrs
 
-from million.compute.tree import Spec
-from million.replica.model import Model
+from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, MAX_TEXT, Spec
+from million.replica.model import Model, is_json
+from million.wire.protocol import SESSION_NAME
 
 __all__ = ["LOBBY", "Lobby", "bots_per_run", "post_event"]
 
 LOBBY = "million-lobby"
 KEEP_FINISHED = 200  # finished runs the lobby remembers
+MAX_OPEN = 1000  # open runs the lobby lists; beyond, a post is ignored
+MAX_RUN_NAME = 190  # characters: the run's progress session (``<run>:progress``) needs a few more
 
 
 @attrs.define
@@ -31,22 +34,25 @@ class Lobby(Model, name="million.lobby"):
         self.subscribe("done", self.done)
 
     def post(self, data: Any) -> None:
-        name = data.get("name") if isinstance(data, dict) else None
-        if not isinstance(name, str) or name in self.runs:
+        """``post_event``'s fields; ignored unless each is of its type and in range, for a
+        run not listed yet, while fewer than ``MAX_OPEN`` runs are open."""
+        if not _is_post(data) or data["name"] in self.runs or len(self.open_runs()) >= MAX_OPEN:
             return
-        self.runs[name] = {
-            "plugin": data.get("plugin"),
-            "version": data.get("version"),
-            "partitions": data.get("partitions"),
-            "fanout": data.get("fanout"),
+        self.runs[data["name"]] = {
+            "plugin": data["plugin"],
+            "version": data["version"],
+            "partitions": data["partitions"],
+            "fanout": data["fanout"],
             "state": "open",
             "answer": None,
             "posted": self.now,
         }
 
     def done(self, data: Any) -> None:
-        name = data.get("name") if isinstance(data, dict) else None
-        entry = self.runs.get(name) if isinstance(name, str) else None
+        """``{"name": run, "answer": its answer}`` closes an open run (anyone may close any)."""
+        if not (type(data) is dict and type(data.get("name")) is str and is_json(data.get("answer"))):
+            return
+        entry = self.runs.get(data["name"])
         if entry is None or entry["state"] != "open":
             return
         entry["state"], entry["answer"] = "done", data.get("answer")
@@ -56,6 +62,23 @@ class Lobby(Model, name="million.lobby"):
 
     def open_runs(self) -> list[str]:
         return [name for name, run in self.runs.items() if run["state"] == "open"]
+
+
+def _is_post(data: Any) -> bool:
+    if type(data) is not dict:
+        return False
+    name, plugin, version = data.get("name"), data.get("plugin"), data.get("version")
+    partitions, fanout = data.get("partitions"), data.get("fanout")
+    return (
+        type(name) is str
+        and len(name) <= MAX_RUN_NAME
+        and SESSION_NAME.fullmatch(name) is not None
+        and all(type(text) is str and len(text) <= MAX_TEXT for text in (plugin, version))
+        and type(partitions) is int
+        and 1 <= partitions <= MAX_PARTITIONS
+        and type(fanout) is int
+        and 2 <= fanout <= MAX_FANOUT
+    )
 
 
 def post_event(name: str, spec: Spec) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import pluggy
 import trio
 
 from million.compute import hookspecs
+from million.replica.model import MAX_DEPTH, is_json
 from million.wire import codec
 
 __all__ = ["Plugin", "PluginError", "Result", "installed_plugins", "load_plugin", "plugin_from_object"]
@@ -68,7 +69,7 @@ class Plugin:
             raise PluginError(
                 f"plugin {self.name}: prepare_inputs must return a list of {count} inputs, not {got}"
             )
-        return self._encode(inputs, "prepare_inputs")
+        return self._encode(inputs, "prepare_inputs", each=True)
 
     async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
         output = await self._call("compute", input=input, index=index, options=options)
@@ -99,13 +100,21 @@ class Plugin:
         self._hooks[hook_name] = found = (hook, all(inspect.iscoroutinefunction(i.function) for i in impls))
         return found
 
-    def _encode(self, value: Any, hook_name: str) -> Result:
+    def _encode(self, value: Any, hook_name: str, each: bool = False) -> Result:
+        """``value`` encoded once; ``PluginError`` unless the model can keep it (``is_json``,
+        of each item with ``each``): models ignore what they cannot keep."""
         try:
-            return Result.of(value)
+            result = Result.of(value)
         except TypeError as exc:
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"
             ) from None
+        if not all(map(is_json, value if each else [value])):
+            raise PluginError(
+                f"plugin {self.name}: {hook_name} returned a value nested deeper than {MAX_DEPTH} levels,"
+                " or with an integer beyond 64 bits or a float that is not finite"
+            )
+        return result
 
 
 def _calling(hook: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:

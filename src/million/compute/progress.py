@@ -4,6 +4,7 @@ sessions for ``million status`` and the web page.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
@@ -12,14 +13,19 @@ import trio
 
 from million.compute.computation import Computation
 from million.compute.plugins import Result
+from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS
 from million.replica.model import Model
 from million.replica.session import Session
-from million.wire.protocol import VIEW_EXIT
+from million.wire.protocol import SESSION_NAME, VIEW_EXIT
 
 __all__ = ["Progress", "is_run_summary", "progress_session", "report_progress", "short", "summary"]
 
 SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
 SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
+MAX_BOTS = 1_000_000  # bots one process may say it runs
+#: What follows the root's name in the name of a session below it: ``-i`` per level, each
+#: ``i`` an index below ``MAX_FANOUT`` written as ``str`` writes it.
+_BELOW_ROOT = re.compile(rf"(-(0|[1-9][0-9]{{0,{len(str(MAX_FANOUT - 1)) - 1}}}))+")
 
 
 def summary(model: Computation, *, done: bool = False, output: Result | None = None) -> dict[str, Any]:
@@ -101,7 +107,13 @@ def progress_session(run: str) -> str:
 
 @attrs.define
 class Progress(Model, name="million.progress"):
-    """Finished leaf sessions of a run, counted once each, and who is working."""
+    """Finished leaf sessions of a run, counted once each, and who is working.
+
+    Events that are malformed or out of range are ignored, the same way everywhere: a
+    leaf counts at least one partition and ``done`` never exceeds ``partitions``.
+    Options other than ``{"root": session name, "partitions": 1..MAX_PARTITIONS}``
+    leave a model that counts nothing.
+    """
 
     root: str = ""
     partitions: int = 0
@@ -111,24 +123,61 @@ class Progress(Model, name="million.progress"):
     bots: dict[str, int] = attrs.Factory(dict)  # a process's view -> bots it runs
 
     def init(self, options: Any) -> None:
+        if not _is_progress_options(options):
+            return
         self.root, self.partitions = options["root"], options["partitions"]
         self.subscribe("leaf", self.leaf)
         self.subscribe("bots", self.count_bots)
         self.subscribe(VIEW_EXIT, self.exit)
 
     def leaf(self, data: Any) -> None:
-        name, count = data["name"], data["count"]
-        if name in self.leaves or type(count) is not int:
+        """``{"name": leaf session, "count": its partitions}``, counted once per leaf."""
+        if type(data) is not dict:
+            return
+        name: Any = data.get("name")
+        count: Any = data.get("count")
+        if type(name) is not str or name in self.leaves or not self._counts(count):
+            return
+        first = self._first_level(name)
+        if first is None:
             return
         self.leaves[name] = count
         self.done += count
-        if name != self.root:
-            first = int(name[len(self.root) + 1 :].split("-")[0])
+        if first >= 0:
             self.by_child[first] = self.by_child.get(first, 0) + count
 
+    def _counts(self, count: Any) -> bool:
+        """Whether ``count`` partitions may be done yet: at least one, and no more than remain."""
+        return type(count) is int and 1 <= count <= self.partitions - self.done
+
+    def _first_level(self, name: str) -> int | None:
+        """The first-level child that session ``name`` is in (-1: the root itself); None
+        unless ``name`` is the root's or one below it."""
+        if not SESSION_NAME.fullmatch(name):
+            return None
+        if name == self.root:
+            return -1
+        rest = name[len(self.root) :]
+        if not (name.startswith(self.root) and _BELOW_ROOT.fullmatch(rest)):
+            return None
+        return int(rest.split("-")[1])  # at most six digits: no setting of Python matters
+
     def count_bots(self, bots: Any) -> None:
-        if type(bots) is int:
+        if type(bots) is int and 0 <= bots <= MAX_BOTS:
             self.bots[self.sender or ""] = bots
 
-    def exit(self, view: str) -> None:
-        self.bots.pop(view, None)
+    def exit(self, view: Any) -> None:
+        if type(view) is str:
+            self.bots.pop(view, None)
+
+
+def _is_progress_options(options: Any) -> bool:
+    if type(options) is not dict:
+        return False
+    root, partitions = options.get("root"), options.get("partitions")
+    return (
+        type(root) is str
+        and SESSION_NAME.fullmatch(root) is not None
+        and type(partitions) is int
+        and 1 <= partitions <= MAX_PARTITIONS
+    )

@@ -10,6 +10,7 @@ an interrupted run keeps it, so that it can be resumed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import tempfile
@@ -26,7 +27,7 @@ from million.compute.bots import run_worker_processes, worker_command, worker_en
 from million.compute.computation import Computation
 from million.compute.plugins import load_plugin
 from million.compute.progress import Progress, progress_session, report_progress
-from million.compute.tree import Spec
+from million.compute.tree import Spec, SpecError
 from million.relay.config import ReflectorConfig
 from million.relay.server import open_reflector
 from million.replica.client import Client, open_client, ssl_context
@@ -38,6 +39,9 @@ from million.wire.protocol import ErrorCode
 __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 
 WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
+LOBBY_TIMEOUT = 10.0  # seconds to see a post or an answer in the lobby
+
+log = logging.getLogger(__name__)
 
 
 class RunError(Exception):
@@ -105,7 +109,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
     """
     plugin = load_plugin(config.plugin)
     name = config.name or f"run-{secrets.token_hex(4)}"
-    spec = Spec(plugin.name, plugin.version, config.input, config.partitions, config.fanout, config.options)
+    spec = _spec(plugin.name, plugin.version, config)
     async with _reflector_url(config) as (url, store):
         state = RunState(name, config.partitions, config.fanout, store)
         started = trio.current_time()
@@ -155,10 +159,24 @@ async def open_run(
         yield root, progress
 
 
+def _spec(plugin: str, version: str, config: RunConfig) -> Spec:
+    """What the run computes; ``RunError`` for what no worker would compute."""
+    spec = Spec(plugin, version, config.input, config.partitions, config.fanout, config.options)
+    try:
+        return Spec.from_options(spec.to_options())
+    except SpecError as exc:
+        raise RunError(f"cannot run that: {exc}") from None
+
+
 async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
+    """Post to the lobby, or mark a run done there; the lobby may refuse (it keeps a bounded
+    number of open runs): then workers without ``--run`` will not see it."""
     async with join(client, lobby.LOBBY, lobby.Lobby, View) as session:
         session.publish(topic, data)
-        await session.wait_for(lambda model: data["name"] in model.runs)
+        with trio.move_on_after(LOBBY_TIMEOUT):
+            await session.wait_for(lambda model: data["name"] in model.runs)
+            return
+        log.warning("the lobby did not take the %s of run %s", topic, data["name"])
 
 
 async def _compute(

@@ -6,11 +6,26 @@ Integer arithmetic only: every participant must agree on the shape.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-__all__ = ["Spec", "depth", "share", "split"]
+from million.replica.model import MAX_DEPTH, describe, is_json
+from million.wire.protocol import SESSION_NAME
+
+__all__ = ["MAX_FANOUT", "MAX_PARTITIONS", "Spec", "SpecError", "depth", "share", "split"]
+
+#: A session keeps several lists of ``min(partitions, fanout)`` entries: at most this many.
+MAX_FANOUT = 1_000_000
+#: Partitions of a run. Global partition numbers and counts of done partitions stay far
+#: inside 64 bits, and the tree is at most 50 levels deep (fanout 2).
+MAX_PARTITIONS = 10**15
+MAX_TEXT = 200  # characters of a plugin name or version
+
+
+class SpecError(ValueError):
+    """Options that do not describe a session of the partition tree."""
 
 
 def split(total: int, fanout: int) -> list[tuple[int, int]]:
@@ -70,5 +85,69 @@ class Spec:
         return attrs.asdict(self)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> Spec:
-        return cls(**options)
+    def from_options(cls, options: Any) -> Spec:
+        """The spec whose ``to_options`` gave ``options``; ``SpecError`` (a ``ValueError``)
+        saying what is wrong with anything else."""
+        if type(options) is not dict:
+            raise SpecError(f"options must be an object, not {type(options).__name__}")
+        _check_fields(options)
+        for name, (valid, rule) in _RULES.items():
+            if name in options and not valid(options[name]):
+                raise SpecError(f"{name} must be {rule}, not {describe(options[name])}")
+        spec = cls(**options)
+        _check_consistent(spec)
+        return spec
+
+
+def _text(value: Any) -> bool:
+    return type(value) is str and len(value) <= MAX_TEXT
+
+
+def _whole(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: type(value) is int and low <= value <= high
+
+
+def _parent(value: Any) -> bool:
+    return value is None or (type(value) is str and SESSION_NAME.fullmatch(value) is not None)
+
+
+def _index(value: Any) -> bool:
+    return value is None or _whole(0, MAX_FANOUT - 1)(value)
+
+
+def _plugin_options(value: Any) -> bool:
+    return type(value) is dict and is_json(value)
+
+
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "plugin": (_text, f"a string of at most {MAX_TEXT} characters"),
+    "version": (_text, f"a string of at most {MAX_TEXT} characters"),
+    "input": (is_json, f"a JSON value nested at most {MAX_DEPTH} deep"),
+    "partitions": (_whole(1, MAX_PARTITIONS), f"an integer from 1 to {MAX_PARTITIONS:,}"),
+    "fanout": (_whole(2, MAX_FANOUT), f"an integer from 2 to {MAX_FANOUT:,}"),
+    "options": (_plugin_options, f"a JSON object nested at most {MAX_DEPTH} deep"),
+    "start": (_whole(0, MAX_PARTITIONS), f"an integer from 0 to {MAX_PARTITIONS:,}"),
+    "parent": (_parent, "null or a session name"),
+    "index": (_index, f"null or an integer from 0 to {MAX_FANOUT - 1:,}"),
+}
+_REQUIRED = ("plugin", "version", "input", "partitions", "fanout")
+
+
+def _check_fields(options: dict[str, Any]) -> None:
+    missing = [name for name in _REQUIRED if name not in options]
+    extra = [describe(name) for name in options if name not in _RULES]
+    if missing or extra:
+        problems = [f"missing {', '.join(missing)}"] if missing else []
+        problems += [f"unknown {', '.join(extra)}"] if extra else []
+        raise SpecError(f"options must have the fields of a Spec: {'; '.join(problems)}")
+
+
+def _check_consistent(spec: Spec) -> None:
+    if (spec.parent is None) != (spec.index is None):
+        raise SpecError("parent and index must both be given (a child session) or both be null (a root)")
+    if spec.index is not None and spec.index >= spec.fanout:
+        raise SpecError(f"index {spec.index} is not below the fanout {spec.fanout}")
+    if spec.start + spec.partitions > MAX_PARTITIONS:
+        raise SpecError(
+            f"partitions from {spec.start} to {spec.start + spec.partitions} go beyond {MAX_PARTITIONS:,}"
+        )

@@ -16,16 +16,29 @@ import attrs
 import trio
 
 from million.compute.computation import Computation
-from million.compute.plugins import Plugin, Result
+from million.compute.plugins import Plugin, PluginError, Result
 from million.compute.progress import SUMMARY_EVERY, summary
-from million.compute.tree import Spec
+from million.compute.tree import Spec, SpecError
 from million.replica.client import Client
 from million.replica.session import Session, join
 from million.replica.view import View
 
-__all__ = ["Context", "Outcome", "Worker", "work"]
+__all__ = ["Context", "Outcome", "RunRefused", "Worker", "run_spec", "work"]
 
 SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
+
+
+class RunRefused(PluginError):
+    """A session this worker declines, as it declines a run whose plugin it lacks: its
+    options do not describe a session of the partition tree."""
+
+
+def run_spec(name: str, options: Any) -> Spec:
+    """The spec of session ``name`` from its options; ``RunRefused`` saying why not."""
+    try:
+        return Spec.from_options(options)
+    except SpecError as exc:
+        raise RunRefused(f"session {name} holds no valid computation: {exc}") from None
 
 
 @attrs.define
@@ -93,7 +106,7 @@ class Worker(View):
         self.ctx = ctx
         self.report = report
         self.depth = depth  # levels below the session ``work`` started in
-        self.spec = Spec.from_options(session.options)
+        self.spec = run_spec(session.name, session.options)
         self._asked = 0  # requests published, numbered from 1
         self._reported: set[int] = set()  # partitions this view has done or handed to a child
         self._window = ctx.window if self.spec.leaf else 1

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 
 from million.replica.membership import Group, Groups, JoinError, Membership, State, Unusable
-from million.replica.model import Model, Replica, digest_of_dump, dump_state
+from million.replica.model import Model, Replica, StateError, digest_of_dump, dump_state
 from million.wire import codec
 from million.wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -320,7 +320,10 @@ class ClientCore:
         if replica is None or replica.seq != request.seq:
             return
         if isinstance(request, DigestRequest):
-            self._send(Digest(request.session, request.seq, replica.digest()))
+            try:
+                self._send(Digest(request.session, request.seq, replica.digest()))
+            except StateError as exc:
+                log.error("%s: no digest of event %d: %s", request.session, request.seq, exc)
         elif (message := snapshot_of(replica, request.seq, self.max_frame)) is not None:
             self._queue(message)
 
@@ -355,8 +358,12 @@ def check_welcome(data: bytes) -> Welcome:
 
 def snapshot_of(replica: Replica, seq: int, max_frame: int) -> bytes | None:
     """The encoded Snapshot of ``replica`` after event ``seq``; None (logged) if it is
-    over the reflector's frame limit."""
-    state = dump_state(replica.snapshot())
+    over the reflector's frame limit or cannot be encoded."""
+    try:
+        state = dump_state(replica.snapshot())
+    except StateError as exc:
+        log.error("%s: no snapshot of event %d: %s", replica.session, seq, exc)
+        return None
     message = codec.encode_snapshot(replica.session, seq, state, digest_of_dump(state))
     if len(message) + 2 > max_frame:  # it travels inside a frame's [ ]
         log.error(

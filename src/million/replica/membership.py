@@ -61,8 +61,14 @@ class Group:
     connection: int = 0  # the connection the replica was synced over
 
     def rebuild(self, sync: Sync) -> None:
+        """A new replica from the sync's snapshot (or creation record) and events.
+        ``ValueError`` if the snapshot is not one of this model class after its own seq."""
         if sync.snapshot is not None:
             replica = Replica.restore(self.model_cls, self.name, sync.snapshot.state)
+            if replica.seq != sync.snapshot.seq:
+                raise ValueError(
+                    f"the snapshot of event {sync.snapshot.seq} holds the state after {replica.seq}"
+                )
         else:
             replica = Replica.create(self.model_cls, self.name, sync.options)
         self.replica = replica
