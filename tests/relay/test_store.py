@@ -25,9 +25,11 @@ import trio
 
 from million.compute.runner import _temporary_store, remove_store
 from million.relay import store as store_module
+from million.relay.journal import Journal, parse
 from million.relay.store import MAGIC, Batch, Store, StoreError, StoreWriteError, open_store
 
 LOGGER = "million.relay.store"
+JOURNAL_LOGGER = "million.relay.journal"
 
 
 def created(seq: int) -> Batch:
@@ -102,13 +104,13 @@ async def test_a_journal_with_a_corrupt_tail_is_recovered_up_to_it_and_reported(
     damaged = damage(two, await journal_of(tmp_path, created(1), event(2), event(3)))
     journal = tmp_path / "store.db.journal"
     journal.write_bytes(damaged)
-    with caplog.at_level(logging.WARNING, LOGGER):
+    with caplog.at_level(logging.WARNING, JOURNAL_LOGGER):
         store = open_store(str(tmp_path / "store.db"))
     try:
         assert await events_of(store) == [b'{"seq":1}', b'{"seq":2}']
     finally:
         store.close()
-    (message,) = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    (message,) = [r.getMessage() for r in caplog.records if r.name == JOURNAL_LOGGER]
     dropped = len(damaged) - len(two)
     assert f"journal {journal}: {problem}" in message
     assert f"at offset {len(two)}; dropped its last {dropped} bytes, kept the 2 batches" in message
@@ -140,7 +142,7 @@ async def test_a_journal_of_the_pickle_format_is_refused_and_never_unpickled(tmp
 async def test_a_pickle_inside_a_journal_record_is_reported_not_run(tmp_path, caplog):
     marker = tmp_path / "owned"
     (tmp_path / "store.db.journal").write_bytes(MAGIC + record(pickle.dumps(Planted(marker))))
-    with caplog.at_level(logging.WARNING, LOGGER):
+    with caplog.at_level(logging.WARNING, JOURNAL_LOGGER):
         open_store(str(tmp_path / "store.db")).close()
     assert not marker.exists()
     assert "a record that is not a batch" in caplog.text
@@ -148,7 +150,7 @@ async def test_a_pickle_inside_a_journal_record_is_reported_not_run(tmp_path, ca
 
 async def test_a_journal_cut_within_its_header_holds_nothing(tmp_path, caplog):
     (tmp_path / "store.db.journal").write_bytes(MAGIC[:5])
-    with caplog.at_level(logging.WARNING, LOGGER):
+    with caplog.at_level(logging.WARNING, JOURNAL_LOGGER):
         store = open_store(str(tmp_path / "store.db"))
     try:
         assert await store.names() == []
@@ -193,23 +195,29 @@ async def test_the_first_body_stored_for_a_seq_is_kept(tmp_path):
 # --- failing writes ---------------------------------------------------------------------------
 
 
-def short_writes(store: Store, most: int) -> Callable[[memoryview], int]:
+def journal_file(store: Store) -> Journal:
+    """The store's journal, whose writes the tests below replace."""
+    assert store._journal is not None
+    return store._journal
+
+
+def short_writes(journal: Journal, most: int) -> Callable[[memoryview], int]:
     def write(data: memoryview) -> int:
-        assert store._fd is not None
-        return os.write(store._fd, data[:most])
+        assert journal._fd is not None
+        return os.write(journal._fd, data[:most])
 
     return write
 
 
-def half_then(store: Store, error: int | None) -> Callable[[memoryview], int]:
+def half_then(journal: Journal, error: int | None) -> Callable[[memoryview], int]:
     """Write half of the first call's bytes; then fail with ``error`` (None: write nothing)."""
     calls: list[int] = []
 
     def write(data: memoryview) -> int:
         calls.append(len(data))
         if len(calls) == 1:
-            assert store._fd is not None
-            return os.write(store._fd, data[: len(data) // 2])
+            assert journal._fd is not None
+            return os.write(journal._fd, data[: len(data) // 2])
         if error is None:
             return 0
         raise OSError(error, os.strerror(error))
@@ -221,7 +229,7 @@ async def test_short_writes_are_continued_until_the_record_is_whole(tmp_path, mo
     path = str(tmp_path / "store.db")
     store = open_store(path)
     await store.commit(created(1))
-    monkeypatch.setattr(store, "_write_some", short_writes(store, 7))
+    monkeypatch.setattr(journal_file(store), "_write_some", short_writes(journal_file(store), 7))
     await store.commit(event(2))
     journal = (tmp_path / "store.db.journal").read_bytes()
     store.close()
@@ -242,7 +250,7 @@ async def test_a_failed_write_fails_the_commit_and_the_store_goes_on(tmp_path, m
         await store.commit(created(1))
         size = journal.stat().st_size
         with monkeypatch.context() as patch:
-            patch.setattr(store, "_write_some", half_then(store, error))
+            patch.setattr(journal_file(store), "_write_some", half_then(journal_file(store), error))
             with pytest.raises(StoreWriteError, match=f"cannot write to the journal of store {path}"):
                 await store.commit(event(2, b"x" * 1000))
         assert journal.stat().st_size == size  # no torn record left in the journal
@@ -300,7 +308,7 @@ async def test_nothing_is_appended_after_a_torn_record_that_could_not_be_cut(tmp
 
         with monkeypatch.context() as patch:
             patch.setattr(os, "ftruncate", cannot_truncate)
-            patch.setattr(store, "_write_some", half_then(store, errno.ENOSPC))
+            patch.setattr(journal_file(store), "_write_some", half_then(journal_file(store), errno.ENOSPC))
             with pytest.raises(StoreWriteError):
                 await store.commit(event(2, b"x" * 1000))
             patch.undo()
@@ -309,7 +317,7 @@ async def test_nothing_is_appended_after_a_torn_record_that_could_not_be_cut(tmp
                 await store.commit(event(3))
         assert journal.stat().st_size > size
         await store.commit(event(4))  # ftruncate works again: the torn record goes first
-        assert store_module._parse(journal.read_bytes())[2] == ""
+        assert parse(journal.read_bytes())[2] == ""
         assert await events_of(store) == [b'{"seq":1}', b'{"seq":4}']
     finally:
         store.close()
@@ -320,10 +328,10 @@ async def test_a_journal_that_cannot_be_opened_fails_the_commit_only(tmp_path, m
     try:
         with monkeypatch.context() as patch:
 
-            def no_descriptors(journal: str) -> int:
+            def no_descriptors() -> int:
                 raise OSError(errno.EMFILE, "Too many open files")
 
-            patch.setattr(store, "_open_journal", no_descriptors)
+            patch.setattr(journal_file(store), "_open", no_descriptors)
             with pytest.raises(StoreWriteError, match="Too many open files"):
                 await store.commit(created(1))
         await store.commit(created(2))

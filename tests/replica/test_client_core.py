@@ -9,7 +9,8 @@ import pytest
 from million.relay.config import ReflectorConfig
 from million.relay.sessions import Phase
 from million.replica.core import ClientCore, Membership, State
-from million.replica.model import Replica, dump_state
+from million.replica.model import Replica
+from million.replica.state import dump_state
 from million.wire import codec
 from million.wire.protocol import (
     VIEW_EXIT,

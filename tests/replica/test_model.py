@@ -9,15 +9,8 @@ import orjson
 import pytest
 
 import million
-from million.replica.model import (
-    Random,
-    Replica,
-    StateError,
-    digest_of,
-    dump_state,
-    handler_names,
-    is_json,
-)
+from million.replica.model import Random, Replica, StateError, handler_names, is_json
+from million.replica.state import digest_of, dump_state
 from million.wire.protocol import Event
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from million.replica.model import digest_of, digest_of_dump, dump_state
+from million.replica.state import digest_of, digest_of_dump, dump_state
 from million.wire import codec, protocol
 from million.wire.codec import frames
 from million.wire.protocol import ErrorCode, ProtocolError

@@ -20,7 +20,8 @@ from typing import Any
 import attrs
 
 from million.compute.tree import Spec, SpecError
-from million.replica.model import INT64_MAX, Model, is_json
+from million.replica.model import Model
+from million.replica.state import INT64_MAX, is_json
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
 __all__ = ["CLAIMS", "Computation"]

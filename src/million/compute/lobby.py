@@ -12,7 +12,8 @@ from typing import Any
 import attrs
 
 from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, MAX_TEXT, Spec
-from million.replica.model import Model, is_json
+from million.replica.model import Model
+from million.replica.state import is_json
 from million.wire.protocol import SESSION_NAME
 
 __all__ = ["LOBBY", "Lobby", "bots_per_run", "post_event"]

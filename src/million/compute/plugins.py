@@ -18,7 +18,7 @@ import pluggy
 import trio
 
 from million.compute import hookspecs
-from million.replica.model import MAX_DEPTH, is_json
+from million.replica.state import MAX_DEPTH, is_json
 from million.wire import codec
 
 __all__ = ["Plugin", "PluginError", "Result", "installed_plugins", "load_plugin", "plugin_from_object"]

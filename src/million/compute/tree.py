@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from million.replica.model import MAX_DEPTH, describe, is_json
+from million.replica.state import MAX_DEPTH, describe, is_json
 from million.wire.protocol import SESSION_NAME
 
 __all__ = ["MAX_FANOUT", "MAX_PARTITIONS", "Spec", "SpecError", "depth", "share", "split"]

@@ -23,16 +23,16 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from million.relay.checks import check_json, check_options, cost
+from million.relay.checks import check_json, cost
 from million.relay.config import ReflectorConfig, ReflectorStatistics
 from million.relay.gate import Gate, Refused, Role
 from million.relay.records import Batch, StoredSession
-from million.relay.sessions import RelaySession, SessionTable, Summaries, revived
+from million.relay.sessions import RelaySession, SessionTable
 from million.relay.stream import Output, Peer, Streams
+from million.relay.summaries import Summaries
 from million.wire import codec
 from million.wire.protocol import (
     PROTOCOL_VERSION,
-    VIEW_EXIT,
     Digest,
     Error,
     ErrorCode,
@@ -48,7 +48,6 @@ from million.wire.protocol import (
     StatusRequest,
     Summarize,
     Welcome,
-    check_session_name,
 )
 
 __all__ = ["Output", "Peer", "RelayCore"]
@@ -86,10 +85,10 @@ class RelayCore(Generic[C]):
         self.gate = Gate(config)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.refusals: dict[str, int] = {}  # refusals by limit
-        self._summaries = Summaries(config.summaries)
+        self._summaries = Summaries(config)
         self.streams: Streams[C] = Streams(config, self.table, self.peers, self.counters)
         self._handlers: dict[type, Callable[[C, Any, float], None]] = {
-            Join: self._on_join,
+            Join: self.streams.join,
             Publish: self._on_publish,
             Leave: self._on_leave,
             Snapshot: self._on_snapshot,
@@ -141,15 +140,8 @@ class RelayCore(Generic[C]):
 
     def revive(self, stored: StoredSession, now: float) -> None:
         """Bring a session back from the store (if it is not in memory already)."""
-        if stored.name in self.sessions:
-            return
-        session: RelaySession[C] = revived(stored)
-        self.table.add(session)
-        output = self.streams.output
-        for view in stored.present:  # present when the reflector last stopped without a goodbye: gone now
-            self.streams.append(session, view, VIEW_EXIT, view, (), now)
-            output.batch.left.append((stored.name, view))
-        output.emptied.append(stored.name)
+        if stored.name not in self.sessions:
+            self.streams.revive(stored, now)
 
     def receive(self, conn: C, message: Any, now: float) -> None:
         """Handle one message of an admitted connection; a broken rule answers it with an error."""
@@ -290,55 +282,6 @@ class RelayCore(Generic[C]):
             self.streams.check_publish(session)  # says why not
         self.streams.append(session, message.view, message.topic, message.data, session.recipients, now)
 
-    def _on_join(self, conn: C, message: Join, now: float) -> None:
-        check_session_name(message.session)
-        config = self.config
-        if len(self.peers[conn].memberships) >= config.max_sessions_per_connection:
-            raise Refused(
-                "memberships",
-                f"a connection may hold at most {config.max_sessions_per_connection} memberships",
-            )
-        options = check_options(message.options, config.max_depth) if message.create else None
-        session = self._session(message, options)
-        if session.broken:
-            raise ProtocolError(
-                ErrorCode.STORAGE, f"session {session.name!r} cannot be joined: {session.broken}"
-            )
-        if len(session.tail) >= 2 * config.max_tail or session.tail_bytes >= 2 * config.max_tail_bytes:
-            self.streams.check_publish(session)  # joins get twice a publish's room: one may answer a snapshot
-        if len(session.views) >= config.max_members:
-            raise Refused(
-                "members", f"session {session.name!r} has its maximum of {config.max_members} members"
-            )
-        if session.model != message.model or (options is not None and options != session.options):
-            if not session.conns:
-                self.streams.output.emptied.append(session.name)
-            raise ProtocolError(
-                ErrorCode.MODEL_MISMATCH,
-                f"session {session.name!r} was created with model {session.model!r} and other options"
-                if session.model == message.model
-                else f"session {session.name!r} runs model {session.model!r}, not {message.model!r}",
-            )
-        self.streams.enter(conn, session, message.ref, message.have, now)
-
-    def _session(self, message: Join, options: bytes | None) -> RelaySession[C]:
-        """The session a join names: in memory (the caller loaded it if it was stored), or new."""
-        name = message.session
-        session = self.sessions.get(name)
-        if session is not None:
-            return session
-        if options is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"there is no session {name!r}")
-        if len(self.sessions) >= self.config.max_open_sessions:
-            raise Refused(
-                "sessions",
-                f"the reflector holds its maximum of {self.config.max_open_sessions} open sessions",
-            )
-        session = RelaySession(name, message.model, options)
-        self.streams.output.batch.created.append((name, message.model, session.options))
-        self.table.add(session)
-        return session
-
     def _on_leave(self, conn: C, message: Leave, now: float) -> None:
         session = self._member(conn, message.session, message.view)
         self.streams.exit(conn, session, message.view, now)
@@ -355,41 +298,17 @@ class RelayCore(Generic[C]):
         self.streams.snapshot(conn, message)
 
     def _on_digest(self, conn: C, message: Digest, now: float) -> None:
-        session = self.sessions.get(message.session)
-        if session is None or conn not in session.conns:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"not in session {message.session!r}")
-        if session.digest_asked == (conn, message.seq):  # any other digest is nobody's business
-            session.digest_asked = None
-            self.streams.compare(session, message.seq, message.digest)
+        self.streams.digest(conn, message)
 
     def _on_summary(self, conn: C, message: Summarize, now: float) -> None:
         session = self._member(conn, message.session, message.view)
-        raw = message.data
-        if len(raw) > self.config.max_summary:
-            raise Refused(
-                "summary", f"a summary may have at most {self.config.max_summary} bytes, not {len(raw)}"
-            )
-        if message.seq > session.seq + 1:
-            raise ProtocolError(
-                ErrorCode.UNEXPECTED, f"a summary of event {message.seq}, after {session.seq}"
-            )
-        check_json(raw, self.config.max_depth, "a summary")
-        self._summaries.keep(message.session, message.seq, raw)
-
-    def _summary_names(self, names: list[str]) -> list[str]:
-        """The names a status asks summaries of; ``*SUFFIX`` stands for every name ending
-        in SUFFIX (at most a thousand)."""
-        suffixes = tuple(name[1:] for name in names if name.startswith("*"))
-        if not suffixes:
-            return names
-        matching = [name for name in self._summaries.names() if name.endswith(suffixes)]
-        return [name for name in names if not name.startswith("*")] + matching[-1000:]
+        self._summaries.receive(message, session.seq)
 
     def _on_ping(self, conn: C, message: Ping, now: float) -> None:
         self.streams.emit((conn,), codec.encode(Pong(message.ref)))
 
     def _on_status(self, conn: C, message: StatusRequest, now: float) -> None:
         info = self.describe(now)
-        summaries = self.summaries(self._summary_names(message.summaries[:1000]))
+        summaries = self._summaries.asked(message.summaries[:1000])
         info["summaries"] = {name: codec.fragment(raw) for name, raw in summaries.items()}
         self.streams.emit((conn,), codec.encode(Status(message.ref, info)))

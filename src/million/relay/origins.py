@@ -77,12 +77,19 @@ def web_origins(config: ReflectorConfig, http_port: int | None) -> set[str]:
     return {f"{scheme}://{_host(host)}:{http_port}" for host in hosts}
 
 
-def origin_check(config: ReflectorConfig, http_port: int | None) -> Callable[[str | None], bool]:
+def origin_check(
+    config: ReflectorConfig, http_port: int | None, refused: Callable[[], None] | None = None
+) -> Callable[[str | None], bool]:
     """The predicate for ``transport.serve(origins=...)`` and the web port: no ``Origin``
-    header, or one of ``allowed_origins(config, http_port)``."""
+    header, or one of ``allowed_origins(config, http_port)``; ``refused`` (if given) is
+    called for each other."""
     allowed = allowed_origins(config, http_port)
 
     def check(origin: str | None) -> bool:
-        return origin is None or normalize_origin(origin) in allowed
+        if origin is None or normalize_origin(origin) in allowed:
+            return True
+        if refused is not None:
+            refused()
+        return False
 
     return check

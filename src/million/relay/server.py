@@ -101,6 +101,12 @@ class Conn:
             self.take()
             self.scope.cancel()
 
+    async def refuse(self, exc: ProtocolError) -> None:
+        """Tell the connection why it is refused; it is closed on the way out."""
+        with trio.move_on_after(transport.CLOSE_TIMEOUT):
+            await self.channel.send(codec.encode(Error(exc.code, exc.message)))
+        self.close_code, self.close_reason = transport.POLICY, f"{exc.code}: {exc.message}"
+
 
 class Reflector:
     """A running reflector; start one with ``open_reflector`` or ``serve_reflector``."""
@@ -185,24 +191,12 @@ class Reflector:
             ssl_context=self.config.ssl_context,
             max_frame=self.config.max_frame,
             engine=self.config.transport,
-            origins=self._origin_check(),
+            origins=origin_check(self.config, self.http_port, partial(self.core.refuse, "origin")),
             handshake_timeout=self.config.handshake_timeout,
             max_handshakes=self.config.max_handshakes,
             on_refused=partial(self.core.refuse, "handshakes"),
             task_status=task_status,
         )
-
-    def _origin_check(self) -> transport.OriginCheck:
-        """Pages of the web port and of ``allow_origins`` may connect; others are counted."""
-        allowed = origin_check(self.config, self.http_port)
-
-        def check(origin: str | None) -> bool:
-            if allowed(origin):
-                return True
-            self.core.refuse("origin")
-            return False
-
-        return check
 
     async def _handle(self, channel: transport.Channel) -> None:
         # Whatever happens here must never reach the server's nursery: other clients go on.
@@ -211,7 +205,7 @@ class Reflector:
         try:
             self.core.open(ip)
         except ProtocolError as exc:
-            await self._refuse(conn, exc)
+            await conn.refuse(exc)
             with trio.CancelScope(shield=True):
                 await channel.close(conn.close_code, conn.close_reason)
             return
@@ -242,19 +236,13 @@ class Reflector:
             try:
                 welcome = self.core.hello(conn, codec.decode_client(data), trio.current_time(), conn.id, ip)
             except ProtocolError as exc:
-                await self._refuse(conn, exc)
+                await conn.refuse(exc)
                 return False
             await conn.channel.send(welcome)
             return True
         conn.close_code, conn.close_reason = transport.POLICY, f"no hello within {timeout:g} s"
         self.core.refuse("hello_timeout")
         return False
-
-    async def _refuse(self, conn: Conn, exc: ProtocolError) -> None:
-        """Tell a connection why it is refused; it is closed on the way out."""
-        with trio.move_on_after(transport.CLOSE_TIMEOUT):
-            await conn.channel.send(codec.encode(Error(exc.code, exc.message)))
-        conn.close_code, conn.close_reason = transport.POLICY, f"{exc.code}: {exc.message}"
 
     async def _serve_connection(self, conn: Conn) -> None:
         with conn.scope:

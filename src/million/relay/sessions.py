@@ -183,30 +183,6 @@ class RelaySession(Generic[C]):
         return bool(self.conns)
 
 
-class Summaries:
-    """The latest summary of each session, as received; the most recently updated kept."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._kept: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # name -> (seq, summary)
-
-    def keep(self, name: str, seq: int, raw: bytes) -> None:
-        """Keep ``raw`` as the summary of ``name`` as of event ``seq``, unless a later one is kept."""
-        if seq < self._kept.get(name, (0, b""))[0]:
-            return  # a participant that lags behind described an older state
-        self._kept[name] = (seq, raw)
-        self._kept.move_to_end(name)
-        if len(self._kept) > self.limit:
-            self._kept.popitem(last=False)
-
-    def names(self) -> list[str]:
-        return list(self._kept)
-
-    def get(self, names: Iterable[str]) -> dict[str, bytes]:
-        kept = self._kept
-        return {name: kept[name][1] for name in names if name in kept}
-
-
 class SessionTable(Generic[C]):
     """The sessions in memory by name, which are occupied and which idle, and the names of
     all sessions in the store."""

@@ -35,19 +35,8 @@ the holder) at open and releases it at ``close``: a second store on the same fil
 this process or another, is refused with ``StoreError``. The lock file stays. The
 database, its WAL files, the journals and the lock are created with mode 0600.
 
-Journal format (``<store>.journal``, and ``<store>.journal-applying`` while its batches
-go into SQLite). The file begins with ``MAGIC``, then one record per batch::
-
-    length  u32 little-endian   bytes of the body
-    crc     u32 little-endian   CRC-32 (zlib.crc32) of the body
-    body    msgpack             [created, events, snapshots, joined, left], each an array
-                                of arrays of the ``Batch`` field's tuple (str, int and bin)
-
-A body is decoded by ``msgspec`` into exactly those types, so no journal can execute
-code. At start, a record cut short, with a wrong checksum or not decoding into a batch
-ends the journal: a warning names the file, the offset and the bytes dropped, and every
-record before it is applied. A file that does not begin with ``MAGIC`` (another format)
-is refused with ``StoreError``.
+The journal's format, how a record is written whole and how a journal left by a kill is
+read back are ``million.relay.journal``'s.
 """
 
 from __future__ import annotations
@@ -58,19 +47,17 @@ import fcntl
 import logging
 import os
 import sqlite3
-import struct
-import zlib
 from collections.abc import Callable
 from functools import partial
 from time import perf_counter
 from typing import TypeVar
 
-import msgspec
 import trio
 
+from million.relay.journal import MAGIC, Journal, StoreError, StoreWriteError, encode, remove
 from million.relay.records import Batch, StoredSession
 
-__all__ = ["Batch", "Store", "StoreError", "StoreWriteError", "StoredSession", "open_store"]
+__all__ = ["MAGIC", "Batch", "Store", "StoreError", "StoreWriteError", "StoredSession", "open_store"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,31 +96,11 @@ CREATE TABLE IF NOT EXISTS events (
 _PRESENT = "SELECT view FROM presence WHERE name = ? ORDER BY rowid"
 _EVENTS = "SELECT body FROM events WHERE session = ? ORDER BY seq"
 
-MAGIC = b"million-journal-1\n"  # the first bytes of every journal
-_RECORD = struct.Struct("<II")  # length and CRC-32 of a record's body
-_Body = tuple[
-    list[tuple[str, str, bytes]],
-    list[tuple[str, int, bytes]],
-    list[tuple[str, int, int, bytes, str]],
-    list[tuple[str, str]],
-    list[tuple[str, str]],
-]
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(_Body)
-
 APPLY_EVERY = 0.25  # seconds between background applies
 APPLY_AT = 1 << 20  # journaled bytes that start an apply at once
 MAX_PENDING = 8 << 20  # journaled bytes not yet in SQLite that make ``commit`` wait
 BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another writer before an apply fails
 RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # seconds between tries of a failing apply: doubling up to the max
-
-
-class StoreError(Exception):
-    """The store file cannot be used."""
-
-
-class StoreWriteError(StoreError):
-    """A batch could not be journaled whole: it is not stored and must not be relayed."""
 
 
 class Store:
@@ -154,17 +121,13 @@ class Store:
         self._failures: set[str] = set()  # kinds of apply failure logged since the last success
         self._retry = RETRY_FIRST
         memory = path == ":memory:"
-        self._journal = None if memory else f"{path}.journal"
-        self._applying = None if memory else f"{path}.journal-applying"
-        self._fd: int | None = None  # the journal, opened by the first append
-        self._size = 0  # bytes of whole records in it (with MAGIC)
-        self._torn = False  # a failed append left bytes after them
-        self._named = False  # with fsync: the journal's directory entry is on the disk
+        self._journal = None if memory else Journal(path, fsync=fsync)
         self._lock_fd = None if memory else _lock(path)
         try:
             self._db = self._connect()
             try:
-                self._recover()
+                if self._journal is not None:  # apply the journals a killed process left
+                    self._journal.recover(self._apply)
             except BaseException:
                 self._db.close()
                 raise
@@ -179,12 +142,13 @@ class Store:
         ``fsync``, a power cut). ``StoreWriteError`` if it could not: then it is not stored."""
         while self.pending_bytes >= MAX_PENDING:  # SQLite is behind: wait for it
             await self._try_apply()
-        data = _ENCODER.encode((batch.created, batch.events, batch.snapshots, batch.joined, batch.left))
+        data = encode(batch)
         async with self._journal_lock:
-            if self.fsync and self._journal is not None:
-                await trio.to_thread.run_sync(self._append, data)
-            else:
-                self._append(data)
+            if self._journal is not None:
+                if self.fsync:
+                    await trio.to_thread.run_sync(self._journal.append, data)
+                else:
+                    self._journal.append(data)
             self._pending.append(batch)
             self._pending_bytes += len(data)
         if self._pending_bytes >= APPLY_AT:
@@ -205,7 +169,7 @@ class Store:
                         self._rotate()
                 await trio.to_thread.run_sync(self._apply, self._applying_batches)
                 self._applying_batches, self._applying_bytes = [], 0
-                _remove(self._applying)
+                remove(self._journal.applying if self._journal else None)
 
     async def keep_applying(self) -> None:
         """Apply in the background until cancelled; failures are logged and retried, never raised."""
@@ -227,19 +191,21 @@ class Store:
     def close(self) -> None:
         """Apply what is journaled and close; if SQLite fails, the journals stay for the
         next start (logged). Releases the store's lock."""
+        journal = self._journal
         try:
-            for batches, journal in (
-                (self._applying_batches, self._applying),
-                (self._pending, self._journal),
+            for batches, path in (
+                (self._applying_batches, journal.applying if journal else None),
+                (self._pending, journal.path if journal else None),
             ):
                 if batches:
                     self._apply(batches)
-                _remove(journal)
+                remove(path)
             self._applying_batches, self._pending = [], []
         except StoreError as exc:
             log.warning("%s; its journal keeps the batches for the next start", exc)
         finally:
-            self._close_journal()
+            if journal is not None:
+                journal.close()
             self._db.close()
             self._unlock()
 
@@ -248,88 +214,12 @@ class Store:
         """Journaled bytes not yet in SQLite."""
         return self._pending_bytes + self._applying_bytes
 
-    # --- the journal -----------------------------------------------------------------------
-
-    def _append(self, data: bytes) -> None:
-        """Write one record at the journal's end, whole or not at all (``StoreWriteError``)."""
-        if self._journal is None:
-            return
-        header = MAGIC if self._size == 0 else b""
-        record = header + _RECORD.pack(len(data), zlib.crc32(data)) + data
-        try:
-            if self._torn:
-                self._cut_back()
-            if self._fd is None:
-                self._fd = self._open_journal(self._journal)
-            self._write_all(record)
-            if self.fsync:
-                self._sync()
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self._cut_back()
-            raise StoreWriteError(f"cannot write to the journal of store {self.path}: {exc}") from None
-        self._size += len(record)
-
-    def _write_all(self, record: bytes) -> None:
-        view = memoryview(record)
-        while view:
-            written = self._write_some(view)
-            if written <= 0:
-                raise OSError(errno.EIO, "the journal took no bytes")
-            view = view[written:]
-
-    def _write_some(self, data: memoryview) -> int:
-        """One write to the journal; the number of bytes written."""
-        assert self._fd is not None
-        return os.write(self._fd, data)
-
-    def _cut_back(self) -> None:
-        """Drop what follows the last whole record; until that works, nothing is appended."""
-        self._torn = True
-        if self._fd is not None:
-            os.ftruncate(self._fd, self._size)
-        self._torn = False
-
-    def _sync(self) -> None:
-        """Put the journal on the disk, and its name (and the rotation before it) once."""
-        assert self._fd is not None and self._journal is not None
-        os.fsync(self._fd)
-        if not self._named:
-            _sync_directory(self._journal)
-            self._named = True
-
-    def _open_journal(self, journal: str) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
-        fd = os.open(journal, flags, 0o600)
-        self._size, self._named = 0, False
-        return fd
-
-    def _close_journal(self) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd, self._size, self._torn = None, 0, False
-
     def _rotate(self) -> None:
         """Hand the journaled batches, and their file, to the apply."""
-        if self._journal is not None and self._applying is not None and self._fd is not None:
-            try:
-                os.replace(self._journal, self._applying)
-            except OSError as exc:
-                raise StoreError(f"cannot rotate the journal of store {self.path}: {exc}") from None
-            self._close_journal()
+        if self._journal is not None:
+            self._journal.rotate()
         self._applying_batches, self._pending = self._pending, []
         self._applying_bytes, self._pending_bytes = self._pending_bytes, 0
-
-    def _recover(self) -> None:
-        """Apply the journals a killed process left, oldest first."""
-        for journal in (self._applying, self._journal):
-            if journal is not None and os.path.lexists(journal):
-                self._apply(_read_journal(journal))
-                try:
-                    os.unlink(journal)
-                except OSError as exc:
-                    raise StoreError(f"cannot open store {self.path}: {exc}") from None
 
     async def _read(self, query: Callable[[], T]) -> T:
         await self.apply()
@@ -474,70 +364,6 @@ def _lock(path: str) -> int:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _read_journal(path: str) -> list[Batch]:
-    """The batches of a journal up to its end or to a torn or corrupt record (logged)."""
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as exc:
-        raise StoreError(f"cannot read the journal {path}: {exc}") from None
-    if not data.startswith(MAGIC) and not MAGIC.startswith(data):  # not even MAGIC cut short
-        raise StoreError(
-            f"cannot open the journal {path}: it is not a journal this version of million writes;"
-            " move it away to start without it (its batches are then lost)"
-        )
-    batches, end, problem = _parse(data)
-    if problem:
-        log.warning(
-            "journal %s: %s at offset %d; dropped its last %d bytes, kept the %d batches before",
-            path,
-            problem,
-            end,
-            len(data) - end,
-            len(batches),
-        )
-    return batches
-
-
-def _parse(data: bytes) -> tuple[list[Batch], int, str]:
-    """The batches of a journal's bytes, where the whole records end, and why there ("" at the end)."""
-    if len(data) < len(MAGIC):  # cut within MAGIC: no record yet
-        return [], 0, "a cut file header" if data else ""
-    view = memoryview(data)
-    batches: list[Batch] = []
-    offset = len(MAGIC)
-    while offset < len(data):
-        if offset + _RECORD.size > len(data):
-            return batches, offset, "a cut record header"
-        size, crc = _RECORD.unpack_from(data, offset)
-        body = view[offset + _RECORD.size : offset + _RECORD.size + size]
-        if len(body) < size:
-            return batches, offset, "a cut record"
-        if zlib.crc32(body) != crc:
-            return batches, offset, "a record with a wrong checksum"
-        try:
-            batches.append(Batch(*_DECODER.decode(body)))
-        except msgspec.DecodeError as exc:
-            return batches, offset, f"a record that is not a batch ({exc})"
-        offset += _RECORD.size + size
-    return batches, offset, ""
-
-
-def _sync_directory(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str | None) -> None:
-    """Remove a journal whose batches are in SQLite (one left behind is applied again: harmless)."""
-    if path is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 def open_store(path: str, *, fsync: bool = False) -> Store:

@@ -1,7 +1,8 @@
-"""The sessions' ordered streams: stamping and relaying events, presence, ticks, snapshots.
+"""The sessions' ordered streams: joins, stamping and relaying events, presence, ticks, snapshots.
 
 Part of the relay core (sans-IO): ``Streams`` does to sessions what ``RelayCore`` decides
-on behalf of connections, and writes what follows into the shared ``Output``.
+on behalf of connections (and checks a join against its session), and writes what
+follows into the shared ``Output``.
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
+from million.relay.checks import check_options
 from million.relay.config import ReflectorConfig
 from million.relay.gate import Refused, Role
-from million.relay.records import Batch
-from million.relay.sessions import Phase, RelaySession, SessionTable, SnapshotAsk
+from million.relay.records import Batch, StoredSession
+from million.relay.sessions import Phase, RelaySession, SessionTable, SnapshotAsk, revived
 from million.wire import codec
 from million.wire.protocol import (
     VIEW_EXIT,
     VIEW_JOIN,
+    Digest,
     DigestRequest,
     ErrorCode,
+    Join,
     ProtocolError,
     Snapshot,
     SnapshotRequest,
+    check_session_name,
 )
 
 __all__ = ["Output", "Peer", "Streams"]
@@ -126,6 +131,67 @@ class Streams(Generic[C]):
                 " since its latest snapshot: no more until a participant sends one",
             )
 
+    def join(self, conn: C, message: Join, now: float) -> None:
+        """A join of ``conn``: checked against the limits and the session's model and
+        options (the caller loaded the session if it was stored), then entered."""
+        check_session_name(message.session)
+        config = self.config
+        if len(self.peers[conn].memberships) >= config.max_sessions_per_connection:
+            raise Refused(
+                "memberships",
+                f"a connection may hold at most {config.max_sessions_per_connection} memberships",
+            )
+        options = check_options(message.options, config.max_depth) if message.create else None
+        session = self._session(message, options)
+        if session.broken:
+            raise ProtocolError(
+                ErrorCode.STORAGE, f"session {session.name!r} cannot be joined: {session.broken}"
+            )
+        if len(session.tail) >= 2 * config.max_tail or session.tail_bytes >= 2 * config.max_tail_bytes:
+            self.check_publish(session)  # joins get twice a publish's room: one may answer a snapshot
+        if len(session.views) >= config.max_members:
+            raise Refused(
+                "members", f"session {session.name!r} has its maximum of {config.max_members} members"
+            )
+        if session.model != message.model or (options is not None and options != session.options):
+            if not session.conns:
+                self.output.emptied.append(session.name)
+            raise ProtocolError(
+                ErrorCode.MODEL_MISMATCH,
+                f"session {session.name!r} was created with model {session.model!r} and other options"
+                if session.model == message.model
+                else f"session {session.name!r} runs model {session.model!r}, not {message.model!r}",
+            )
+        self.enter(conn, session, message.ref, message.have, now)
+
+    def _session(self, message: Join, options: bytes | None) -> RelaySession[C]:
+        """The session a join names: in memory (the caller loaded it if it was stored), or new."""
+        name = message.session
+        session = self.table.in_memory.get(name)
+        if session is not None:
+            return session
+        if options is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"there is no session {name!r}")
+        if len(self.table.in_memory) >= self.config.max_open_sessions:
+            raise Refused(
+                "sessions",
+                f"the reflector holds its maximum of {self.config.max_open_sessions} open sessions",
+            )
+        session = RelaySession(name, message.model, options)
+        self.output.batch.created.append((name, message.model, session.options))
+        self.table.add(session)
+        return session
+
+    def revive(self, stored: StoredSession, now: float) -> None:
+        """A session back from the store: the views it lists as present exit first."""
+        session: RelaySession[C] = revived(stored)
+        self.table.add(session)
+        output = self.output
+        for view in stored.present:  # present when the reflector last stopped without a goodbye: gone now
+            self.append(session, view, VIEW_EXIT, view, (), now)
+            output.batch.left.append((stored.name, view))
+        output.emptied.append(stored.name)
+
     def enter(self, conn: C, session: RelaySession[C], ref: int, have: int | None, now: float) -> None:
         """A new membership of ``conn``: its sync, then its ``view-join`` for everyone."""
         view = f"v{session.seq + 1}"
@@ -203,6 +269,15 @@ class Streams(Generic[C]):
             self.output.emptied.append(session.name)
         elif session.seq - session.snapshot_seq >= self.config.snapshot_every:
             self.ask_snapshot(session, session.recipients)
+
+    def digest(self, conn: C, message: Digest) -> None:
+        """A digest answered: compared with the snapshot's, if it is the one asked of ``conn``."""
+        session = self.table.in_memory.get(message.session)
+        if session is None or conn not in session.conns:
+            raise ProtocolError(ErrorCode.NOT_JOINED, f"not in session {message.session!r}")
+        if session.digest_asked == (conn, message.seq):  # any other digest is nobody's business
+            session.digest_asked = None
+            self.compare(session, message.seq, message.digest)
 
     def forget_asks(self, conn: C, peer: Peer[C]) -> None:
         """``conn`` is gone: the snapshots asked of it will never come."""

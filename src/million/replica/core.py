@@ -21,7 +21,8 @@ from typing import Any
 import attrs
 
 from million.replica.membership import Group, Groups, JoinError, Membership, State, Unusable
-from million.replica.model import Model, Replica, StateError, digest_of_dump, dump_state
+from million.replica.model import Model, Replica
+from million.replica.state import StateError, digest_of_dump, dump_state
 from million.wire import codec
 from million.wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -248,9 +249,7 @@ class ClientCore:
         ref = next(self._refs)
         self._joining[ref] = member
         group = member.group
-        have = (
-            group.replica.seq if group.replica is not None and group.connection == self.connection else None
-        )
+        have = group.have(self.connection)
         self._send(Join(ref, group.name, group.model_cls.model_name, member.options, member.create, have))
 
     def _send(self, message: Any) -> None:

@@ -60,6 +60,11 @@ class Group:
     departing: int = 0  # memberships left but not yet confirmed by the reflector
     connection: int = 0  # the connection the replica was synced over
 
+    def have(self, connection: int) -> int | None:
+        """The last event of the replica if it was synced over ``connection`` (a join on it
+        then asks only for the events since); None if there is no such replica."""
+        return self.replica.seq if self.replica is not None and self.connection == connection else None
+
     def rebuild(self, sync: Sync) -> None:
         """A new replica from the sync's snapshot (or creation record) and events.
         ``ValueError`` if the snapshot is not one of this model class after its own seq."""
