@@ -37,9 +37,10 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """``nox -s bench`` runs the relay benchmark; ``-- runs`` or ``-- scale`` the others."""
+    """``nox -s bench`` runs the relay benchmark; ``-- runs``, ``-- scale``, ``-- presence`` or
+    ``-- hostile`` the others."""
     session.install("-e", ".[bench]", "-e", "src/million_demo")
-    if session.posargs[:1] in (["runs"], ["scale"]):
+    if session.posargs[:1] in (["runs"], ["scale"], ["presence"], ["hostile"]):
         session.run("python", f"benchmarks/{session.posargs[0]}.py", *session.posargs[1:])
     else:
         session.run("python", "benchmarks/relay.py", *session.posargs)
