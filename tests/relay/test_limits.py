@@ -190,6 +190,18 @@ def test_a_status_costs_by_what_it_describes_and_a_ping_costs_one():
     assert relay.core.statistics().refused == {"rate": 1}
 
 
+def test_a_status_reply_costs_its_sender_by_its_size():
+    relay = relay_with(max_messages_per_s=300)
+    for i in range(300):
+        join(relay, "a", f"s{i}")
+    assert relay.core.charge("b", [StatusRequest(1)], 0.0) == 0.0  # 31 units up front
+    relay.send("b", StatusRequest(1))
+    size = len(codec.encode(relay.messages("b")[0]))
+    assert size > 40_000  # 300 sessions described
+    pause = relay.core.charge("b", [Ping()], 0.0)
+    assert pause == pytest.approx((31 + size // 100 + 1 - 300) / 300)
+
+
 def test_a_status_lists_at_most_a_thousand_sessions_and_says_how_many_there_are():
     relay = relay_with()
     for i in range(1001):

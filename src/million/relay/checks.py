@@ -14,10 +14,11 @@ from typing import Any
 from million.wire import codec
 from million.wire.protocol import ErrorCode, Join, ProtocolError, Snapshot, StatusRequest
 
-__all__ = ["check_json", "check_options", "cost", "nests_within"]
+__all__ = ["REPLY_BYTES_PER_UNIT", "check_json", "check_options", "cost", "nests_within"]
 
 STATUS_COST_PER_SESSION = 0.1  # a status describes the occupied sessions: cost units per session
 JOIN_COST = 10  # a join builds a sync: the snapshot and the events since
+REPLY_BYTES_PER_UNIT = 100  # a status reply costs its sender a unit per this many bytes, once built
 
 
 def nests_within(value: Any, limit: int) -> bool:

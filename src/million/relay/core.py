@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from million.relay.checks import check_json, cost
+from million.relay.checks import REPLY_BYTES_PER_UNIT, check_json, cost
 from million.relay.config import ReflectorConfig, ReflectorStatistics
 from million.relay.gate import Gate, Refused, Role
 from million.relay.records import Batch, StoredSession
@@ -311,4 +311,6 @@ class RelayCore(Generic[C]):
         info = self.describe(now)
         summaries = self._summaries.asked(message.summaries[:1000])
         info["summaries"] = {name: codec.fragment(raw) for name, raw in summaries.items()}
-        self.streams.emit((conn,), codec.encode(Status(message.ref, info)))
+        reply = codec.encode(Status(message.ref, info))
+        self.peers[conn].allowance -= len(reply) // REPLY_BYTES_PER_UNIT  # its size is its cost
+        self.streams.emit((conn,), reply)
