@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 import trio
 import trustme
+from websockets.client import ClientProtocol
+from websockets.protocol import State
+from websockets.uri import parse_uri
 
 from million.wire import transport
 from million.wire.transport import ENGINES
@@ -114,3 +117,23 @@ async def test_a_silent_connection_is_closed_after_the_handshake_timeout(engine,
             start = trio.current_time()
             assert await stream.receive_some() == b""
             assert 3.0 <= trio.current_time() - start < 4.0
+
+
+async def test_a_flood_of_pings_is_refused_and_the_connection_closed():
+    async with serving("sansio") as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        client = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/"))
+        client.send_request(client.connect())
+        await stream.send_all(b"".join(client.data_to_send()))
+        with trio.fail_after(10):
+            while not client.events_received() and client.state is not State.OPEN:
+                client.receive_data(await stream.receive_some(65536))
+            for _ in range(transport.MAX_PONGS + 1):
+                client.send_ping(b"hello?")
+            await stream.send_all(b"".join(client.data_to_send()))
+            while client.close_rcvd is None:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                client.receive_data(data)
+    assert client.close_rcvd is not None
+    assert (client.close_rcvd.code, client.close_rcvd.reason) == (transport.POLICY, "too many pings")

@@ -34,6 +34,7 @@ __all__ = [
     "FORBIDDEN_ORIGIN",
     "GOING_AWAY",
     "NORMAL",
+    "MAX_PONGS",
     "POLICY",
     "RECEIVE_BUFFER",
     "TOO_BIG",
@@ -55,6 +56,7 @@ CLOSE_TIMEOUT = 2.0
 NORMAL = 1000
 GOING_AWAY = 1001
 POLICY = 1008
+MAX_PONGS = 64  # pings a peer may send while pongs wait behind a blocked writer
 TOO_BIG = 1009
 
 #: Whether a websocket may be opened from a page of this origin (None: no ``Origin`` header).
@@ -130,6 +132,7 @@ class SansIOChannel:
         self._parts: list[bytes] = []
         self._send_lock = trio.Lock()
         self._receiving = False
+        self._pongs = 0  # answers to the peer's pings queued and not yet written
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:
@@ -154,6 +157,8 @@ class SansIOChannel:
             else:
                 self._ws.receive_eof()
             self._take_frames()
+            if self._pongs > MAX_PONGS:  # pings faster than this end can answer: not a client
+                self._ws.fail(POLICY, "too many pings")
             # Pongs, close replies, the close of a failed connection. A reader never waits
             # for a sender: two peers each blocked writing while neither reads would hang.
             if not self._send_lock.locked():
@@ -175,6 +180,8 @@ class SansIOChannel:
 
     def _take_frames(self) -> None:
         for frame in self._ws.events_received():
+            if isinstance(frame, Frame) and frame.opcode is Opcode.PING:
+                self._pongs += 1
             if isinstance(frame, Frame) and frame.opcode in (Opcode.BINARY, Opcode.TEXT, Opcode.CONT):
                 self._parts.append(bytes(frame.data))
                 if frame.fin:
@@ -184,6 +191,7 @@ class SansIOChannel:
     async def _send_pending(self) -> None:
         """Write what the protocol has queued; the caller holds the send lock."""
         data = b"".join(self._ws.data_to_send())
+        self._pongs = 0
         if data:
             try:
                 await self._stream.send_all(data)
