@@ -102,11 +102,11 @@ from websockets.protocol import State
 from websockets.typing import Origin
 from websockets.uri import parse_uri
 
-import million
 from million.compute.computation import Computation
 from million.compute.progress import Progress, progress_session
 from million.wire import codec
 from million.wire.protocol import PROTOCOL_VERSION, Hello, Leave, Ping, StatusRequest
+from relay import measured  # benchmarks/relay.py, beside this file
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MILLION = [sys.executable, "-m", "million"]
@@ -1431,23 +1431,6 @@ def closing_note(rows: list[dict[str, Any]], args: argparse.Namespace, failed: l
     )
 
 
-def _source() -> dict[str, Any]:
-    """Which million was measured: its version, where it was imported from, its git state."""
-    where = Path(million.__file__).resolve().parent
-    git = ["git", "-C", str(where)]
-    try:
-        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        status = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"version": million.__version__, "path": str(where), "commit": None}
-    return {
-        "version": million.__version__,
-        "path": str(where),
-        "commit": commit.stdout.strip(),
-        "modified": status.stdout.split("\n")[:-1] if status.stdout else [],
-    }
-
-
 def usable_source(address: str) -> str:
     """``address`` if this machine can connect from it (any 127.x.y.z on Linux), else 127.0.0.1."""
     try:
@@ -1546,7 +1529,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "system": platform.platform(),
         },
-        "million": _source(),
+        "million": measured(),
         "settings": {
             key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
         },

@@ -581,7 +581,7 @@ def print_table(summaries: list[dict[str, Any]]) -> None:
         )
 
 
-def _source() -> dict[str, Any]:
+def measured() -> dict[str, Any]:
     """Which million was measured: its version, where it was imported from, its git state."""
     where = Path(million.__file__).resolve().parent
     git = ["git", "-C", str(where)]
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "system": platform.platform(),
         },
-        "million": _source(),
+        "million": measured(),
         "scenarios": {summary["scenario"]: summary for summary in summaries},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
