@@ -148,10 +148,12 @@ def test_the_first_join_creates_the_session_and_stores_its_creation_record():
     relay.send("a", Join(7, "s", "m", {"size": 3}))
     assert relay.messages("a") == [
         Sync(7, "s", "v1", "m", {"size": 3}, 0, True, None, []),
-        Event("s", 1, 0, "v1", VIEW_JOIN, "v1"),
+        Event("s", 1, 0, "v1", VIEW_JOIN, "v1", identity="admin:a"),
     ]
     assert relay.store.sessions == {"s": ("m", b'{"size":3}')}
-    assert relay.store.stream("s") == [codec.loads(codec.encode(Event("s", 1, 0, "v1", VIEW_JOIN, "v1")))]
+    assert relay.store.stream("s") == [
+        codec.loads(codec.encode(Event("s", 1, 0, "v1", VIEW_JOIN, "v1", identity="admin:a")))
+    ]
     assert relay.store.presence == {"s": ["v1"]}
     assert phase(relay) is Phase.OCCUPIED
 
@@ -170,7 +172,10 @@ def test_a_later_joiner_gets_the_creation_record_and_every_event_so_far():
         0,
         True,
         None,
-        [Event("s", 1, 0, "v1", VIEW_JOIN, "v1"), Event("s", 2, 0, "v1", "add", 0)],
+        [
+            Event("s", 1, 0, "v1", VIEW_JOIN, "v1", identity="admin:a"),
+            Event("s", 2, 0, "v1", "add", 0, identity="admin:a"),
+        ],
     )
 
 
@@ -244,7 +249,7 @@ def test_a_joiner_after_a_snapshot_gets_the_snapshot_and_only_the_events_after_i
     relay.send("a", Snapshot("s", 3, b'{"n": 3}', "d3"), Publish("s", "v1", "add", "after"))
     sync = join(relay, "b")
     assert sync.snapshot == SnapshotRecord(3, 1000, {"n": 3}, "d3")
-    assert sync.events == [Event("s", 4, 2000, "v1", "add", "after")]
+    assert sync.events == [Event("s", 4, 2000, "v1", "add", "after", identity="admin:a")]
     assert (sync.full, sync.time) == (True, 2000)
 
 
@@ -284,7 +289,7 @@ def test_a_published_event_is_stamped_with_the_next_seq_and_the_session_time():
     join(relay, "a")
     relay.now = 2.5
     relay.send("a", Publish("s", "v1", "add", {"x": [1, 2]}))
-    assert relay.messages("a") == [Event("s", 2, 1500, "v1", "add", {"x": [1, 2]})]
+    assert relay.messages("a") == [Event("s", 2, 1500, "v1", "add", {"x": [1, 2]}, identity="admin:a")]
 
 
 def test_an_event_goes_to_every_member_the_sender_included_and_to_the_store():
@@ -293,7 +298,7 @@ def test_an_event_goes_to_every_member_the_sender_included_and_to_the_store():
     join(relay, "a")
     join(relay, "b")
     relay.send("b", Publish("s", "v2", "add", 5))
-    event = Event("s", 3, 0, "v2", "add", 5)
+    event = Event("s", 3, 0, "v2", "add", 5, identity="admin:b")
     assert relay.messages("a") == relay.messages("b") == [event]
     assert relay.messages("c") == []
     assert relay.store.stream("s")[-1] == codec.loads(codec.encode(event))
@@ -326,7 +331,7 @@ def test_a_leaver_gets_its_view_exit_then_left_and_the_others_get_the_view_exit(
     join(relay, "a")
     join(relay, "b")
     relay.send("a", Leave("s", "v1"))
-    exit_event = Event("s", 3, 0, "v1", VIEW_EXIT, "v1")
+    exit_event = Event("s", 3, 0, "v1", VIEW_EXIT, "v1", identity="admin:a")
     assert relay.messages("a") == [exit_event, Left("s", "v1")]
     assert relay.messages("b") == [exit_event]
     assert relay.store.presence["s"] == ["v2"]
@@ -349,7 +354,7 @@ def test_the_last_leaver_after_enough_events_is_asked_for_a_snapshot_before_left
     read_all(relay)
     relay.send("a", Leave("s", "v1"))
     assert relay.messages("a") == [
-        Event("s", 4, 0, "v1", VIEW_EXIT, "v1"),
+        Event("s", 4, 0, "v1", VIEW_EXIT, "v1", identity="admin:a"),
         SnapshotRequest("s", 4),
         Left("s", "v1"),
     ]
@@ -359,7 +364,10 @@ def test_the_last_leaver_after_few_events_is_not_asked_for_a_snapshot():
     relay = relay_with(leave_snapshot_after=3)
     join(relay, "a")
     relay.send("a", Leave("s", "v1"))
-    assert relay.messages("a") == [Event("s", 2, 0, "v1", VIEW_EXIT, "v1"), Left("s", "v1")]
+    assert relay.messages("a") == [
+        Event("s", 2, 0, "v1", VIEW_EXIT, "v1", identity="admin:a"),
+        Left("s", "v1"),
+    ]
 
 
 def test_a_leaver_who_is_not_the_last_is_not_asked_for_a_snapshot():
@@ -577,8 +585,8 @@ def test_a_dropped_connections_memberships_all_exit():
     relay.now = 1.0
     relay.drop("a")
     assert relay.messages("b") == [
-        Event("s", 4, 1000, "v1", VIEW_EXIT, "v1"),
-        Event("s", 5, 1000, "v2", VIEW_EXIT, "v2"),
+        Event("s", 4, 1000, "v1", VIEW_EXIT, "v1", identity="admin:a"),
+        Event("s", 5, 1000, "v2", VIEW_EXIT, "v2", identity="admin:a"),
     ]
     assert relay.store.presence == {"s": ["v3"], "t": []}
     assert "a" not in relay.core.peers
@@ -614,7 +622,7 @@ def test_the_last_leavers_view_exit_is_stamped_with_the_time_it_left():
     join(relay, "a")
     relay.now = 1.0
     relay.send("a", Leave("s", "v1"))
-    assert relay.messages("a")[0] == Event("s", 2, 1000, "v1", VIEW_EXIT, "v1")
+    assert relay.messages("a")[0] == Event("s", 2, 1000, "v1", VIEW_EXIT, "v1", identity="admin:a")
 
 
 def test_a_silent_occupied_session_ticks_with_its_session_time():
@@ -835,7 +843,7 @@ def test_after_a_restart_the_views_present_exit_first_and_the_stream_goes_on():
     relay.now = 100.0
     relay.hello("b")
     sync = join(relay, "b")
-    assert sync.events[-1] == Event("s", 4, 2000, "v1", VIEW_EXIT, "v1")
+    assert sync.events[-1] == Event("s", 4, 2000, "v1", VIEW_EXIT, "v1", identity="")  # the reflector's own
     assert (sync.view, sync.time) == ("v5", 2000)  # session time resumes from the last event
     assert stored_seqs(relay) == [1, 2, 3, 4, 5]
     assert relay.store.presence["s"] == ["v5"]

@@ -1,5 +1,6 @@
-"""The relay core against hostile input: nothing a client sends breaks a session, and
-every limit holds. Connections are labels, time is ``relay.now``; no sockets."""
+"""The relay core against hostile input: nothing a client sends breaks a session, every
+limit holds, and every event carries the identity that caused it. Connections are
+labels, time is ``relay.now``; no sockets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from million.relay.config import ReflectorConfig
+from million.relay.config import ConfigError, ReflectorConfig, read_identities
 from million.relay.sessions import Phase
 from million.wire import codec
 from million.wire.protocol import (
@@ -330,3 +331,77 @@ def test_an_error_never_reaches_anyone_but_its_cause():
     assert all(isinstance(m, Error) for m in relay.messages("a"))
     assert relay.core.sessions["s"].phase is Phase.OCCUPIED
     assert codec.loads(relay.store.events["s"][2])["seq"] == 2
+
+
+# --- identities ----------------------------------------------------------------------------------
+
+
+def identities_relay() -> Relay:
+    identities = read_identities(
+        "# name role token\n"
+        "alice admin alice-token-0123456789\n"
+        "bob worker bob-token-0123456789ab\n\n"
+        "eve viewer eve-token-0123456789ab\n"
+    )
+    return Relay(ReflectorConfig(identities=identities))
+
+
+def test_every_event_is_stamped_with_the_identity_of_the_connection_that_caused_it():
+    relay = identities_relay()
+    relay.hello("a", Hello(PROTOCOL_VERSION, "alice-token-0123456789"))
+    relay.hello("b", Hello(PROTOCOL_VERSION, "bob-token-0123456789ab"))
+    join(relay, "a")
+    relay.send("b", Join(2, "s", "m"))
+    relay.messages("b")
+    relay.send("b", Publish("s", "v2", "t", {"identity": "admin:alice"}))  # a field proves nothing
+    relay.send("a", Leave("s", "v1"))
+    stamps = [(e["topic"], e["identity"]) for e in relay.store.stream("s")]
+    assert stamps == [
+        (VIEW_JOIN, "admin:alice"),
+        (VIEW_JOIN, "worker:bob"),
+        ("t", "worker:bob"),
+        (VIEW_EXIT, "admin:alice"),
+    ]
+
+
+def test_a_viewer_identity_only_reads_and_an_unknown_token_is_refused():
+    relay = identities_relay()
+    relay.hello("e", Hello(PROTOCOL_VERSION, "eve-token-0123456789ab"))
+    relay.send("e", Join(1, "s", "m"), StatusRequest(2))
+    assert [type(m) for m in relay.messages("e")] == [Error, Status]
+    with pytest.raises(ProtocolError, match="wrong token"):
+        relay.hello("x", Hello(PROTOCOL_VERSION, "alice-token-012345678"))
+
+
+def test_without_identities_each_connection_is_an_identity_of_its_own():
+    relay = relay_with()
+    join(relay, "a")
+    join(relay, "b")
+    assert [e["identity"] for e in relay.store.stream("s")] == ["admin:a", "admin:b"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("alice admin", "line 1: expected NAME ROLE TOKEN"),
+        ("alice boss alice-token-0123456789", "ROLE one of admin, worker, viewer"),
+        ("al ice admin alice-token-0123456789", "line 1"),
+    ],
+)
+def test_a_tokens_file_that_does_not_parse_names_its_line(text, message):
+    with pytest.raises(ConfigError, match=message):
+        read_identities(text)
+
+
+@pytest.mark.parametrize(
+    ("identities", "message"),
+    [
+        ("alice admin short", "the token of alice must have at least 16 characters"),
+        ("a admin same-token-0123456789\nb worker same-token-0123456789", "a token of its own"),
+    ],
+)
+def test_identities_that_cannot_work_are_refused_at_start(identities, message):
+    with pytest.raises(ConfigError, match=message):
+        ReflectorConfig(identities=read_identities(identities)).check()
+    with pytest.raises(ConfigError, match="not both"):
+        ReflectorConfig(token="t" * 16, identities=read_identities("a admin " + "t" * 20)).check()

@@ -30,7 +30,7 @@ from million.compute.pages import RUNS_PAGE
 from million.compute.plugins import PluginError
 from million.compute.runner import RunConfig, RunError, RunState
 from million.compute.status import status_with_runs
-from million.relay.config import ConfigError, ReflectorConfig
+from million.relay.config import ConfigError, Identity, ReflectorConfig, read_identities
 from million.relay.server import open_reflector
 from million.relay.store import StoreError
 from million.replica.client import ClientError, open_client, ssl_context
@@ -94,8 +94,9 @@ def reflector(args: argparse.Namespace) -> int:
         max_sessions_per_connection=args.max_sessions,
         max_messages_per_s=args.max_rate,
         max_summary=args.max_summary,
-        token=_reflector_token(args),
+        token=None if args.tokens else _reflector_token(args),
         view_token=_read_token(args.view_token_file) if args.view_token_file else None,
+        identities=_read_identities(args.tokens) if args.tokens else (),
         allow_origins=tuple(args.allow_origin),
         insecure=args.insecure,
         fsync=args.fsync,
@@ -149,6 +150,15 @@ def _reflector_token(args: argparse.Namespace) -> str | None:
     if args.token_file is None:
         return os.environ.get("MILLION_TOKEN") or None
     return _read_token(args.token_file)
+
+
+def _read_identities(path: Path) -> tuple[Identity, ...]:
+    try:
+        return read_identities(path.read_text(), str(path))
+    except OSError as exc:
+        raise Failure(f"cannot read the tokens file: {exc}", 2) from None
+    except ConfigError as exc:
+        raise Failure(str(exc), 2) from None
 
 
 def _read_token(path: Path) -> str:

@@ -140,6 +140,13 @@ def _security(parser: argparse.ArgumentParser) -> None:
         help="file holding the secret clients must present (default: $MILLION_TOKEN, if set)",
     )
     add(
+        "--tokens",
+        type=Path,
+        metavar="FILE",
+        help="identities, one a line: NAME ROLE TOKEN (ROLE admin: post and end runs; worker: join and"
+        " compute; viewer: read only); each event is stamped with its publisher's identity",
+    )
+    add(
         "--view-token-file",
         type=Path,
         help="file holding a second secret that only reads: the web page and million status",

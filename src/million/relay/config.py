@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import ssl
 
 import attrs
@@ -11,10 +12,45 @@ from million.wire.protocol import DEFAULT_MAX_FRAME
 
 TRANSPORTS = ("sansio", "trio-websocket")
 MIN_TOKEN = 16  # characters: a shorter token could be guessed online
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # of an identity
+
+
+ROLES = ("admin", "worker", "viewer")  # post and end runs; join and compute; read only
 
 
 class ConfigError(ValueError):
     """Settings the reflector refuses to run with; the message says why and what to do."""
+
+
+@attrs.frozen
+class Identity:
+    """Someone the reflector knows by a token of their own (``--tokens FILE``)."""
+
+    name: str
+    role: str  # one of ROLES
+    token: str
+
+    @property
+    def stamp(self) -> str:
+        """What the reflector stamps on the events it publishes: ``ROLE:NAME``."""
+        return f"{self.role}:{self.name}"
+
+
+def read_identities(text: str, source: str = "the tokens file") -> tuple[Identity, ...]:
+    """Identities from lines ``NAME ROLE TOKEN`` (blank lines and ``#`` comments skipped);
+    ``ConfigError`` names the first bad line."""
+    identities = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 3 or fields[1] not in ROLES or not NAME.fullmatch(fields[0]):
+            raise ConfigError(
+                f"{source}, line {number}: expected NAME ROLE TOKEN, NAME of letters, digits and _.-,"
+                f" ROLE one of {', '.join(ROLES)}"
+            )
+        identities.append(Identity(*fields))
+    return tuple(identities)
 
 
 @attrs.frozen
@@ -48,6 +84,7 @@ class ReflectorConfig:
     max_live: int = 16  # web page sockets (/live) open at once
     live_lifetime: float = 3600.0  # seconds a web page socket lives
     token: str | None = None  # what clients must present to join and publish
+    identities: tuple[Identity, ...] = ()  # tokens of their own: each connection is stamped with its name
     view_token: str | None = None  # what the page and ``million status`` may present instead: read-only
     allow_origins: tuple[str, ...] = ()  # web origins whose pages may connect, besides the web port's own
     insecure: bool = False  # listen beyond loopback without a token
@@ -58,21 +95,41 @@ class ReflectorConfig:
 
     def check(self) -> None:
         """Refuse settings that would expose every session to anyone who can connect."""
-        if self.token is None and not self.insecure and not is_loopback(self.host):
+        if not self.secured and not self.insecure and not is_loopback(self.host):
             raise ConfigError(
                 f"refusing to listen on {self.host} without a token: anyone who can reach it could"
                 " join every session. Give a token (--token-file, or $MILLION_TOKEN), or allow it"
                 " explicitly (insecure=True, --insecure)."
             )
-        for name, token in (("token", self.token), ("view token", self.view_token)):
+        named = [(f"the token of {i.name}", i.token) for i in self.identities]
+        for name, token in [("the token", self.token), ("the view token", self.view_token), *named]:
             if token is not None and len(token) < MIN_TOKEN:
-                raise ConfigError(f"the {name} must have at least {MIN_TOKEN} characters, not {len(token)}")
+                raise ConfigError(f"{name} must have at least {MIN_TOKEN} characters, not {len(token)}")
+        self._check_identities()
         if self.view_token is not None and self.view_token == self.token:
             raise ConfigError("the view token must differ from the token")
         if self.view_token is not None and self.token is None:
             raise ConfigError("a view token needs a token: without one, everyone may write")
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"unknown transport {self.transport!r}; one of {', '.join(TRANSPORTS)}")
+
+    @property
+    def secured(self) -> bool:
+        """Whether a client needs a token."""
+        return self.token is not None or bool(self.identities)
+
+    def web_tokens(self) -> list[str]:
+        """Every token that may read the web port's data."""
+        tokens = [self.token, self.view_token, *(identity.token for identity in self.identities)]
+        return [token for token in tokens if token is not None]
+
+    def _check_identities(self) -> None:
+        names = [identity.name for identity in self.identities]
+        tokens = [identity.token for identity in self.identities]
+        if len(set(names)) < len(names) or len(set(tokens)) < len(tokens):
+            raise ConfigError("every identity needs a name and a token of its own")
+        if self.identities and (self.token is not None or self.view_token is not None):
+            raise ConfigError("give either identities (--tokens) or a shared token, not both")
 
 
 def is_loopback(host: str) -> bool:

@@ -115,7 +115,7 @@ class RelayCore(Generic[C]):
         ``ProtocolError`` says why it is refused.
         """
         try:
-            hello, role = self.gate.hello(messages, ip, now)
+            hello, role, identity = self.gate.hello(messages, ip, now)
         except ProtocolError as exc:
             if isinstance(exc, Refused):
                 self.refuse(exc.limit)
@@ -123,7 +123,10 @@ class RelayCore(Generic[C]):
                 self.refuse("token")
             raise
         self.gate.admitted()
-        peer: Peer[C] = Peer(hello.client, ip, role, allowance=self.config.max_messages_per_s, refilled=now)
+        identity = identity or f"admin:{conn_name}"  # without identities, each connection is one
+        peer: Peer[C] = Peer(
+            hello.client, ip, role, identity, allowance=self.config.max_messages_per_s, refilled=now
+        )
         self.peers[conn] = peer
         welcome = Welcome(PROTOCOL_VERSION, conn_name, f"million {self.version}", self.config.max_frame)
         return codec.encode(welcome)
@@ -270,7 +273,8 @@ class RelayCore(Generic[C]):
     # --- messages -------------------------------------------------------------------------
 
     def _on_publish(self, conn: C, message: Publish, now: float) -> None:
-        session = self.peers[conn].memberships.get((message.session, message.view))
+        peer = self.peers[conn]
+        session = peer.memberships.get((message.session, message.view))
         if session is None:
             session = self._member(conn, message.session, message.view)  # raises
         config = self.config
@@ -280,7 +284,9 @@ class RelayCore(Generic[C]):
             or session.tail_bytes >= config.max_tail_bytes
         ):
             self.streams.check_publish(session)  # says why not
-        self.streams.append(session, message.view, message.topic, message.data, session.recipients, now)
+        self.streams.append(
+            session, message.view, message.topic, message.data, session.recipients, now, peer.identity
+        )
 
     def _on_leave(self, conn: C, message: Leave, now: float) -> None:
         session = self._member(conn, message.session, message.view)

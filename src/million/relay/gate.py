@@ -73,34 +73,38 @@ class Gate:
         else:
             del self.per_ip[ip]
 
-    def hello(self, messages: list[Any], ip: str, now: float) -> tuple[Hello, Role]:
-        """The hello that opens a connection, and what it may do; ``ProtocolError`` says
-        why it is refused."""
+    def hello(self, messages: list[Any], ip: str, now: float) -> tuple[Hello, Role, str]:
+        """The hello that opens a connection, what it may do, and the identity it proved
+        (``ROLE:NAME``; "" for a shared token or none); ``ProtocolError`` says why it is
+        refused."""
         hello = messages[0] if len(messages) == 1 else None
         if not isinstance(hello, Hello):
             raise ProtocolError(ErrorCode.UNEXPECTED, "the first message must be a hello")
-        role = self._role(hello, ip, now)
+        role, identity = self._role(hello, ip, now)
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(
                 ErrorCode.VERSION,
                 f"this reflector speaks protocol version {PROTOCOL_VERSION}, not {hello.version}",
             )
-        return hello, role
+        return hello, role, identity
 
-    def _role(self, hello: Hello, ip: str, now: float) -> Role:
+    def _role(self, hello: Hello, ip: str, now: float) -> tuple[Role, str]:
         config = self.config
-        if config.token is None:
-            return Role.MEMBER
+        if not config.secured:
+            return Role.MEMBER, ""
         failures = self._failures.get(ip)
         while failures and now - failures[0] > AUTH_WINDOW:
             failures.popleft()
         if failures is not None and len(failures) >= config.max_auth_failures:
             raise _limit("auth_failures", f"too many wrong tokens from {ip}: try again in a minute")
         given = (hello.token or "").encode()
-        if hmac.compare_digest(given, config.token.encode()):
-            return Role.MEMBER
+        if config.token is not None and hmac.compare_digest(given, config.token.encode()):
+            return Role.MEMBER, ""
         if config.view_token is not None and hmac.compare_digest(given, config.view_token.encode()):
-            return Role.VIEWER
+            return Role.VIEWER, ""
+        matches = [i for i in config.identities if hmac.compare_digest(given, i.token.encode())]
+        if matches:
+            return (Role.VIEWER if matches[0].role == "viewer" else Role.MEMBER), matches[0].stamp
         self._failures.setdefault(ip, deque()).append(now)
         if len(self._failures) > 10_000:  # forget the oldest addresses, not grow without bound
             del self._failures[next(iter(self._failures))]

@@ -71,11 +71,11 @@ class RelaySession(Generic[C]):
             return self.time
         return max(self.time, self.time_base + int((now - self.occupied_since) * 1000))
 
-    def stamp(self, view: str, topic: str, data: Any, now: float) -> bytes:
+    def stamp(self, view: str, topic: str, data: Any, now: float, identity: str = "") -> bytes:
         """The next event of the stream, encoded once and kept in the tail. ``TypeError``,
         and nothing changed, if ``data`` cannot be encoded: seqs stay consecutive."""
         time = self.clock(now)
-        raw = codec.encode_event(self.name, self.seq + 1, time, view, topic, data)
+        raw = codec.encode_event(self.name, self.seq + 1, time, view, topic, data, identity)
         self.seq += 1
         self.time = time
         self.last_sent = now

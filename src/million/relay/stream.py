@@ -46,6 +46,7 @@ class Peer(Generic[C]):
     label: str
     ip: str = ""
     role: Role = Role.MEMBER
+    identity: str = ""  # ``ROLE:NAME``, stamped on every event it causes
     memberships: dict[tuple[str, str], RelaySession[C]] = attrs.Factory(dict)  # (session, view)
     asked: set[str] = attrs.Factory(set)  # sessions it was asked a snapshot of
     allowance: float = 0.0  # messages it may still send now (token bucket)
@@ -98,11 +99,13 @@ class Streams(Generic[C]):
         data: Any,
         recipients: tuple[C, ...],
         now: float,
+        identity: str = "",
     ) -> None:
-        """Stamp the next event of ``session``, store it and relay it to ``recipients``;
-        ``ProtocolError`` (and nothing changed) if it cannot be encoded."""
+        """Stamp the next event of ``session`` (published by ``identity``), store it and
+        relay it to ``recipients``; ``ProtocolError`` (and nothing changed) if it cannot be
+        encoded."""
         try:
-            raw = session.stamp(view, topic, data, now)
+            raw = session.stamp(view, topic, data, now, identity)
         except TypeError as exc:  # orjson: nested too deep, or an integer out of range
             raise ProtocolError(ErrorCode.MALFORMED, f"the event cannot be relayed: {exc}") from None
         if session.phase is Phase.OCCUPIED:
@@ -200,7 +203,7 @@ class Streams(Generic[C]):
         self.table.enter(session, conn, view, now)
         self.peers[conn].memberships[(session.name, view)] = session
         self.emit((conn,), sync)
-        self.append(session, view, VIEW_JOIN, view, session.recipients, now)
+        self.append(session, view, VIEW_JOIN, view, session.recipients, now, self.peers[conn].identity)
         self.output.batch.joined.append((session.name, view))
 
     def exit(self, conn: C, session: RelaySession[C], view: str, now: float) -> None:
@@ -209,7 +212,7 @@ class Streams(Generic[C]):
         del self.peers[conn].memberships[(session.name, view)]
         emptied = self.table.exit(session, conn, view, now)
         if not session.broken:  # else the store's own stream goes on from where it stopped
-            self.append(session, view, VIEW_EXIT, view, recipients, now)
+            self.append(session, view, VIEW_EXIT, view, recipients, now, self.peers[conn].identity)
             self.output.batch.left.append((session.name, view))
         if emptied:
             self.output.emptied.append(session.name)

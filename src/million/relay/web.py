@@ -237,15 +237,15 @@ class _Web:
         return None
 
     def authorized(self, request: Request, query: str) -> bool:
-        """Whether the request carries the token or the view token (if the reflector has a token)."""
-        token, view_token = self.config.token, self.config.view_token
-        if token is None:
+        """Whether the request carries a token the reflector takes (if it takes any)."""
+        if not self.config.secured:
             return True
         given = parse_qs(query).get("token", [""])[0]
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer "):
             given = header[len("Bearer ") :]
-        accepted = [hmac.compare_digest(given.encode(), key.encode()) for key in (token, view_token) if key]
+        keys = self.config.web_tokens()
+        accepted = [hmac.compare_digest(given.encode(), key.encode()) for key in keys]
         if not any(accepted):
             self.statistics.unauthorized += 1
         return any(accepted)

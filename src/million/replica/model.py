@@ -137,6 +137,13 @@ class Model:
         return self._replica.sender
 
     @property
+    def identity(self) -> str:
+        """Who published the event being applied, as the reflector stamped it: ``ROLE:NAME``
+        ("" inside a timer, or for an event the reflector made itself). Unlike anything in
+        the event's data, a client cannot choose it."""
+        return self._replica.identity
+
+    @property
     def random(self) -> Random:
         return self._replica.random
 
@@ -198,6 +205,7 @@ class Replica:
         self.seq = 0
         self.now = 0
         self.sender: str | None = None
+        self.identity = ""
         self.subscriptions: dict[str, list[str]] = {}
         self.futures: list[tuple[int, int, str, list[Any]]] = []
         self.future_count = 0
@@ -261,8 +269,10 @@ class Replica:
         self.advance(event.time)
         self.seq = event.seq
         self.sender = event.view
+        self.identity = event.identity
         self._dispatch(event.topic, event.data)
         self.sender = None
+        self.identity = ""
         return True
 
     def advance(self, time: int) -> None:

@@ -108,7 +108,9 @@ def encode_publish(session: str, view: str, topic: str, data: Any) -> bytes:
     )
 
 
-def encode_event(session: str, seq: int, time: int, view: str, topic: str, data: Any) -> bytes:
+def encode_event(
+    session: str, seq: int, time: int, view: str, topic: str, data: Any, identity: str = ""
+) -> bytes:
     """The hot path's encoder for an ``Event``: the same bytes as ``encode(Event(...))``,
     compacted because the reflector keeps them."""
     return compact(
@@ -120,6 +122,7 @@ def encode_event(session: str, seq: int, time: int, view: str, topic: str, data:
                 "view": view,
                 "topic": topic,
                 "data": data,
+                "identity": identity,
                 "type": "event",
             },
             option=_OPTIONS,
@@ -242,10 +245,10 @@ def _fast_publish(item: dict[str, Any]) -> Publish | None:
 
 def _fast_event(item: dict[str, Any]) -> Event | None:
     session, view, topic = item.get("session"), item.get("view"), item.get("topic")
-    seq, time = item.get("seq"), item.get("time")
+    seq, time, identity = item.get("seq"), item.get("time"), item.get("identity", "")
     strings = isinstance(session, str) and isinstance(view, str) and isinstance(topic, str)
-    if strings and type(seq) is int and type(time) is int:
-        return Event(session, seq, time, view, topic, item.get("data"))  # type: ignore[arg-type]
+    if strings and type(identity) is str and type(seq) is int and type(time) is int:
+        return Event(session, seq, time, view, topic, item.get("data"), identity)  # type: ignore[arg-type]
     return None
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 #: Fields of client messages that are JSON values held encoded (``bytes``) by the decoder.
 RAW_FIELDS = {"snapshot": "state", "summary": "data"}
@@ -176,6 +176,7 @@ class Event:
     view: str  # the publishing view, or the view that joined/exited
     topic: str
     data: Any = None
+    identity: str = ""  # ``ROLE:NAME`` of who published it (the view's), stamped by the reflector
 
 
 @attrs.frozen
