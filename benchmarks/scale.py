@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                          # N = 10,000, 100,000 and 1,000,000
     python benchmarks/scale.py --partitions 100000 --churn 1.0
+    python benchmarks/scale.py --partitions 100000 --verify 1 --verify 2 --verify adaptive
     nox -s bench -- scale
 
 Each run: one ``million reflector`` process with a SQLite store, two ``million work``
@@ -9,8 +10,11 @@ processes of 50 bots each (100 workers), fanout 100 (``--fanout``), the demo plu
 taking their work from the lobby, and ``million run --no-work`` posting the run and
 timing it from its start to its answer. With ``--churn S`` a bot
 process is killed (SIGKILL) every S seconds and a fresh one started, and the same run
-without kills is measured for comparison. Prints partitions/s, the reflector's peak
-memory and the store's size; writes benchmarks/results/scale.json.
+without kills is measured for comparison. With ``--verify`` (repeatable) each value is
+measured: ``adaptive`` runs twice on the same reflector and bot processes, and the second
+run, with the trust the first established, is the one measured. Prints partitions/s,
+results reported per partition, the reflector's peak memory and the store's size; writes
+benchmarks/results/scale.json.
 """
 
 from __future__ import annotations
@@ -50,14 +54,17 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
-def measure(partitions: int, churn: float | None, workdir: Path, fanout: int = 100) -> dict[str, Any]:
-    store = workdir / f"scale-{partitions}-{churn}.db"
+def measure(
+    partitions: int, churn: float | None, workdir: Path, fanout: int = 100, verify: str = "1"
+) -> dict[str, Any]:
+    store = workdir / f"scale-{partitions}-{churn}-{verify}.db"
     reflector, url = start_reflector(store)
     workers = [start_workers(url) for _ in range(2)]
     command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", str(partitions)]
-    run = subprocess.Popen(
-        [*command, "--fanout", str(fanout), "--no-work", "--json"], stdout=subprocess.PIPE, text=True
-    )
+    command += ["--fanout", str(fanout), "--no-work", "--json", "--verify", verify]
+    if verify == "adaptive":  # a first run earns the bot processes their trust
+        subprocess.run([*command, "--name", "trust"], stdout=subprocess.DEVNULL, check=True)
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     kills, rng = 0, random.Random(1)
     try:
         while run.poll() is None:
@@ -84,6 +91,10 @@ def measure(partitions: int, churn: float | None, workdir: Path, fanout: int = 1
         "partitions": partitions,
         "fanout": fanout,
         "churn_s": churn,
+        "verify": verify,
+        "results_per_partition": round(
+            sum(counts["submitted"] for counts in result["credit"].values()) / partitions, 3
+        ),
         "kills": kills,
         "elapsed_s": result["elapsed_s"],
         "partitions_per_s": result["partitions_per_s"],
@@ -97,15 +108,22 @@ def main() -> None:
     parser.add_argument("--partitions", type=int, action="append", help="repeatable (default: 1e4, 1e5, 1e6)")
     parser.add_argument("--churn", type=float, help="kill a bot process every CHURN seconds")
     parser.add_argument("--fanout", type=int, default=100)
+    parser.add_argument("--verify", action="append", help="1, 2, ... or adaptive; repeatable (default: 1)")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for partitions in args.partitions or [10_000, 100_000, 1_000_000]:
-            for churn in [None, args.churn] if args.churn else [None]:
-                row = measure(partitions, churn, Path(tmp), args.fanout)
+            for churn, verify in [
+                (churn, verify)
+                for churn in ([None, args.churn] if args.churn else [None])
+                for verify in args.verify or ["1"]
+            ]:
+                row = measure(partitions, churn, Path(tmp), args.fanout, verify)
                 rows.append(row)
                 print(
-                    f"N={row['partitions']:>9,}  F={row['fanout']}  churn={row['churn_s']}"
+                    f"N={row['partitions']:>9,}  F={row['fanout']}  verify={verify:<8}"
+                    f"  churn={row['churn_s']}"
+                    f"  results/partition={row['results_per_partition']:.2f}"
                     f"  kills={row['kills']:>3}"
                     f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
                     f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB",

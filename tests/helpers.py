@@ -105,9 +105,9 @@ def ordered_spec(input: Any, partitions: int, fanout: int, **options: Any) -> Sp
     return Spec("ordered", "1.2.3", input, partitions, fanout, options)
 
 
-def start_worker(url: str, run: str | None, bots: int) -> Process:
+def start_worker(url: str, run: str | None, bots: int, env: dict[str, str] | None = None) -> Process:
     """A ``million work`` process: for ``run``, or for the lobby's runs (None)."""
-    return Process(worker_command(url, run, bots, exit_with_parent=False))
+    return Process(worker_command(url, run, bots, exit_with_parent=False), env)
 
 
 async def wait_for_markers(

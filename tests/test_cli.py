@@ -12,8 +12,11 @@ import shlex
 import signal
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import attrs
@@ -26,8 +29,11 @@ import million
 from helpers import Process, million_command, start_reflector
 from million.cli import commands, main
 from million.cli.parser import STORE, build_parser
-from million.compute import bots, runner
+from million.compute import bots, ledger, runner
+from million.compute.computation import Computation
 from million.compute.runner import RunConfig, RunResult, RunState
+from million.compute.status import ledger_identities
+from million.compute.tree import Spec
 from million.relay.config import ReflectorConfig
 from million.wire import codec, protocol, transport
 from models import Ledger
@@ -119,7 +125,7 @@ def test_help_shows_the_defaults_of_the_configs(cli, capsys, command):
         "reflector": [reflector.host, reflector.port, reflector.tick_ms, reflector.snapshot_every,
                       reflector.max_sessions_per_connection, reflector.max_messages_per_s,
                       reflector.max_summary, reflector.transport, "1 MiB", "64 MiB"],
-        "run": [run.input, run.partitions, run.fanout, run.bots],
+        "run": [run.input, run.partitions, run.fanout, run.bots, run.verify, run.max_rejections],
     }  # fmt: skip
     for value in shown[command]:
         assert f"(default: {value})" in text
@@ -160,7 +166,8 @@ def test_an_interrupted_run_prints_the_flags_that_resume_it(cli, monkeypatch, ca
 
     monkeypatch.setattr(runner, "run", interrupted)
     args = ["run", "--plugin", "demo", "--partitions", "30", "--fanout", "4", "--input", "[1, 2]"]
-    assert cli([*args, "--option", "k=v", "--option", "n=3"]) == 130
+    verification = ["--verify", "adaptive", "--max-copies", "4", "--max-rejections", "0"]
+    assert cli([*args, "--option", "k=v", "--option", "n=3", *verification]) == 130
     stopped, resume = capsys.readouterr().err.splitlines()
     assert stopped == "million run: interrupted, 0 of 30 partitions done"
     assert resume.startswith("resume with: million run ")
@@ -172,6 +179,48 @@ def test_an_interrupted_run_prints_the_flags_that_resume_it(cli, monkeypatch, ca
         {"k": "v", "n": 3},
     )
     assert (again.plugin, again.partitions, again.fanout) == ("demo", 30, 4)
+    assert (again.verify, again.max_copies, again.max_rejections) == ("adaptive", 4, 0)
+
+
+def test_verification_flags_reach_the_run_config(cli, computed):
+    assert cli(["run", "--plugin", "p", "--verify", "3", "--max-copies", "5", "--max-rejections", "0"]) == 0
+    assert cli(["run", "--plugin", "p", "--verify", "adaptive"]) == 0
+    assert computed == [
+        RunConfig(plugin="p", verify=3, max_copies=5, max_rejections=0),
+        RunConfig(plugin="p", verify="adaptive"),
+    ]
+    assert (computed[1].max_copies, computed[1].max_rejections) == (None, 3)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--verify", "0", "must be a positive integer or adaptive"),
+        ("--verify", "Adaptive", "must be a positive integer or adaptive"),
+        ("--verify", "1.5", "must be a positive integer or adaptive"),
+        ("--max-copies", "0", "must be a positive integer"),
+        ("--max-rejections", "-1", "must be 0 or more"),
+    ],
+)
+def test_verification_flags_out_of_range_are_refused(cli, computed, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exited:
+        cli(["run", "--plugin", "p", f"{flag}={value}"])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert computed == []
+
+
+def test_a_runs_credit_is_in_its_json_and_summed_in_its_text(cli, monkeypatch, capsys):
+    credit = {"worker:a": {**COUNTS, "submitted": 3, "validated": 2, "rejected": 1}, "worker:b": COUNTS}
+
+    async def run(config: RunConfig, *, watch: Any = None) -> RunResult:
+        return RunResult("done", 42, 10, 5, 2.0, 5.0, False, None, credit)
+
+    monkeypatch.setattr(runner, "run", run)
+    assert cli(["run", "--plugin", "p", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["credit"] == credit
+    assert cli(["run", "--plugin", "p"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "results of 2 identities: 2 validated, 1 rejected"
 
 
 def test_work_processes_run_the_one_worker_command_line(cli, monkeypatch):
@@ -234,6 +283,9 @@ async def test_status_shows_the_lobby_runs_with_their_progress_and_answer(tmp_pa
     finally:
         process.stop()
     (shown,) = json.loads(result.stdout)["runs"]
+    credited = json.loads(result.stdout)["ledger"]
+    assert credited and {entry["last_run"] for entry in credited.values()} == {"shown"}
+    assert "credit in the ledger:" in text.stdout
     assert shown["name"] == "shown"
     assert (shown["state"], shown["answer"], shown["partitions"]) == ("done", 600, 300)
     assert shown["completed"] == 300
@@ -307,6 +359,8 @@ def test_run_prints_one_json_object_with_the_answer():
     assert (output["partitions"], output["fanout"]) == (2000, 10)
     assert output["name"].startswith("run-")
     assert output["elapsed_s"] > 0 and output["partitions_per_s"] > 0
+    assert output["credit"] and all(identity.startswith("admin:") for identity in output["credit"])
+    assert sum(counts["validated"] for counts in output["credit"].values()) > 0
     assert "Traceback" not in result.stderr
 
 
@@ -439,3 +493,180 @@ async def test_the_workers_of_a_killed_run_stop_by_themselves(tmp_path):
     (tmp_path / "go").touch()
     _, alive = await trio.to_thread.run_sync(lambda: psutil.wait_procs(workers, timeout=30))
     assert alive == []
+
+
+# --- verification: the ledger ------------------------------------------------------------
+
+COUNTS = dict.fromkeys(ledger.COUNTS, 0)
+TALLY = {
+    "worker:good": {**COUNTS, "submitted": 12, "validated": 12, "claimed_ms": 2400, "credit_ms": 2400},
+    "worker:bad": {
+        **COUNTS,
+        "submitted": 5,
+        "validated": 1,
+        "rejected": 4,
+        "claimed_ms": 900,
+        "credit_ms": 200,
+    },
+}
+
+
+def faked_run(monkeypatch: pytest.MonkeyPatch, failed: str | None = None) -> list[Spec]:
+    """``open_run`` replaced by a run that has ended (with ``TALLY``, done or ``failed``)
+    before anyone worked on it; the specs it was asked to open. Everything else is real."""
+    specs: list[Spec] = []
+    model = SimpleNamespace(
+        done=failed is None, failed=failed, output=7 if failed is None else None, tally=TALLY
+    )
+    root = SimpleNamespace(model=model, replica=SimpleNamespace(seq=9))
+
+    @asynccontextmanager
+    async def open_run(client: Any, name: str, spec: Spec) -> AsyncIterator[tuple[Any, Any]]:
+        specs.append(spec)
+        yield root, SimpleNamespace(model=SimpleNamespace(done=0, bots={}, by_child={}))
+
+    async def tell_lobby(client: Any, topic: str, data: dict[str, Any]) -> None:
+        pass  # the run was never posted: the lobby would not take its answer
+
+    monkeypatch.setattr(runner, "open_run", open_run)
+    monkeypatch.setattr(runner, "_tell_lobby", tell_lobby)
+    return specs
+
+
+async def test_a_run_records_its_credit_once_and_an_adaptive_run_takes_its_trust(monkeypatch):
+    specs = faked_run(monkeypatch)
+    async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
+        config = RunConfig(plugin="demo", reflector=reflector.url, workers=0, name="first", max_rejections=3)
+        result = await runner.run(config)
+        assert (result.answer, result.credit) == (7, TALLY)
+        await runner.run(config)  # resumed: recorded once
+        adaptive = attrs.evolve(config, name="second", verify="adaptive", max_copies=4)
+        await runner.run(adaptive)
+        async with million.open_client(reflector.url) as client:
+            identities = await ledger_identities(client)
+        summary = codec.loads(reflector.summaries([ledger.LEDGER])[ledger.LEDGER])
+    assert [(spec.verify, spec.adaptive, spec.max_copies) for spec in specs] == [(1, False, 0)] * 2 + [
+        (2, True, 4)
+    ]
+    assert specs[2].trust == {"worker:good": 12}  # the first run's (the second was the same run)
+    assert identities is not None and list(identities) == ["worker:bad", "worker:good"]  # flagged first
+    bad = identities["worker:bad"]
+    assert (bad["submitted"], bad["rejected"], bad["consecutive"], bad["flagged"]) == (10, 8, 0, True)
+    assert identities["worker:good"]["credit_ms"] == 4800
+    assert summary["identities"] == 2 and [row[0] for row in summary["rows"]] == list(identities)
+
+
+def test_a_run_that_fails_for_want_of_agreement_says_why_and_records_its_credit(
+    cli, monkeypatch, tmp_path, capsys
+):
+    why = "no 2 identities agreed on partition 3 (worker:good, worker:bad)"
+    faked_run(monkeypatch, failed=why)
+    store = str(tmp_path / "runs.db")
+    assert cli(["run", "--plugin", "demo", "--workers", "0", "--store", store, "--name", "split"]) == 1
+    assert capsys.readouterr().err == f"million run: run split failed: {why}\n"
+
+    async def recorded() -> dict[str, Any] | None:
+        async with (
+            million.open_reflector(ReflectorConfig(port=0, store=store)) as reflector,
+            million.open_client(reflector.url) as client,
+        ):
+            return await ledger_identities(client)
+
+    identities = trio.run(recorded)
+    assert identities is not None and identities["worker:bad"]["last_run"] == "split"
+
+
+async def test_an_adaptive_run_that_exists_resumes_with_the_trust_it_was_made_with():
+    spec = Spec("demo", "1", 1, 10, 5, adaptive=True, verify=2, trust={"worker:x": 99})
+    async with (
+        million.open_reflector(ReflectorConfig(port=0)) as reflector,
+        million.open_client(reflector.url) as client,
+    ):
+        async with million.join(client, "made", Computation, options=spec.to_options()):
+            pass
+        assert await runner._trust(client, "made") == {"worker:x": 99}
+        assert await runner._trust(client, "new") == {}  # nothing in the ledger yet
+
+
+TOKENS = {"alice": ("admin", "alice-token-0123456789"), "bob": ("worker", "bob-token-0123456789")}
+TOKENS["carol"] = ("viewer", "carol-token-0123456789")
+
+
+async def publish_run(url: str, token: str, event: dict[str, Any]) -> bool:
+    """Publish ``event`` to the ledger as the holder of ``token``; whether it was recorded
+    (nobody else publishes there: once the replica has applied one more event, it is ours)."""
+    async with (
+        million.open_client(url, token=token) as client,
+        million.join(client, ledger.LEDGER, ledger.Ledger) as session,
+    ):
+        seq = session.replica.seq
+        session.publish("run", event)
+        await session.wait_for(lambda _: session.replica.seq > seq)
+        return event["name"] in session.model.runs
+
+
+async def test_credit_shows_the_ledger_only_admins_write_and_it_survives_a_restart(tmp_path):
+    (tmp_path / "tokens").write_text(
+        "".join(f"{name} {role} {token}\n" for name, (role, token) in TOKENS.items())
+    )
+    store, extra = str(tmp_path / "store.db"), ("--tokens", str(tmp_path / "tokens"))
+    admin, worker, viewer = (token for _, token in TOKENS.values())
+    process, url = await start_reflector(store, 0, *extra)
+    try:
+        credit = partial(million_command, "credit", "--reflector", url)
+        empty = await trio.to_thread.run_sync(credit, "--token", worker)
+        event = {"name": "nightly", "tally": TALLY, "max_rejections": 3}
+        assert not await publish_run(url, worker, {**event, "name": "forged"})
+        assert await publish_run(url, admin, event)
+        text = await trio.to_thread.run_sync(credit, "--token", worker)
+        shown = await trio.to_thread.run_sync(credit, "--token", worker, "--json")
+        refused = await trio.to_thread.run_sync(credit, "--token", viewer)
+        status = await trio.to_thread.run_sync(
+            million_command, "status", "--reflector", url, "--token", admin
+        )
+        process.stop()
+        process, url = await start_reflector(store, 0, *extra)
+        again = await trio.to_thread.run_sync(
+            million_command, "credit", "--reflector", url, "--token", admin, "--json"
+        )
+    finally:
+        process.stop()
+    assert (empty.returncode, empty.stdout) == (0, "no run has recorded credit on this reflector yet\n")
+    assert text.returncode == 0, text.stderr
+    header, bad, good = text.stdout.splitlines()
+    assert header.split() == [
+        "identity", "submitted", "validated", "rejected", "pending", "credit", "consecutive", "last", "seen",
+        "in",
+    ]  # fmt: skip
+    assert bad.split() == ["worker:bad", "5", "1", "4", "0", "0.2", "s", "0", "nightly", "FLAGGED"]
+    assert good.split() == ["worker:good", "12", "12", "0", "0", "2.4", "s", "12", "nightly"]
+    identities = json.loads(shown.stdout)
+    assert identities == json.loads(again.stdout)  # kept in the store
+    assert list(identities) == ["worker:bad", "worker:good"]
+    assert identities["worker:good"] == {
+        **TALLY["worker:good"], "consecutive": 12, "last_seen": identities["worker:good"]["last_seen"],
+        "last_run": "nightly", "flagged": False,
+    }  # fmt: skip
+    assert refused.returncode == 1
+    assert (
+        refused.stderr
+        == "million credit: a view token may not read the ledger: give a token that may join (--token)\n"
+    )
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[lines.index("credit in the ledger:") + 2].split()[-1] == "FLAGGED"
+
+
+async def test_status_with_a_view_token_has_no_ledger(tmp_path):
+    (tmp_path / "tokens").write_text(
+        "".join(f"{name} {role} {token}\n" for name, (role, token) in TOKENS.items())
+    )
+    process, url = await start_reflector(":memory:", 0, "--tokens", str(tmp_path / "tokens"))
+    try:
+        assert await publish_run(url, TOKENS["alice"][1], {"name": "r", "tally": TALLY, "max_rejections": 3})
+        args = ("status", "--reflector", url, "--token", TOKENS["carol"][1], "--json")
+        result = await trio.to_thread.run_sync(million_command, *args)
+    finally:
+        process.stop()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ledger"] is None

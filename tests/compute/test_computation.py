@@ -27,6 +27,7 @@ from million.replica.model import Replica
 from million.wire import codec
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN, Event
 from models import Ledger
+from streams import Stream
 
 pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
 
@@ -72,27 +73,9 @@ def test_split_properties_for_any_total_and_fanout(total, fanout):
     assert depth(total, fanout) == levels
 
 
-class Stream:
-    """A leaf session's replica fed events as a reflector would stamp them."""
-
-    def __init__(self, partitions: int) -> None:
-        options = Spec("p", "1", 0, partitions, partitions).to_options()
-        self.replica = Replica.create(Computation, "L", options)
-        self.seq = 0
-
-    def send(self, view: str, topic: str, data: Any = None) -> Computation:
-        self.seq += 1
-        self.replica.apply(Event("L", self.seq, self.seq, view, topic, data))
-        return self.replica.model
-
-    def given(self, view: str) -> list[int]:
-        return self.replica.model.answers[view][1]
-
-
 def test_a_request_gets_at_most_its_want_and_its_fair_share_of_what_nobody_started():
     stream = Stream(20)
-    stream.send("a", VIEW_JOIN, "a")
-    stream.send("a", "inputs", {"inputs": list(range(20)), "next": {"id": 1, "want": 16}})
+    stream.prepare("a", list(range(20)), want=16)
     assert stream.given("a") == list(range(16))
     stream.send("b", "request", {"id": 1, "want": 16})
     assert stream.given("b") == [16, 17, 18, 19]  # all that is left
@@ -104,7 +87,7 @@ def test_a_request_gets_at_most_its_want_and_its_fair_share_of_what_nobody_start
 
 def test_askers_share_what_nobody_started():
     stream = Stream(12)
-    stream.send("a", "inputs", {"inputs": list(range(12))})
+    stream.prepare("a", list(range(12)))
     for view in "abc":
         stream.send(view, "request", {"id": 1, "want": 0})  # a want below one asks for one
     assert [stream.given(view) for view in "abc"] == [[0], [1], [2]]
@@ -115,7 +98,7 @@ def test_askers_share_what_nobody_started():
 
 def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     stream = Stream(4)
-    stream.send("a", "inputs", {"inputs": list(range(4)), "next": {"id": 1, "want": 4}})
+    stream.prepare("a", list(range(4)), want=4)
     stream.send("a", "end", {"index": 0, "output": 0})
     model = stream.send("a", VIEW_EXIT, "a")
     assert model.workers == {} and model.remaining == 3
@@ -142,7 +125,7 @@ def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
 )
 def test_malformed_events_fail_nothing_and_give_away_little(topic, data, caplog):
     stream = Stream(3)
-    stream.send("a", "inputs", {"inputs": [0, 1, 2]})
+    stream.prepare("a", [0, 1, 2])
     model = stream.send("a", topic, data)
     assert model.inputs == [0, 1, 2] and model.remaining == 3 and not any(model.completed)
     assert len(model.workers.get("a", [])) <= 3
@@ -288,33 +271,40 @@ def model_state(stream: Stream) -> Any:
 def test_a_malformed_event_changes_nothing(topic, data):
     stream = Stream(3)
     stream.send("a", VIEW_JOIN, "a")
+    stream.send("b", VIEW_JOIN, "b")
     before = model_state(stream)
     model = stream.send("b", topic, data)
     assert model_state(stream) == before
-    assert model.inputs is None and "prepare" not in model.claims
+    assert model.inputs is None and not model.tasks["prepare"].holders
     stream.replica.digest()  # still encodable
 
 
 def test_a_malformed_output_is_ignored_and_a_good_one_still_counts():
     stream = Stream(2)
-    stream.send("a", "inputs", {"inputs": [0, 1], "next": {"id": 1, "want": 2}})
+    stream.prepare("a", [0, 1], want=2)
     stream.send("a", "end", {"index": 0, "output": "x"})
     stream.send("a", "end", {"index": 1, "output": DEEP, "next": {"id": 2, "want": 1}})
     model = stream.send("a", "end", {"index": 1, "output": "y"})
-    assert model.outputs == ["x", "y"] and model.answers["a"] == [1, [0, 1]]
+    assert model.outputs == ["x", "y"] and model.answers["a"][:2] == [1, [0, 1]]
     stream.send("a", "output", nested(40))
     model = stream.send("a", "output", ["x", "y"])
     assert model.done and model.output == ["x", "y"]
     stream.replica.digest()
 
 
-def test_a_report_for_a_partition_already_done_still_asks_for_more():
-    stream = Stream(4)
-    stream.send("a", "inputs", {"inputs": list(range(4)), "next": {"id": 1, "want": 1}})
+@pytest.mark.parametrize(("late", "judged"), [("b", "validated"), ("a", "rejected")])
+def test_a_late_report_changes_no_output_is_judged_by_it_and_still_asks(late, judged):
+    stream = Stream(2)
+    stream.prepare("a", [0, 1], want=1)
     stream.send("b", "request", {"id": 1, "want": 1})
-    stream.send("b", "end", {"index": 0, "output": "b"})
-    model = stream.send("a", "end", {"index": 0, "output": "a", "next": {"id": 2, "want": 1}})
-    assert model.outputs[0] == "b" and model.answers["a"] == [2, [2]]
+    stream.send("b", "end", {"index": 1, "output": "b", "next": {"id": 2, "want": 1}})
+    assert stream.given("b") == [0]  # nothing is left unstarted: b takes a's
+    model = stream.send("b", "end", {"index": 0, "output": "b"})
+    before = dict(model.tally["admin:a"])
+    model = stream.send("a", "end", {"index": 0, "output": late, "next": {"id": 2, "want": 1}})
+    assert model.outputs == ["b", "b"] and model.answers["a"][:2] == [2, []]
+    after = model.tally["admin:a"]
+    assert after[judged] == before[judged] + 1 and after["pending"] == before["pending"] == 0
 
 
 async def compute_run(url: str, name: str, spec: Spec, bots: int, detach: bool = True) -> Any:
@@ -377,15 +367,21 @@ async def test_the_first_result_for_a_partition_wins_everywhere(reflector):
         million.join(one, "first", Computation, options=spec) as a,
         million.join(two, "first", Computation, options=spec) as b,
     ):
-        a.publish("inputs", {"inputs": ["p", "q"]})
+        await a.wait_for(lambda model: b.view_id in model.views)
+        a.publish("claim", "prepare")
+        a.publish("inputs", {"inputs": ["p", "q"], "next": {"id": 1, "want": 2}})
+        await b.wait_for(lambda model: model.answers.get(a.view_id, [0, []])[1] == [0, 1])
         a.publish("end", {"index": 0, "output": "from a"})
         await b.wait_for(lambda model: model.completed[0])
-        b.publish("end", {"index": 0, "output": "from b"})
+        b.publish("request", {"id": 1, "want": 1})
+        await b.wait_for(lambda model: b.view_id in model.answers)
+        assert b.model.answers[b.view_id][1] == [1]  # a copy of the one still open
+        b.publish("end", {"index": 0, "output": "from b"})  # never handed to b: ignored
         b.publish("end", {"index": 1, "output": "b's own"})
         for session in (a, b):
             await session.wait_for(lambda model: model.completed[1])
             assert session.model.outputs == ["from a", "b's own"]
-            assert session.model.done_by == [a.view_id, b.view_id]
+            assert session.model.tally[b.model.views[b.view_id]]["rejected"] == 1
         assert a.replica.digest() == b.replica.digest()
 
 

@@ -142,10 +142,13 @@ def test_hostile_computation_events_fail_nothing_and_agree_everywhere(topic, lea
 
 
 def test_a_run_through_hostile_events_keeps_only_what_fits_and_still_finishes():
-    pair = Pair(Computation, Spec("p", "1", 0, 3, 3).to_options())
+    pair = Pair(Computation, Spec("p", "1", 0, 3, 3, max_rejections=10**6).to_options())
+    pair.send(VIEW_JOIN, "evil", view="evil")
+    pair.send("claim", "prepare", view="evil")
     for topic, template in TEMPLATES.items():
         for data in shapes(template):
             pair.send(topic, data, view="evil")
+    pair.send("request", {"id": 99, "want": 3}, view="evil")
     for index in range(3):
         for data in HOSTILE:
             pair.send("end", {"index": index, "output": data}, view="evil")

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from million.relay.config import ReflectorConfig
-from million.relay.sessions import Phase
+from million.relay.sessions import Candidate, Phase, RelaySession
 from million.wire import codec
 from million.wire.protocol import (
     PROTOCOL_VERSION,
@@ -35,6 +35,7 @@ from million.wire.protocol import (
     Sync,
     Tick,
     Welcome,
+    state_digest,
 )
 from pairing import Relay
 
@@ -76,6 +77,11 @@ def requests(messages: list[Any]) -> list[Any]:
 
 def phase(relay: Relay, session: str = "s") -> Phase:
     return relay.core.sessions[session].phase
+
+
+def snapshot(seq: int, state: bytes = b"{}", session: str = "s") -> Snapshot:
+    """A snapshot of event ``seq`` with the digest of its state."""
+    return Snapshot(session, seq, state, state_digest(state))
 
 
 # --- hello ----------------------------------------------------------------------------------
@@ -238,18 +244,21 @@ def test_memberships_beyond_the_limit_are_refused_and_others_may_still_join():
 
 
 def test_a_joiner_after_a_snapshot_gets_the_snapshot_and_only_the_events_after_it():
-    relay = relay_with(snapshot_every=3)
+    relay = relay_with(snapshot_every=4)
+    relay.hello("w")
     join(relay, "a")
+    join(relay, "w")
     relay.now = 0.5
     publish(relay, "a", "v1", 1)
     relay.now = 1.0
-    publish(relay, "a", "v1", 1)  # event 3: a snapshot is asked at session time 1000
-    assert requests(relay.messages("a")) == [SnapshotRequest("s", 3)]
+    publish(relay, "a", "v1", 1)  # event 4: a snapshot is asked at session time 1000
+    assert requests(relay.messages("a")) == [SnapshotRequest("s", 4)]
     relay.now = 2.0
-    relay.send("a", Snapshot("s", 3, b'{"n": 3}', "d3"), Publish("s", "v1", "add", "after"))
+    relay.send("a", snapshot(4, b'{"n": 4}'), Publish("s", "v1", "add", "after"))
+    relay.send("w", Digest("s", 4, state_digest(b'{"n": 4}')))  # another identity agrees
     sync = join(relay, "b")
-    assert sync.snapshot == SnapshotRecord(3, 1000, {"n": 3}, "d3")
-    assert sync.events == [Event("s", 4, 2000, "v1", "add", "after", identity="admin:a")]
+    assert sync.snapshot == SnapshotRecord(4, 1000, {"n": 4}, state_digest(b'{"n": 4}'))
+    assert sync.events == [Event("s", 5, 2000, "v1", "add", "after", identity="admin:a")]
     assert (sync.full, sync.time) == (True, 2000)
 
 
@@ -347,7 +356,23 @@ def test_leaving_a_view_not_held_is_an_error():
     assert list(relay.core.sessions["s"].views) == ["v1"]
 
 
-def test_the_last_leaver_after_enough_events_is_asked_for_a_snapshot_before_left():
+def test_a_leaver_that_leaves_one_identity_behind_is_asked_with_it_before_its_left():
+    relay = relay_with(leave_snapshot_after=3)
+    join(relay, "a")
+    join(relay, "b")
+    publish(relay, "a", "v1", 2)
+    read_all(relay)
+    relay.send("a", Leave("s", "v1"))  # event 5: 5 % 2 picks the leaver for the snapshot
+    exit_event = Event("s", 5, 0, "v1", VIEW_EXIT, "v1", identity="admin:a")
+    assert relay.messages("a") == [exit_event, SnapshotRequest("s", 5), Left("s", "v1")]
+    assert relay.messages("b") == [exit_event, DigestRequest("s", 5)]
+    relay.send("a", snapshot(5, b'"five"'))  # the leaver answers after its left
+    relay.send("b", Digest("s", 5, state_digest(b'"five"')))
+    assert relay.messages("a") == relay.messages("b") == []
+    assert relay.store.snapshots["s"] == (5, 0, b'"five"', state_digest(b'"five"'))
+
+
+def test_the_last_leaver_alone_is_asked_for_nothing_and_the_session_keeps_its_events():
     relay = relay_with(leave_snapshot_after=3)
     join(relay, "a")
     publish(relay, "a", "v1", 2)
@@ -355,55 +380,57 @@ def test_the_last_leaver_after_enough_events_is_asked_for_a_snapshot_before_left
     relay.send("a", Leave("s", "v1"))
     assert relay.messages("a") == [
         Event("s", 4, 0, "v1", VIEW_EXIT, "v1", identity="admin:a"),
-        SnapshotRequest("s", 4),
         Left("s", "v1"),
     ]
+    assert stored_seqs(relay) == [1, 2, 3, 4]
 
 
-def test_the_last_leaver_after_few_events_is_not_asked_for_a_snapshot():
-    relay = relay_with(leave_snapshot_after=3)
-    join(relay, "a")
-    relay.send("a", Leave("s", "v1"))
-    assert relay.messages("a") == [
-        Event("s", 2, 0, "v1", VIEW_EXIT, "v1", identity="admin:a"),
-        Left("s", "v1"),
-    ]
-
-
-def test_a_leaver_who_is_not_the_last_is_not_asked_for_a_snapshot():
-    relay = relay_with(leave_snapshot_after=1)
+def test_a_leaver_after_few_events_is_not_asked_for_a_snapshot():
+    relay = relay_with(leave_snapshot_after=4)
     join(relay, "a")
     join(relay, "b")
-    publish(relay, "a", "v1", 5)
     read_all(relay)
     relay.send("a", Leave("s", "v1"))
     assert requests(relay.messages("a") + relay.messages("b")) == []
 
 
+def test_a_leaver_that_leaves_two_identities_behind_is_not_asked_for_a_snapshot():
+    relay = relay_with(leave_snapshot_after=1)
+    relay.hello("c")
+    for conn in "abc":
+        join(relay, conn)
+    publish(relay, "a", "v1", 5)
+    read_all(relay)
+    relay.send("a", Leave("s", "v1"))
+    assert requests(relay.messages("a") + relay.messages("b") + relay.messages("c")) == []
+
+
 # --- snapshot -------------------------------------------------------------------------------
 
 
-def asked_snapshot(relay: Relay, every: int = 3) -> None:
-    """``a`` alone in ``s``, asked for a snapshot of event ``every``."""
+def asked_snapshot(relay: Relay, every: int = 4) -> None:
+    """``a`` and ``b`` in ``s``: ``a`` asked for a snapshot of event ``every`` (even), ``b``
+    for a digest of it."""
     join(relay, "a")
-    publish(relay, "a", "v1", every - 1)
+    join(relay, "b")
+    publish(relay, "a", "v1", every - 2)
     assert requests(relay.messages("a")) == [SnapshotRequest("s", every)]
+    assert requests(relay.messages("b")) == [DigestRequest("s", every)]
 
 
 def test_a_snapshot_from_a_connection_not_asked_is_refused():
-    relay = relay_with(snapshot_every=3)
+    relay = relay_with(snapshot_every=4)
     asked_snapshot(relay)
-    join(relay, "b")
-    relay.send("b", Snapshot("s", 3, b"{}", "d"))
+    relay.send("b", snapshot(4))
     assert relay.messages("b") == [Error(ErrorCode.UNEXPECTED, "a snapshot nobody asked for", "s", None)]
     assert relay.core.sessions["s"].snapshot_seq == 0
 
 
-@pytest.mark.parametrize("seq", [4, 100])
+@pytest.mark.parametrize("seq", [5, 100])
 def test_a_snapshot_of_a_seq_not_asked_is_refused(seq):
-    relay = relay_with(snapshot_every=3)
+    relay = relay_with(snapshot_every=4)
     asked_snapshot(relay)
-    relay.send("a", Snapshot("s", seq, b"{}", "d"))
+    relay.send("a", snapshot(seq))
     assert relay.messages("a") == [Error(ErrorCode.UNEXPECTED, "a snapshot nobody asked for", "s", None)]
 
 
@@ -416,42 +443,143 @@ def test_a_snapshot_nobody_asked_for_is_refused(session):
 
 
 def test_a_snapshot_already_answered_is_refused_the_second_time():
-    relay = relay_with(snapshot_every=3)
+    relay = relay_with(snapshot_every=4)
     asked_snapshot(relay)
-    relay.send("a", Snapshot("s", 3, b"{}", "d"))
+    relay.send("a", snapshot(4))
     assert relay.messages("a") == []
-    relay.send("a", Snapshot("s", 3, b"{}", "d"))
+    relay.send("a", snapshot(4))
     assert [m.code for m in relay.messages("a")] == [ErrorCode.UNEXPECTED]
 
 
-def test_a_snapshot_replaces_the_events_up_to_its_seq_in_memory_and_in_the_store():
-    relay = relay_with(snapshot_every=3)
+def test_a_snapshot_agreed_replaces_the_events_up_to_its_seq_in_memory_and_in_the_store():
+    relay = relay_with(snapshot_every=4)
     asked_snapshot(relay)
     publish(relay, "a", "v1", 2)
-    relay.send("a", Snapshot("s", 3, b'{"n" :  3}', "d3"))
+    state = b'{"n" :  4}'  # kept as the bytes it was received as
+    relay.send("a", snapshot(4, state))
+    relay.send("b", Digest("s", 4, state_digest(state)))
     session = relay.core.sessions["s"]
-    assert (session.snapshot_seq, session.snapshot_state, session.snapshot_digest) == (3, b'{"n" :  3}', "d3")
-    assert [codec.loads(raw)["seq"] for raw in session.tail] == [4, 5]
-    assert relay.store.batches[-1].snapshots == [("s", 3, 0, b'{"n" :  3}', "d3")]
-    assert relay.store.snapshots["s"] == (3, 0, b'{"n" :  3}', "d3")
-    assert stored_seqs(relay) == [4, 5]
+    digest = state_digest(state)
+    assert (session.snapshot_seq, session.snapshot_state, session.snapshot_digest) == (4, state, digest)
+    assert [codec.loads(raw)["seq"] for raw in session.tail] == [5, 6]
+    assert relay.store.batches[-1].snapshots == [("s", 4, 0, state, digest)]
+    assert relay.store.snapshots["s"] == (4, 0, state, digest)
+    assert stored_seqs(relay) == [5, 6]
 
 
-# --- digest ---------------------------------------------------------------------------------
+# --- agreement: a snapshot is kept only once another identity sends the same digest ---------
 
 
-def test_two_different_digests_of_one_seq_are_counted_as_a_divergence():
-    relay = relay_with(snapshot_every=2)
-    join(relay, "a")
-    join(relay, "b")  # seq 2: one is asked for a snapshot, the other for a digest
-    asked = relay.core.sessions["s"].asked.conn
-    other = "b" if asked == "a" else "a"
-    relay.send(other, Digest("s", 2, "y"))
-    relay.send(other, Digest("s", 2, "z"))  # a second answer is nobody's business
-    relay.send(asked, Snapshot("s", 2, b"{}", "x"))
+def answers(state: bytes, digest: str, digest_first: bool) -> list[tuple[str, Any]]:
+    """``a``'s snapshot of event 4 with ``state`` and ``b``'s ``digest`` of it, in an order."""
+    both = [("a", snapshot(4, state)), ("b", Digest("s", 4, digest))]
+    return both[::-1] if digest_first else both
+
+
+@pytest.mark.parametrize("digest_first", [False, True], ids=["snapshot-first", "digest-first"])
+def test_a_snapshot_is_kept_only_once_another_identity_sends_the_same_digest(digest_first):
+    relay = relay_with(snapshot_every=4)
+    asked_snapshot(relay)
+    state = b'{"n": 4}'
+    first, second = answers(state, state_digest(state), digest_first)
+    relay.send(*first)
+    session = relay.core.sessions["s"]
+    assert (session.snapshot_seq, session.snapshot_state, relay.store.snapshots) == (0, None, {})
+    assert stored_seqs(relay) == [1, 2, 3, 4]
+    relay.send(*second)
+    assert (session.snapshot_seq, session.snapshot_state, session.tail) == (4, state, [])
+    assert relay.store.snapshots["s"] == (4, 0, state, state_digest(state))
+    assert (session.candidate, session.digests) == (None, {})
+    assert relay.core.statistics().divergences == 0
+    assert relay.messages("a") == relay.messages("b") == []
+
+
+@pytest.mark.parametrize("digest_first", [False, True], ids=["snapshot-first", "digest-first"])
+def test_a_digest_that_differs_drops_the_snapshot_and_counts_a_divergence(digest_first):
+    relay = relay_with(snapshot_every=4)
+    asked_snapshot(relay)
+    first, second = answers(b'{"n": "forged"}', state_digest(b'{"n": 4}'), digest_first)
+    relay.send(*first)
+    relay.send(*second)
+    relay.send("b", Digest("s", 4, state_digest(b'{"n": "forged"}')))  # a second answer: nobody's business
+    session = relay.core.sessions["s"]
+    assert (session.snapshot_seq, session.candidate, relay.store.snapshots) == (0, None, {})
+    assert stored_seqs(relay) == [1, 2, 3, 4]
     assert relay.core.statistics().divergences == 1
     assert relay.core.describe(relay.now)["sessions"][0]["divergences"] == 1
     assert relay.messages("a") == relay.messages("b") == []
+
+
+def test_a_digest_from_the_snapshots_own_identity_does_not_agree_it():
+    relay = Relay(ReflectorConfig(snapshot_every=3))
+    for conn, label in (("x1", "x"), ("x2", "x"), ("b", "b")):  # x1 and x2: one identity, admin:x
+        relay.hello(conn, Hello(PROTOCOL_VERSION, None, label))
+    join(relay, "x1")
+    join(relay, "x2")
+    relay.send("b", Join(1, "s", "m"))  # event 3: 3 % 3 asks x1 for the snapshot
+    assert [requests(relay.messages(conn)) for conn in ("x1", "x2", "b")] == [
+        [SnapshotRequest("s", 3)],
+        [],  # x2 is skipped: the digest is asked of another identity
+        [DigestRequest("s", 3)],
+    ]
+    state = b'{"n": 3}'
+    relay.send("x1", snapshot(3, state))
+    relay.send("x2", Digest("s", 3, state_digest(state)))
+    session = relay.core.sessions["s"]
+    assert (session.snapshot_seq, relay.store.snapshots) == (0, {})
+    relay.send("b", Digest("s", 3, state_digest(state)))
+    assert relay.store.snapshots["s"] == (3, 0, state, state_digest(state))
+
+
+def test_a_session_agrees_a_snapshot_only_with_a_digest_of_another_identity():
+    session: RelaySession[str] = RelaySession("s", "m", b"null", seq=3, tail=[b"1", b"2", b"3"])
+    state = b'{"n": 3}'
+    assert session.offer(Candidate(3, 0, state, state_digest(state), "admin:x")) is None
+    assert session.vouch(3, state_digest(state), "admin:x") is None  # its own identity
+    assert (session.snapshot_seq, session.candidate is not None) == (0, True)
+    assert session.vouch(3, state_digest(state), "admin:y") is True
+    assert (session.snapshot_seq, session.tail, session.candidate) == (3, [], None)
+
+
+def test_a_snapshot_whose_digest_is_not_the_digest_of_its_state_is_refused():
+    relay = relay_with(snapshot_every=4)
+    asked_snapshot(relay)
+    relay.send("b", Digest("s", 4, "made up"))  # even a digest that says the same
+    relay.send("a", Snapshot("s", 4, b'{"n": 4}', "made up"))
+    assert relay.messages("a") == [
+        Error(
+            ErrorCode.MALFORMED, "the snapshot of event 4 does not carry the digest of its state", "s", None
+        )
+    ]
+    session = relay.core.sessions["s"]
+    assert (session.snapshot_seq, session.candidate, relay.store.snapshots) == (0, None, {})
+    relay.send("a", snapshot(4, b'{"n": 4}'))  # the request was answered, badly
+    assert [m.code for m in relay.messages("a")] == [ErrorCode.UNEXPECTED]
+    publish(relay, "a", "v1", 3)
+    assert requests(relay.messages("a") + relay.messages("b")) == []  # tried again an interval later
+    publish(relay, "a", "v1", 1)
+    assert requests(relay.messages("a") + relay.messages("b")) == [
+        SnapshotRequest("s", 8),
+        DigestRequest("s", 8),
+    ]
+
+
+def test_a_session_of_one_identity_keeps_its_events_and_is_asked_no_snapshot():
+    relay = Relay(ReflectorConfig(snapshot_every=2, max_tail=8))
+    for conn in ("x1", "x2"):
+        relay.hello(conn, Hello(PROTOCOL_VERSION, None, "x"))
+        join(relay, conn)
+    relay.send("x1", *[Publish("s", "v1", "add", i) for i in range(6)])
+    assert requests(relay.messages("x1") + relay.messages("x2")) == []
+    assert stored_seqs(relay) == list(range(1, 9))
+    relay.send("x2", Publish("s", "v2", "add", "beyond"))  # the tail is full: no snapshot can empty it
+    (refused,) = relay.messages("x2")
+    assert refused.code == ErrorCode.LIMIT and "since its latest agreed snapshot" in refused.message
+    assert requests(relay.messages("x1")) == []
+    assert len(relay.core.sessions["s"].tail) == 8
+
+
+# --- digest ---------------------------------------------------------------------------------
 
 
 def test_equal_digests_of_one_seq_are_no_divergence():
@@ -469,8 +597,17 @@ def test_a_snapshots_digest_is_compared_with_a_digest_of_the_same_seq():
     join(relay, "b")
     publish(relay, "a", "v1", 1)  # seq 3: 3 % 2 asks "b" for a snapshot, "a" for a digest
     relay.send("a", Digest("s", 3, "theirs"))
-    relay.send("b", Snapshot("s", 3, b"{}", "mine"))
+    relay.send("b", snapshot(3, b'"mine"'))
     assert relay.core.statistics().divergences == 1
+
+
+def test_unasked_digests_are_ignored():
+    relay = relay_with(snapshot_every=4)
+    asked_snapshot(relay)
+    relay.send("a", Digest("s", 4, state_digest(b"{}")))  # the snapshot's own connection
+    relay.send("b", Digest("s", 3, state_digest(b"{}")))  # another seq
+    assert relay.core.sessions["s"].digests == {}
+    assert relay.messages("a") == relay.messages("b") == []
 
 
 def test_a_digest_from_a_connection_not_in_the_session_is_an_error():
@@ -676,22 +813,26 @@ def test_a_connection_over_its_message_rate_is_told_how_long_to_wait():
 def test_a_snapshot_is_asked_every_snapshot_every_events():
     relay = relay_with(snapshot_every=4)
     join(relay, "a")
-    relay.send("a", *[Publish("s", "v1", "add", i) for i in range(3)])
+    join(relay, "b")
+    relay.send("a", *[Publish("s", "v1", "add", i) for i in range(2)])
     messages = relay.messages("a")
     assert messages[-1] == SnapshotRequest("s", 4)
     assert messages[-2].seq == 4
-    relay.send("a", Snapshot("s", 4, b"{}", "d4"))
+    relay.send("a", snapshot(4))
+    relay.send("b", Digest("s", 4, state_digest(b"{}")))
+    read_all(relay)
     publish(relay, "a", "v1", 3)
-    assert requests(relay.messages("a")) == []
+    assert requests(relay.messages("a") + relay.messages("b")) == []
     publish(relay, "a", "v1", 1)
     assert requests(relay.messages("a")) == [SnapshotRequest("s", 8)]
+    assert requests(relay.messages("b")) == [DigestRequest("s", 8)]
 
 
-def test_a_lone_member_gets_no_digest_request():
+def test_a_lone_member_is_asked_no_snapshot():
     relay = relay_with(snapshot_every=2)
     join(relay, "a")
-    publish(relay, "a", "v1", 1)
-    assert requests(relay.messages("a")) == [SnapshotRequest("s", 2)]
+    publish(relay, "a", "v1", 5)
+    assert requests(relay.messages("a")) == []
 
 
 def asked_members(relay: Relay, events: int) -> list[str]:
@@ -720,7 +861,9 @@ def test_the_member_asked_is_the_one_at_seq_modulo_the_members_and_the_next_one_
         [SnapshotRequest("s", 4)],
         [DigestRequest("s", 4)],
     ]
-    relay.send("b", Snapshot("s", 4, b"{}", "d4"))
+    relay.send("b", snapshot(4))
+    relay.send("c", Digest("s", 4, state_digest(b"{}")))
+    assert relay.core.sessions["s"].snapshot_seq == 4
     publish(relay, "a", "v1", 4)  # seq 8: 8 % 3 = 2, "c"
     assert [requests(relay.messages(conn)) for conn in "abc"] == [
         [DigestRequest("s", 8)],
@@ -736,23 +879,25 @@ def test_an_unanswered_request_is_made_again_after_another_interval_and_a_late_a
     assert requests(relay.messages("a")) == []
     publish(relay, "a", "v1", 1)
     assert requests(relay.messages("a")) == [SnapshotRequest("s", 8)]
-    relay.send("a", Snapshot("s", 4, b'"old"', "d4"))
+    relay.send("a", snapshot(4, b'"old"'))
     assert relay.messages("a") == []  # too late: ignored, no error
     assert relay.core.sessions["s"].snapshot_seq == 0
-    relay.send("a", Snapshot("s", 8, b'"new"', "d8"))
-    assert relay.store.snapshots["s"] == (8, 0, b'"new"', "d8")
+    relay.send("a", snapshot(8, b'"new"'))
+    relay.send("b", Digest("s", 8, state_digest(b'"new"')))
+    assert relay.store.snapshots["s"] == (8, 0, b'"new"', state_digest(b'"new"'))
 
 
 def test_a_request_to_a_dropped_connection_is_forgotten_and_the_next_event_asks_another():
     relay = relay_with(snapshot_every=4)
-    join(relay, "a")
-    join(relay, "b")
-    (asked,) = asked_members(relay, 2)
-    other, view = ("b", "v2") if asked == "a" else ("a", "v1")
-    relay.drop(asked)
+    relay.hello("c")
+    for conn in "abc":
+        join(relay, conn)
+    assert asked_members(relay, 1) == ["b"]  # seq 4: 4 % 3 = 1
+    relay.drop("b")  # seq 5
     read_all(relay)
-    publish(relay, other, view, 1)
-    assert requests(relay.messages(other)) == [SnapshotRequest("s", 6)]
+    publish(relay, "a", "v1", 1)  # seq 6: 6 % 2 = 0, "a"; "c" gives the digest
+    assert requests(relay.messages("a")) == [SnapshotRequest("s", 6)]
+    assert requests(relay.messages("c")) == [DigestRequest("s", 6)]
 
 
 # --- eviction and restart -------------------------------------------------------------------
@@ -772,23 +917,33 @@ def test_a_session_left_empty_goes_idle_once_its_batch_is_stored():
     assert relay.core.statistics().idle == 1
 
 
+def both_leave(relay: Relay) -> None:
+    """``a`` and ``b`` join ``s``, then leave: ``a`` is asked a snapshot of its exit (event
+    3), and ``b`` a digest of it."""
+    join(relay, "a")
+    join(relay, "b")
+    relay.send("a", Leave("s", "v1"))
+    assert SnapshotRequest("s", 3) in relay.messages("a")
+    assert DigestRequest("s", 3) in relay.messages("b")
+    relay.send("b", Leave("s", "v2"))
+    read_all(relay)
+
+
 def test_an_empty_session_awaiting_its_snapshot_goes_idle_and_takes_the_answer_while_in_memory():
     relay = relay_with(leave_snapshot_after=2)
-    join(relay, "a")
-    relay.send("a", Leave("s", "v1"))
-    assert SnapshotRequest("s", 2) in relay.messages("a")
+    both_leave(relay)
     assert phase(relay) is Phase.IDLE  # a leaver that never answers cannot pin it
-    relay.send("a", Snapshot("s", 2, b"{}", "d2"))
-    assert relay.store.snapshots["s"][0] == 2
+    relay.send("a", snapshot(3))
+    relay.send("b", Digest("s", 3, state_digest(b"{}")))
+    assert relay.messages("a") == relay.messages("b") == []
+    assert relay.store.snapshots["s"][0] == 3
 
 
 def test_a_session_whose_leaver_never_answers_leaves_memory_and_a_late_answer_is_ignored():
     relay = relay_with(leave_snapshot_after=2, idle_sessions=0)
-    join(relay, "a")
-    relay.send("a", Leave("s", "v1"))
-    assert SnapshotRequest("s", 2) in relay.messages("a")
+    both_leave(relay)
     assert "s" not in relay.core.sessions
-    relay.send("a", Snapshot("s", 2, b"{}", "d2"))
+    relay.send("a", snapshot(3))
     assert relay.messages("a") == []  # no error: it was asked
     assert "s" not in relay.store.snapshots
 
@@ -850,16 +1005,21 @@ def test_after_a_restart_the_views_present_exit_first_and_the_stream_goes_on():
 
 
 def test_a_session_restored_after_a_restart_keeps_its_snapshot():
-    relay = relay_with(snapshot_every=3)
+    relay = relay_with(snapshot_every=4)
     asked_snapshot(relay)
     relay.now = 1.0
-    relay.send("a", Snapshot("s", 3, b'{"n":3}', "d3"), Publish("s", "v1", "add", 4))
+    relay.send("a", snapshot(4, b'{"n":4}'), Publish("s", "v1", "add", 5))
+    relay.send("b", Digest("s", 4, state_digest(b'{"n":4}')))
     relay.restart()
     relay.hello("b")
     sync = join(relay, "b")
-    assert sync.snapshot == SnapshotRecord(3, 0, {"n": 3}, "d3")
-    assert [(e.seq, e.topic, e.time) for e in sync.events] == [(4, "add", 1000), (5, VIEW_EXIT, 1000)]
-    assert sync.view == "v6"
+    assert sync.snapshot == SnapshotRecord(4, 0, {"n": 4}, state_digest(b'{"n":4}'))
+    assert [(e.seq, e.topic, e.time) for e in sync.events] == [
+        (5, "add", 1000),
+        (6, VIEW_EXIT, 1000),
+        (7, VIEW_EXIT, 1000),
+    ]
+    assert sync.view == "v8"
 
 
 def test_reviving_a_session_already_in_memory_changes_nothing():

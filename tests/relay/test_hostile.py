@@ -17,8 +17,24 @@ from million.compute.progress import Progress
 from million.compute.status import status_with_runs
 from million.relay.config import ReflectorConfig
 from million.relay.store import StoreError
+from million.replica.model import Replica
+from million.replica.state import dump_state
 from million.wire import codec, transport
-from million.wire.protocol import PROTOCOL_VERSION, Error, ErrorCode, Hello, Join, Sync
+from million.wire.protocol import (
+    PROTOCOL_VERSION,
+    Digest,
+    DigestRequest,
+    Error,
+    ErrorCode,
+    Event,
+    Hello,
+    Join,
+    Ping,
+    Pong,
+    SnapshotRequest,
+    Sync,
+    state_digest,
+)
 from models import Ledger
 
 MAX_2_64 = 2**64 - 1
@@ -142,6 +158,64 @@ async def test_a_run_created_with_empty_options_is_inert_and_a_worker_declines_i
         ):
             assert session.model.count == 0 and not session.model.done
             await same_everywhere(served, "empty", Computation, session)
+
+
+async def lie(
+    channel: transport.Channel, session: str, last: int, told: list[tuple[str, int]], done: trio.Event
+) -> None:
+    """Answer every snapshot and digest request of ``session`` with a forged Ledger, well
+    formed and with the right digest of its bytes, until the answer about event ``last``
+    is known to have reached the reflector (a ping after it is answered)."""
+    forged = Replica.create(Ledger, session, None)
+    while True:
+        for message in codec.decode_reflector(await channel.receive()):
+            if isinstance(message, Pong) and message.ref == last:
+                done.set()
+            if not isinstance(message, SnapshotRequest | DigestRequest) or message.session != session:
+                continue
+            while forged.seq < message.seq:  # a history that never happened
+                forged.apply(Event(session, forged.seq + 1, 0, "v2", "add", "forged"))
+            state = dump_state(forged.snapshot())
+            if isinstance(message, SnapshotRequest):
+                told.append(("snapshot", message.seq))
+                await channel.send(codec.encode_snapshot(session, message.seq, state, state_digest(state)))
+            else:
+                told.append(("digest", message.seq))
+                await channel.send(codec.encode(Digest(session, message.seq, state_digest(state))))
+            await channel.send(codec.encode(Ping(message.seq)))
+
+
+async def test_a_snapshot_sent_by_a_lone_liar_is_not_used_by_a_later_joiner():
+    async with (
+        million.open_reflector(ReflectorConfig(port=0, snapshot_every=3)) as reflector,
+        million.open_client(reflector.url) as honest_client,
+        million.join(honest_client, "lied", Ledger) as honest,  # event 1
+        raw(reflector.url) as liar,
+        trio.open_nursery() as nursery,
+    ):
+        await join_raw(liar, "lied", Ledger.model_name, None)  # event 2
+        told: list[tuple[str, int]] = []
+        answered = trio.Event()
+        nursery.start_soon(lie, liar, "lied", 9, told, answered)
+        for i in range(7):  # events 3 to 9: a snapshot is asked of events 3, 6 and 9
+            honest.publish("add", i)
+            await honest.wait_for(lambda model, i=i: model.total == i + 1)
+        with trio.fail_after(10):
+            await answered.wait()
+            await honest_client.ping()  # the reflector has the honest answers too
+        assert told == [("snapshot", 3), ("digest", 6), ("snapshot", 9)]  # the latest snapshot: a lie
+        assert reflector.statistics().divergences == 3
+        assert reflector.core.sessions["lied"].snapshot_seq == 0  # no snapshot agreed: all events kept
+        async with (
+            million.open_client(reflector.url) as late_client,
+            million.join(late_client, "lied", Ledger, create=False) as late,
+        ):
+            assert late.sync_info().synced_from == 0  # it replays the events, not the forged snapshot
+            with trio.fail_after(10):
+                await honest.wait_for(lambda _: honest.replica.seq >= late.replica.seq)
+            assert late.replica.digest() == honest.replica.digest()
+            assert [entry[0] for entry in late.model.entries] == list(range(7))
+        nursery.cancel_scope.cancel()
 
 
 async def upgrade(port: int, path: str, *headers: str) -> int:

@@ -16,6 +16,7 @@ from million.wire.protocol import (
     VIEW_EXIT,
     VIEW_JOIN,
     Digest,
+    DigestRequest,
     Error,
     ErrorCode,
     Event,
@@ -31,6 +32,7 @@ from million.wire.protocol import (
     StatusRequest,
     Summarize,
     Tick,
+    state_digest,
 )
 from pairing import Relay
 
@@ -159,16 +161,20 @@ def test_sessions_beyond_the_limit_are_refused_and_those_in_the_store_still_open
     assert errors(relay, "b") == []
 
 
-def test_a_session_without_snapshots_refuses_events_beyond_its_tail_until_one_comes():
+def test_a_session_without_snapshots_refuses_events_beyond_its_tail_until_one_is_agreed():
     relay = relay_with(max_tail=4)
     join(relay, "a")
-    relay.send("a", *[Publish("s", "v1", "t", i) for i in range(3)])  # seq 4: the tail is full
+    join(relay, "b")
+    relay.send("a", *[Publish("s", "v1", "t", i) for i in range(2)])  # seq 4: the tail is full
     relay.messages("a")
+    relay.messages("b")
     relay.send("a", Publish("s", "v1", "t", 4))
     messages = relay.messages("a")
     assert SnapshotRequest("s", 4) in messages
+    assert DigestRequest("s", 4) in relay.messages("b")
     assert [m.code for m in messages if isinstance(m, Error)] == [ErrorCode.LIMIT]
-    relay.send("a", Snapshot("s", 4, b"{}", "d"), Publish("s", "v1", "t", 5))
+    relay.send("b", Digest("s", 4, state_digest(b"{}")))
+    relay.send("a", Snapshot("s", 4, b"{}", state_digest(b"{}")), Publish("s", "v1", "t", 5))
     assert seqs(relay, "a") == [5]
     assert relay.core.statistics().refused == {"tail": 1}
 

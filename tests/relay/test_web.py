@@ -23,6 +23,7 @@ from playwright.sync_api import expect, sync_playwright
 
 import million
 from helpers import Process, start_reflector
+from million.compute import ledger
 from million.compute.pages import RUNS_PAGE
 from million.relay import web
 from million.relay.config import ConfigError, ReflectorConfig, ReflectorStatistics
@@ -465,3 +466,54 @@ async def test_the_page_draws_absurd_summaries_within_bounds_and_keeps_the_token
     assert seen["workers"] == "1,000,000,000,000,000+"
     assert seen["cell 3"] == "3 ·2"
     assert seen["blocked"] == []
+
+
+# --- the ledger on the runs page ----------------------------------------------------------
+
+ROW = ["worker:good", 12, 12, 0, 0, 2400, 12, "nightly", False]
+FLAGGED = ["worker:<b>bad</b>", 5, 1, 4, 0, 200, 0, "nightly", True]  # shown as text, never as markup
+
+
+def ledger_relay(rows: list[Any], identities: int) -> FakeRelay:
+    summary = {"identities": identities, "rows": rows}
+    return FakeRelay(ReflectorConfig(), {"million-ledger": orjson.dumps(summary)})
+
+
+def test_the_runs_view_has_the_ledger_rows_that_are_rows():
+    rows = [FLAGGED, ROW, ["worker:x", "many", 1, 0, 0, 1, 1, "r", False], "junk", [1] * 9, ROW[:-1]]
+    view = RUNS_PAGE.live(ledger_relay(rows, 10), None)
+    assert [row["identity"] for row in view["ledger"]] == ["worker:<b>bad</b>", "worker:good"]
+    assert view["ledger"][1] == dict(zip(ledger.COLUMNS, ROW, strict=True))
+    assert view["ledger_more"] == 8
+    empty = RUNS_PAGE.live(FakeRelay(ReflectorConfig()), None)
+    assert (empty["ledger"], empty["ledger_more"]) == ([], 0)
+
+
+def view_ledger(url: str) -> dict[str, Any]:
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#credit")).to_be_visible(timeout=30_000)
+            flagged = page.locator("#ledger tr.flagged").first
+            return {
+                "rows": page.locator("#ledger tbody tr").count(),
+                "flagged": page.locator("#ledger tr.flagged").count(),
+                "first": [cell.inner_text() for cell in flagged.locator("td").all()],
+                "bold": flagged.locator("b").count(),
+                "more": page.locator("#ledger-more").inner_text(),
+            }
+        finally:
+            browser.close()
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Chromium (apt-get install chromium)")
+async def test_the_page_shows_the_ledger_flagged_identities_marked_and_1000_rows_at_most():
+    rows = [FLAGGED, *([*ROW[:-2], f"run-{i}", False] for i in range(1500))]
+    async with web_port(ledger_relay(rows, 5000)) as port:
+        seen = await trio.to_thread.run_sync(view_ledger, f"http://127.0.0.1:{port}/")
+    assert seen["rows"] == 1000 and seen["flagged"] == 1
+    assert seen["first"] == ["worker:<b>bad</b>", "5", "1", "4", "0", "0.2 s", "0", "nightly", "flagged"]
+    assert seen["bold"] == 0
+    assert seen["more"] == "and 4,000 more identities"

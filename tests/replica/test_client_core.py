@@ -26,6 +26,7 @@ from million.wire.protocol import (
     Snapshot,
     SnapshotRequest,
     Status,
+    state_digest,
 )
 from models import Ledger, Tally
 from pairing import Relay, connect
@@ -117,9 +118,10 @@ def test_model_events_reach_every_membership_of_the_session_once_the_event_is_ap
 
 def test_a_late_joiner_rebuilds_from_the_latest_snapshot_and_replays_the_events_after_it():
     relay = Relay(ReflectorConfig(snapshot_every=5))
-    a, b = connect(relay, "a"), connect(relay, "b")
+    a, b, w = connect(relay, "a"), connect(relay, "b"), connect(relay, "w")
     early = joined(relay, a)
-    adds(a, early, *range(6))  # events 2..7; the snapshot of event 5 is asked and answered
+    joined(relay, w)  # another identity, whose digest agrees the snapshot
+    adds(a, early, *range(5))  # events 3..7; the snapshot of event 5 is asked, answered and agreed
     relay.pump()
     assert relay.core.sessions["s"].snapshot_seq == 5
     late = joined(relay, b)
@@ -205,7 +207,7 @@ def test_a_join_given_up_before_its_sync_leaves_no_session_waiting_for_its_snaps
     relay = Relay(ReflectorConfig(leave_snapshot_after=3))
     relay.hello("x")
     relay.send("x", Join(1, "s", Ledger.model_name), *[Publish("s", "v1", "add", i) for i in range(5)])
-    relay.drop("x")  # a long tail and no snapshot: the last to leave is asked for one
+    relay.drop("x")  # a long tail and no snapshot
     client = connect(relay)
     client.forget(client.join("s", Ledger))
     relay.pump()
@@ -225,18 +227,21 @@ def test_a_second_membership_given_up_on_the_way_leaves_and_the_first_stays():
     assert replica(first).model.present == ["v1"]
 
 
-def test_a_leave_is_confirmed_and_the_last_leaver_leaves_its_snapshot_behind():
+def test_a_leave_is_confirmed_and_a_leaver_that_leaves_one_identity_behind_leaves_a_snapshot():
     relay = Relay(ReflectorConfig(leave_snapshot_after=3))
-    client = connect(relay)
+    client, other = connect(relay, "a"), connect(relay, "w")
     member = joined(relay, client)
+    stays = joined(relay, other)
     adds(client, member, 1, 2)
     relay.pump()
-    client.leave(member)
+    client.leave(member)  # event 5: the leaver is asked a snapshot, the other a digest
     assert member.state is State.LEFT and client.departing
     relay.pump()
     assert not client.departing
+    other.leave(stays)  # event 6: the last leaver alone is asked nothing
+    relay.pump()
     session = relay.core.sessions["s"]
-    assert (session.snapshot_seq, session.phase) == (4, Phase.IDLE)
+    assert (session.snapshot_seq, session.phase) == (5, Phase.IDLE)
     state, digest = session.snapshot_state, session.snapshot_digest
     assert state is not None
     assert Replica.restore(Ledger, "s", codec.loads(state)).digest() == digest == replica(member).digest()
@@ -321,16 +326,21 @@ def test_a_refused_join_fails_with_the_reflectors_error_code(name, model, create
 def test_a_snapshot_the_model_cannot_take_fails_the_join_and_leaves_again():
     relay = Relay(ReflectorConfig(snapshot_every=2))
     relay.hello("x")
-    relay.send("x", Join(1, "s", Ledger.model_name), Publish("s", "v1", "add", 1))
+    relay.hello("y")
+    relay.send("x", Join(1, "s", Ledger.model_name))
+    relay.send("y", Join(1, "s", Ledger.model_name))  # event 2: x is asked a snapshot, y a digest
     broken = {"seq": 2, "now": 0, "model": {"total": "many"}, "subscriptions": {}}
     broken |= {"futures": [], "future_count": 0, "random": 1}
-    relay.send("x", Snapshot("s", 2, codec.dumps(broken), "d"))
+    state = codec.dumps(broken)
+    relay.send("x", Snapshot("s", 2, state, state_digest(state)))
+    relay.send("y", Digest("s", 2, state_digest(state)))  # two identities agree it: it is kept
+    assert relay.core.sessions["s"].snapshot_seq == 2
     client = connect(relay)
     member = client.join("s", Ledger)
     relay.pump()
     assert member.state is State.FAILED
     assert member.error is not None and member.error.code == "unusable-state"
-    assert list(relay.core.sessions["s"].views) == ["v1"]  # its view came and went
+    assert list(relay.core.sessions["s"].views) == ["v1", "v2"]  # its view came and went
     assert topics(relay)[-2:] == [(VIEW_JOIN, "v3"), (VIEW_EXIT, "v3")]
 
 

@@ -9,6 +9,7 @@ import trio
 import million
 from helpers import start_participant, start_reflector
 from million.relay.config import ReflectorConfig
+from million.wire import codec
 from models import DigestOnTarget, Ledger, Publisher, Tagged, Tally
 
 
@@ -51,7 +52,11 @@ async def test_participants_in_processes_with_different_hash_seeds_reach_one_dig
 
 
 async def test_late_joiner_replays_only_the_tail_after_the_latest_snapshot(reflector, client):
-    async with million.join(client, "late", Ledger, options={"target": 5000}) as first:
+    async with (
+        million.join(client, "late", Ledger, options={"target": 5000}) as first,
+        million.open_client(reflector.url) as witness,  # another identity: snapshots are agreed
+        million.join(witness, "late", Ledger, options={"target": 5000}),
+    ):
         for i in range(5000):
             first.publish("add", i)
         with trio.fail_after(30):
@@ -259,18 +264,26 @@ async def test_a_diverging_replica_is_detected_and_counted(reflector):
     assert session["divergences"] == 1
 
 
-async def test_the_last_participant_to_leave_leaves_a_snapshot_behind(reflector):
+async def test_a_participant_that_leaves_one_identity_behind_leaves_a_snapshot(reflector):
     async with (
-        million.open_client(reflector.url) as client,  # closed right after leaving
-        million.join(client, "tidy", Ledger) as session,
+        million.open_client(reflector.url) as client,
+        million.open_client(reflector.url) as other,
     ):
-        for i in range(70):  # a tail longer than ReflectorConfig.leave_snapshot_after
-            session.publish("add", i)
-        await session.wait_for(lambda model: model.total == 70)
-    with trio.fail_after(10):
-        while (stored := await reflector.store.load("tidy")) is None or stored.events:  # noqa: ASYNC110
-            await trio.sleep(0.01)  # the store has no event to wait for: poll it
-    assert stored.snapshot_seq == 72  # join, 70 additions, exit
+        async with million.join(other, "tidy", Ledger) as stays:
+            async with million.join(client, "tidy", Ledger) as session:
+                for i in range(70):  # a tail longer than ReflectorConfig.leave_snapshot_after
+                    session.publish("add", i)
+                await session.wait_for(lambda model: model.total == 70)
+            await client.settle()  # its leave confirmed: its answer is sent
+            with trio.fail_after(10):
+                await stays.wait_for(lambda _: stays.replica.seq == 73)  # two joins, 70 additions, exit
+            await client.ping()  # the reflector has what each sent before
+            await other.ping()
+            assert reflector.core.sessions["tidy"].snapshot_seq == 73
+        await other.settle()  # the last leave: it is asked nothing
+    stored = await reflector.store.load("tidy")
+    assert stored is not None and stored.snapshot_seq == 73
+    assert [codec.loads(event)["seq"] for event in stored.events] == [74]
     assert "tidy" not in [s["name"] for s in reflector.describe()["sessions"]]
 
 

@@ -6,6 +6,8 @@
 - option ``slow``: global indexes whose computation creates ``<marker_dir>/<index>``
   and then waits (up to a minute) until ``<marker_dir>/go`` exists: a test can stop
   workers in the middle of a partition, then let the rest of the run go.
+- environment ``MILLION_TESTPLUGIN_LIE=N``: this process lies, returning ``"lie@<index>"``
+  for every global index divisible by ``N`` (all liars lie alike: they collude).
 
 ``expected(...)`` computes the answer the same way without any network.
 """
@@ -14,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import million
 from million.compute.tree import Spec
+
+LIE = "MILLION_TESTPLUGIN_LIE"
 
 
 @million.hookimpl
@@ -35,6 +40,9 @@ def compute(input: Any, index: int, options: dict[str, Any]) -> Any:
         deadline = time.monotonic() + 60
         while not (markers / "go").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
+    lie = int(os.environ.get(LIE, "0"))
+    if lie and index % lie == 0:
+        return f"lie@{index}"
     return f"{input}@{index}"
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import attrs
 import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from million.replica.state import digest_of, digest_of_dump, dump_state
+from million.replica.state import digest_of, dump_state
 from million.wire import codec, protocol
 from million.wire.codec import frames
 from million.wire.protocol import ErrorCode, ProtocolError
@@ -85,8 +87,20 @@ def test_the_hot_path_event_encoder_matches_the_converter():
 def test_the_snapshot_encoder_matches_the_converter():
     state = {"seq": 3, "model": {"counts": {1: [2, None]}}}
     snapshot = protocol.Snapshot("s", 3, dump_state(state), digest_of(state))
-    encoded = codec.encode_snapshot("s", 3, dump_state(state), digest_of_dump(dump_state(state)))
+    encoded = codec.encode_snapshot("s", 3, dump_state(state), protocol.state_digest(dump_state(state)))
     assert encoded == codec.encode(snapshot)
+
+
+def test_a_snapshots_digest_is_the_digest_of_its_state_bytes_as_the_reflector_receives_them():
+    state = {"seq": 3, "model": {"counts": {1: [2, None]}, "name": "é"}}
+    raw = dump_state(state)
+    assert protocol.state_digest(raw) == hashlib.sha256(raw).hexdigest()[:32] == digest_of(state)
+    frame = codec.frame(
+        [codec.encode(protocol.Ping(1)), codec.encode_snapshot("s", 3, raw, digest_of(state))]
+    )
+    (_, received) = codec.decode_client(frame)
+    assert received.state == raw
+    assert protocol.state_digest(received.state) == received.digest
 
 
 def test_opaque_payloads_come_back_as_the_bytes_they_were_received_as():

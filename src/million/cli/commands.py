@@ -23,13 +23,14 @@ import trio
 from rich.console import Console
 
 from million._version import __version__
-from million.cli.display import ProgressDisplay, result_lines, resume_args, status_lines
+from million.cli.display import ProgressDisplay, credit_lines, result_lines, resume_args, status_lines
 from million.cli.parser import LIMITS, build_parser
 from million.compute import bots, runner
 from million.compute.pages import RUNS_PAGE
 from million.compute.plugins import PluginError
 from million.compute.runner import RunConfig, RunError, RunState
-from million.compute.status import status_with_runs
+from million.compute.status import ledger_identities, status_with_runs
+from million.compute.worker import RunFailed
 from million.relay.config import ConfigError, Identity, ReflectorConfig, read_identities
 from million.relay.server import open_reflector
 from million.relay.store import StoreError
@@ -203,6 +204,9 @@ def run(args: argparse.Namespace) -> int:
         detach=args.detach,
         token=args.token,
         cafile=args.cafile,
+        verify=args.verify,
+        max_copies=args.max_copies,
+        max_rejections=args.max_rejections,
     )
     console = Console(stderr=True)
     display = ProgressDisplay(console) if console.is_terminal and not args.json else None
@@ -264,6 +268,8 @@ def work(args: argparse.Namespace) -> int:
         raise Failure(str(exc), 1) from None
     except JoinError as exc:
         raise Failure(f"cannot join run {args.run}: {exc}", 1) from None
+    except RunFailed as exc:
+        raise Failure(str(exc), 1) from None
     if answer is None:
         print("million work: stopped", file=sys.stderr)
     return 0
@@ -286,6 +292,29 @@ async def _fetch_status(url: str, token: str | None, context: ssl.SSLContext | N
     async with open_client(url, token=token, label="status", first_timeout=2, ssl_context=context) as client:
         with trio.fail_after(STATUS_TIMEOUT):
             return await status_with_runs(client)
+
+
+# --- million credit ---------------------------------------------------------------------------
+
+
+def credit(args: argparse.Namespace) -> int:
+    fetch = partial(_fetch_ledger, args.reflector, args.token, _client_tls(args))
+    try:
+        identities = trio.run(fetch)
+    except (ClientError, JoinError, trio.TooSlowError) as exc:
+        raise Failure(str(exc) or f"the reflector did not answer within {STATUS_TIMEOUT} s", 1) from None
+    if identities is None:
+        raise Failure("a view token may not read the ledger: give a token that may join (--token)", 1)
+    print(json.dumps(identities, indent=2) if args.json else "\n".join(credit_lines(identities)))
+    return 0
+
+
+async def _fetch_ledger(
+    url: str, token: str | None, context: ssl.SSLContext | None
+) -> dict[str, dict[str, Any]] | None:
+    async with open_client(url, token=token, label="credit", first_timeout=2, ssl_context=context) as client:
+        with trio.fail_after(STATUS_TIMEOUT):
+            return await ledger_identities(client)
 
 
 # --- shared -----------------------------------------------------------------------------------
@@ -330,4 +359,5 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": run,
     "work": work,
     "status": status,
+    "credit": credit,
 }

@@ -1,5 +1,5 @@
 """What the commands show: the live progress of ``million run`` (rich, only on a
-terminal), its result, and the text of ``million status``."""
+terminal), its result, and the text of ``million status`` and ``million credit``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from million.compute.runner import RunConfig, RunResult, RunState
 from million.compute.tree import split
 
 MAX_CHILD_BARS = 16
+COUNTS = ("submitted", "validated", "rejected", "pending")  # of an identity, as the ledger's table shows
 
 
 class ProgressDisplay:
@@ -66,10 +67,16 @@ class ProgressDisplay:
 def result_lines(result: RunResult) -> list[str]:
     """The answer of ``million run`` and how fast it came."""
     speed = f"{result.partitions_per_s:,.0f} partitions/s" + (" (resumed)" if result.resumed else "")
-    return [
+    lines = [
         f"answer: {json.dumps(result.answer)}",
         f"{result.partitions:,} partitions (fanout {result.fanout}) in {result.elapsed_s:.2f} s: {speed}",
     ]
+    if result.credit:
+        validated, rejected = (sum(c.get(key, 0) for c in result.credit.values()) for key in COUNTS[1:3])
+        lines.append(
+            f"results of {len(result.credit):,} identities: {validated:,} validated, {rejected:,} rejected"
+        )
+    return lines
 
 
 def resume_args(config: RunConfig, state: RunState) -> str:
@@ -78,6 +85,8 @@ def resume_args(config: RunConfig, state: RunState) -> str:
     parts += [f"--partitions {config.partitions}", f"--fanout {config.fanout}"]
     parts += [f"--input {json.dumps(config.input)!r}"]
     parts += [f"--option {key}={json.dumps(value)!r}" for key, value in config.options.items()]
+    parts += [f"--verify {config.verify}", f"--max-rejections {config.max_rejections}"]
+    parts += [f"--max-copies {config.max_copies}"] if config.max_copies is not None else []
     return " ".join(parts)
 
 
@@ -95,7 +104,28 @@ def status_lines(info: dict[str, Any]) -> list[str]:
         lines.append(f"  and {unlisted:,} more sessions with participants")
     if info["runs"]:
         lines.append("runs in the lobby:")
-    return lines + [_run_line(run) for run in info["runs"]]
+    lines += [_run_line(run) for run in info["runs"]]
+    if info.get("ledger"):
+        lines += ["credit in the ledger:", *credit_lines(info["ledger"], indent="  ")]
+    return lines
+
+
+def credit_lines(identities: dict[str, dict[str, Any]], indent: str = "") -> list[str]:
+    """The ledger as a table: an identity a line, in the order given, flagged ones marked."""
+    if not identities:
+        return [f"{indent}no run has recorded credit on this reflector yet"]
+    width = max(len("identity"), *(len(name) for name in identities))
+    lines = [_row(indent, "identity", width, [*COUNTS, "credit", "consecutive"], "last seen in")]
+    for name, entry in identities.items():
+        cells = [f"{entry[key]:,}" for key in COUNTS]
+        cells += [f"{entry['credit_ms'] / 1000:,.1f} s", f"{entry['consecutive']:,}"]
+        lines.append(_row(indent, name, width, cells, entry["last_run"], flagged=entry["flagged"]))
+    return lines
+
+
+def _row(indent: str, name: str, width: int, cells: list[str], last: str, *, flagged: bool = False) -> str:
+    line = f"{indent}{name:{width}}" + "".join(f"  {cell:>11}" for cell in cells) + f"  {last}"
+    return line + ("  FLAGGED" if flagged else "")
 
 
 def _session_line(session: dict[str, Any]) -> str:

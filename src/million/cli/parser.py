@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from million._version import __version__
-from million.compute.runner import RunConfig
+from million.compute.runner import ADAPTIVE, RunConfig
 from million.relay.config import ReflectorConfig
 from million.wire.transport import ENGINES
 
@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     _reflector(commands.add_parser("reflector", help="run a reflector that hosts sessions"))
     _run(commands.add_parser("run", help="run a computation and print its answer"))
     _work(commands.add_parser("work", help="run bots that work a run until it is done"))
-    _status(commands.add_parser("status", help="show a reflector's sessions"))
+    _observe(commands.add_parser("status", help="show a reflector's sessions, runs and credit"))
+    _observe(commands.add_parser("credit", help="show the ledger: each identity's results, credit and trust"))
     return parser
 
 
@@ -221,8 +222,36 @@ def _run(parser: argparse.ArgumentParser) -> None:
     add("--bots", type=_positive, default=RUN.bots, help="bots per worker process (default: %(default)s)")
     add("--no-work", dest="workers", action="store_const", const=0, help="only post the run and watch it")
     _no_detach(parser)
-    add("--json", action="store_true", help="print the result as one JSON object")
+    _verification(parser)
+    add("--json", action="store_true", help="print the result as one JSON object, with the run's credit")
     _client(parser)
+
+
+def _verification(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("verification", "of results from untrusted workers (docs/workers.md)")
+    add = group.add_argument
+    add(
+        "--verify",
+        type=_verify,
+        default=RUN.verify,
+        metavar=f"K|{ADAPTIVE}",
+        help=f"distinct identities that must report the same value before it is taken; {ADAPTIVE}: two,"
+        " or one the ledger trusts (default: %(default)s)",
+    )
+    add(
+        "--max-copies",
+        type=_positive,
+        default=RUN.max_copies,
+        metavar="N",
+        help="identities a value may be asked of before the run fails for want of agreement (default: 2K+1)",
+    )
+    add(
+        "--max-rejections",
+        type=_count,
+        default=RUN.max_rejections,
+        metavar="N",
+        help="rejected results beyond which an identity gets no more work in the run (default: %(default)s)",
+    )
 
 
 def _work(parser: argparse.ArgumentParser) -> None:
@@ -236,7 +265,7 @@ def _work(parser: argparse.ArgumentParser) -> None:
     _client(parser)
 
 
-def _status(parser: argparse.ArgumentParser) -> None:
+def _observe(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reflector",
         default=f"ws://{REFLECTOR.host}:{REFLECTOR.port}",
@@ -289,6 +318,18 @@ def _count(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def _verify(text: str) -> int | str:
+    if text == ADAPTIVE:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or {ADAPTIVE}, not {text}")
     return value
 
 

@@ -22,7 +22,7 @@ from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, bots_per_run
 from million.compute.plugins import Plugin, PluginError, load_plugin
 from million.compute.progress import Progress, progress_session, report_progress
-from million.compute.worker import Context, RunRefused, run_spec, work
+from million.compute.worker import Context, RunFailed, RunRefused, run_spec, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, join
 from million.replica.view import View
@@ -55,7 +55,8 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
     """``bots`` bots of this process working ``run`` until it is done; returns its answer.
 
     Raises ``PluginError`` (``RunRefused`` when the root's options describe no computation)
-    if this process cannot work the run: the run is left untouched.
+    if this process cannot work the run: the run is left untouched; ``RunFailed`` if the
+    run failed for want of agreement.
     """
     async with join(client, run, Computation, View, create=False) as root:
         spec = run_spec(run, root.options)
@@ -73,7 +74,7 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
                     nursery.start_soon(report_progress, run, progress, root)
                     for _ in range(bots):
                         nursery.start_soon(work, ctx, run)
-            except* (PluginError, JoinError) as group:  # e.g. a child session made with other options
+            except* (PluginError, JoinError, RunFailed) as group:  # e.g. a child made with other options
                 refused = _first(group)
             if refused is not None:
                 raise refused
@@ -119,7 +120,7 @@ async def run_lobby_bots(
             with scope:
                 try:
                     answer = await crew(client, run, count, detach=detach)
-                except (PluginError, RunRefused, JoinError) as exc:
+                except (PluginError, RunRefused, JoinError, RunFailed) as exc:
                     log.warning("skipping run %s: %s", run, exc)
                     refused.add(run)
                     client.changed(lobby.name)

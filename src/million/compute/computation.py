@@ -8,8 +8,16 @@ Each session prepares its inputs once (``prepare_inputs``) and, when every parti
 or child has an output, collects them (``collect_results``); that output is the
 partition's output in the parent.
 
-Everything a session knows is its replicated model, so any worker can join any
-session at any time, and every worker may leave: the work resumes where it stopped.
+Nobody is taken at their word. A partition is handed to identities (the reflector's
+stamp on each event, ``Model.identity``), and a value counts only from an identity it
+was handed to: the partition's output from one of its assignees, the inputs and the
+output from the identities that claimed preparing or collecting. Each value is taken
+once ``verify`` distinct identities agree on it (``million.compute.votes``); on
+disagreement it is asked of more identities, up to ``max_copies``, and then the run
+fails, naming the partition and who disagreed. With ``adaptive``, a trusted identity's
+value may be taken alone (BOINC's adaptive replication), decided with the model's
+seeded random: the same on every replica. The ``tally`` of every identity's reports
+travels upward with each child's output, so that the root's is the run's.
 """
 
 from __future__ import annotations
@@ -20,43 +28,54 @@ from typing import Any
 import attrs
 
 from million.compute.tree import Spec, SpecError
+from million.compute.votes import Ballot, Tally, Task, is_tally
 from million.replica.model import Model
 from million.replica.state import INT64_MAX, is_json
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
-__all__ = ["CLAIMS", "Computation"]
+__all__ = ["CLAIMS", "TRUSTED", "Computation"]
 
 log = logging.getLogger(__name__)
 
 CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
+TRUSTED = 10  # consecutive valid results that make an identity trusted (adaptive)
 
 
 @attrs.define
-class Computation(Model, name="million.computation.2"):
+class Computation(Model, name="million.computation.3"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker
     of another version is refused at the join (``model-mismatch``) instead of diverging.
-
     Every handler checks every field of its event before it changes anything, and
-    ignores a malformed event whole: the same decision on every replica. Options that
-    are not a valid ``Spec`` leave an inert model that subscribes to nothing.
+    ignores a malformed or unfounded event whole (counting it against its identity).
     """
 
     leaf: bool = True
     root: bool = True
     count: int = 0
+    verify: int = 1
+    adaptive: bool = False
+    copies: int = 3
+    max_rejections: int = 3
+    trust: dict[str, int] = attrs.Factory(dict)
     inputs: list[Any] | None = None
     outputs: list[Any] = attrs.Factory(list)
     completed: list[bool] = attrs.Factory(list)
-    started: list[bool] = attrs.Factory(list)
-    done_by: list[str | None] = attrs.Factory(list)
     remaining: int = 0
+    wanted: list[int] = attrs.Factory(list)  # identities to ask for each partition
+    alone: list[str] = attrs.Factory(list)  # the trusted identity a partition's value may come from alone
+    assignees: list[list[str]] = attrs.Factory(list)  # identities each partition was handed to
+    ballots: list[Ballot] = attrs.Factory(list)
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
-    answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, partitions given]
-    claims: dict[str, str] = attrs.Factory(dict)  # "prepare" / "collect" -> view doing it
+    answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, given, epoch]
+    views: dict[str, str] = attrs.Factory(dict)  # present view -> its identity
+    tasks: dict[str, Task] = attrs.Factory(dict)  # "prepare" and "collect"
+    tally: dict[str, dict[str, int]] = attrs.Factory(dict)
+    epoch: int = 0  # grows whenever a request could get what it could not before
     output: Any = None
     done: bool = False
+    failed: str | None = None
 
     def init(self, options: Any) -> None:
         try:
@@ -65,49 +84,100 @@ class Computation(Model, name="million.computation.2"):
             log.warning("a computation with invalid options ignores every event: %s", exc)
             return
         self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
+        self.verify, self.adaptive, self.copies = spec.verify, spec.adaptive, spec.copies
+        self.max_rejections, self.trust = spec.max_rejections, dict(spec.trust)
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
-        self.started = [False] * self.count
-        self.done_by = [None] * self.count
+        self.wanted = [self.verify] * self.count
+        self.alone = [""] * self.count
+        self.tasks = {task: Task(self.verify) for task in CLAIMS}
+        self.assignees = [[] for _ in range(self.count)]
+        self.ballots = [Ballot() for _ in range(self.count)]
         self.remaining = self.count
-        self.subscribe("request", self.request)
-        self.subscribe("end", self.end)
-        self.subscribe("claim", self.claim)
-        self.subscribe("inputs", self.set_inputs)
-        self.subscribe("output", self.set_output)
-        self.subscribe(VIEW_JOIN, self.join)
-        self.subscribe(VIEW_EXIT, self.exit)
+        for topic, handler in (
+            ("request", self.request),
+            ("end", self.end),
+            ("claim", self.claim),
+            ("inputs", self.set_inputs),
+            ("output", self.set_output),
+            (VIEW_JOIN, self.join),
+            (VIEW_EXIT, self.exit),
+        ):
+            self.subscribe(topic, handler)
+
+    # --- who is who -------------------------------------------------------------------------
 
     def join(self, view: str) -> None:
-        """Whoever joins a child session that nobody prepares prepares it, without asking.
+        """A view joins: remember its identity. Whoever joins a child session that needs
+        preparers prepares it, without asking; a run's root is opened by whoever posts the
+        run, so there the preparers ask (``claim``)."""
+        if type(view) is not str:
+            return
+        self.views[view] = self.identity
+        if not self.root and self.inputs is None:
+            self._give_claim("prepare", view)
 
-        Only workers open child sessions; a run's root is opened by whoever posts the
-        run, so there the preparer asks (``claim``).
-        """
-        if type(view) is str and not self.root and self.inputs is None and "prepare" not in self.claims:
-            self.claims["prepare"] = view
+    def exit(self, view: str) -> None:
+        if type(view) is not str or view not in self.views:
+            return
+        identity = self.views.pop(view)
+        self.workers.pop(view, None)
+        self.answers.pop(view, None)
+        for task in self.tasks.values():
+            task.release(view, identity, self.views)
+        self.epoch += 1
+
+    def _unfounded(self) -> None:
+        """An event for a claim its identity does not hold: counted against it."""
+        self._tally().add(self.identity, rejected=1)
+
+    def _tally(self) -> Tally:
+        return Tally(self.tally)
+
+    def _barred(self, identity: str) -> bool:
+        return self._tally().rejected(identity) > self.max_rejections
+
+    # --- handing out partitions -------------------------------------------------------------
 
     def request(self, data: Any) -> None:
         """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``; a
         ``want`` below one asks for one); the answer is recorded under its view."""
-        if not _is_request(data):
+        if not _is_request(data) or self.sender not in self.views:
             return
         view, want = self.sender or "", max(1, min(data["want"], self.count))
-        given = [] if self.done or self.inputs is None else self._assign(view, want)
+        identity = self.views[view]
+        usable = not (self.done or self.failed or self.inputs is None or self._barred(identity))
+        given = self._assign(view, identity, want) if usable else []
         if given:
             self.workers.setdefault(view, []).extend(given)
             for index in given:
-                self.started[index] = True
-        self.answers[view] = [data["id"], given]
+                if self.leaf and not self.assignees[index] and self._trusted(identity):
+                    self.alone[index], self.wanted[index] = identity, 1
+                if identity not in self.assignees[index]:
+                    self.assignees[index].append(identity)
+            if not self.leaf or any(len(self.assignees[index]) < self.wanted[index] for index in given):
+                self.epoch += 1  # a copy for another identity, or room for a child: ask again
+        self.answers[view] = [data["id"], given, self.epoch]
 
-    def _assign(self, view: str, want: int) -> list[int]:
-        """Up to ``want`` partitions nobody has started, within this view's fair share of
-        them; when none is left, the least-worked incomplete one it lacks, from the last.
-
-        A partition whose holder left waits behind the unstarted ones: the holder is
-        usually a coordinator still working below (``detach``).
-        """
-        fresh = [i for i in range(self.count) if not self.started[i] and not self.completed[i]]
+    def _assign(self, view: str, identity: str, want: int) -> list[int]:
+        """Up to ``want`` partitions that need another identity than those they were
+        handed to; else (in an interior session, only once every child has all the
+        identities it needs, so that no worker waits in a child for a copy that every
+        other identity is too busy to take) partitions nobody was handed, within this
+        view's fair share; else the least-worked incomplete one this identity has not
+        reported, from the last (its holder may have died: a copy then counts as the
+        holder's would)."""
+        short = [
+            i
+            for i in range(self.count)
+            if self.assignees[i] and not self.completed[i] and len(self.assignees[i]) < self.wanted[i]
+        ]
+        copies = [i for i in short if identity not in self.assignees[i]]
+        if copies:
+            return copies[:want]
+        if short and not self.leaf:
+            return []
+        fresh = [i for i in range(self.count) if not self.assignees[i] and not self.completed[i]]
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
             held = sum(len(indexes) for indexes in self.workers.values())
@@ -118,55 +188,165 @@ class Computation(Model, name="million.computation.2"):
             for index in indexes:
                 load[index] += 1
         mine = self.workers.get(view, ())
-        incomplete = [i for i in range(self.count) if not self.completed[i] and i not in mine]
-        steal = min(incomplete, key=lambda index: (load[index], -index), default=None)
+        open_ = [
+            i
+            for i in range(self.count)
+            if not self.completed[i] and i not in mine and identity not in self.ballots[i].votes
+        ]
+        steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
 
-    def end(self, data: Any) -> None:
-        """A partition's output, and with ``next`` the reporter's next request.
+    # --- reports ----------------------------------------------------------------------------
 
-        The first output reported wins; later ones are ignored. Whoever completes the
-        last partition collects, without asking.
-        """
-        if not self._is_report(data):
+    def end(self, data: Any) -> None:
+        """A partition's output (with a child's ``tally``, and the ``ms`` its computation
+        took), and with ``next`` the reporter's next request. It counts only from an
+        identity the partition was handed to, once, and only until the session ends: its
+        tally is then what its parent is told."""
+        if self.done or self.failed is not None or not self._is_report(data):
             return
-        index, output = data["index"], data["output"]
-        if not self.completed[index]:
-            self.completed[index] = True
-            self.outputs[index] = output
-            self.done_by[index] = self.sender
-            self.remaining -= 1
-            for view, held in list(self.workers.items()):
-                if index in held:
-                    held.remove(index)
-                    if not held:
-                        del self.workers[view]
-            if self.remaining == 0 and "collect" not in self.claims:
-                self.claims["collect"] = self.sender or ""
+        index, identity, view = data["index"], self.identity, self.sender or ""
+        held = self.workers.get(view)
+        if held is not None and index in held:
+            held.remove(index)
+            if not held:
+                del self.workers[view]
+        if identity not in self.assignees[index]:
+            self._unfounded()
+        elif identity not in self.ballots[index].votes:  # another view of it may have reported
+            self._vote(index, identity, _reported(data), data.get("ms", 0))
         if "next" in data:
             self.request(data["next"])
 
+    def _vote(self, index: int, identity: str, value: Any, ms: int) -> None:
+        ballot = self.ballots[index]
+        first = not ballot.votes
+        ballot.vote(identity, value, ms)
+        tally = self._tally()
+        tally.submit(identity, ms)
+        if self.completed[index]:  # a late copy: judged by what was taken
+            tally.judge(ballot, [identity])
+            return
+        key = ballot.agreed(1 if first and self.alone[index] == identity else self.verify)
+        if key is not None:
+            self._complete(index, ballot.take(key))
+            tally.judge(ballot)
+        elif ballot.split:
+            self._ask_more(index, ballot)
+        elif self.wanted[index] < self.verify:  # not the one it was handed to alone
+            self.wanted[index] = self.verify
+            self.epoch += 1
+
+    def _trusted(self, identity: str) -> bool:
+        """Adaptive replication, decided as a leaf's partition is first handed out: to an
+        identity with ``c`` >= TRUSTED consecutive valid results, alone with probability
+        1 - 1/c. A session's inputs and output, and a child's, always need ``verify``."""
+        streak = self.trust.get(identity, 0)
+        return self.adaptive and streak >= TRUSTED and self.random.random() < 1 - 1 / streak
+
+    def _ask_more(self, index: int, ballot: Ballot) -> None:
+        if len(ballot.votes) >= self.copies:
+            parts = ", ".join(f"{who}: {key[:40]}" for who, key in sorted(ballot.votes.items()))
+            self.failed = f"no {self.verify} identities agreed on partition {index} ({parts})"
+            self.epoch += 1
+        elif self.wanted[index] < self.copies:
+            self.wanted[index] += 1
+            self.epoch += 1
+
+    def _complete(self, index: int, value: Any) -> None:
+        if not self.leaf:
+            if "failed" in value:
+                self.failed = value["failed"]
+                self.epoch += 1
+                return
+            self._tally().merge(value["tally"])
+            value = value["output"]
+        self.completed[index] = True
+        self.outputs[index] = value
+        self.remaining -= 1
+        self.epoch += 1
+        for view, held in list(self.workers.items()):
+            if index in held:
+                held.remove(index)
+                if not held:
+                    del self.workers[view]
+        if self.remaining == 0 and self.sender in self.views:  # the last reporter collects
+            self._give_claim("collect", self.sender or "")
+
     def _is_report(self, data: Any) -> bool:
-        """Whether ``data`` is ``{"index": i, "output": o, "next"?: request}`` with ``i`` a
-        partition of this session and ``o`` a value a model may keep."""
+        """Whether ``data`` is ``{"index": i, "output": o, "ms"?: n, "tally"?: t, "next"?:
+        request}``: ``i`` a partition of this session, ``o`` a value a model may keep, and a
+        child's ``tally`` (or ``{"failed": why}``) in an interior session."""
         if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
             return False
-        index = data.get("index")
-        return type(index) is int and 0 <= index < self.count and "output" in data and is_json(data["output"])
+        index, ms = data.get("index"), data.get("ms", 0)
+        if not (type(index) is int and 0 <= index < self.count and type(ms) is int and 0 <= ms < 2**40):
+            return False
+        if "failed" in data:
+            return not self.leaf and type(data["failed"]) is str and len(data["failed"]) <= 4096
+        if not ("output" in data and is_json(data["output"])):
+            return False
+        return self.leaf or is_tally(data.get("tally"))
+
+    # --- preparing and collecting -----------------------------------------------------------
 
     def claim(self, task: Any) -> None:
-        if type(task) is str and task in CLAIMS and task not in self.claims:
-            self.claims[task] = self.sender or ""
+        """A view asks to prepare or to collect: given while the task is open."""
+        if type(task) is not str or task not in CLAIMS or self.sender not in self.views:
+            return
+        if (self.inputs is None) if task == "prepare" else (self.remaining == 0):
+            self._give_claim(task, self.sender or "")
+
+    def _give_claim(self, task: str, view: str) -> None:
+        identity = self.views.get(view)
+        if identity is not None and not self._barred(identity):
+            self.tasks[task].give(view, identity, self.views)
 
     def set_inputs(self, data: Any) -> None:
         """The prepared inputs, and with ``next`` the preparer's first request."""
         if not self._is_inputs(data):
             return
-        if self.inputs is None:
-            self.inputs = data["inputs"]
-            self.claims.pop("prepare", None)
+        self._settle("prepare", data["inputs"])
         if "next" in data:
             self.request(data["next"])
+
+    def set_output(self, output: Any) -> None:
+        """The collected output: from a collector once every partition is complete."""
+        if not is_json(output) or self.done:
+            return
+        if self.remaining == 0:
+            self._settle("collect", output)
+        else:
+            self._unfounded()
+
+    def _settle(self, name: str, value: Any) -> None:
+        """Count a preparer's or collector's value; take it once ``verify`` agree."""
+        identity, task = self.identity, self.tasks[name]
+        ballot = task.ballot
+        if identity in ballot.votes or ballot.taken:  # a repeat, or late: nothing to count
+            return
+        if identity not in task.claimants:
+            self._unfounded()
+            return
+        ballot.vote(identity, value)
+        tally = self._tally()
+        tally.submit(identity)
+        task.reported(identity, self.views)
+        self.epoch += 1
+        key = ballot.agreed(self.verify)
+        if key is None:
+            if ballot.split and len(ballot.votes) >= self.copies:
+                self.failed = f"no {self.verify} identities agreed on the {name} step of this session"
+            elif ballot.split:
+                task.wanted = min(self.copies, task.wanted + 1)
+            return
+        taken = ballot.take(key)
+        tally.judge(ballot)
+        task.holders.clear()
+        if name == "prepare":
+            self.inputs = taken
+        else:
+            self.output, self.done = taken, True
 
     def _is_inputs(self, data: Any) -> bool:
         """Whether ``data`` is ``{"inputs": [one per partition], "next"?: request}``."""
@@ -175,18 +355,22 @@ class Computation(Model, name="million.computation.2"):
         inputs = data.get("inputs")
         return type(inputs) is list and len(inputs) == self.count and all(is_json(item) for item in inputs)
 
-    def set_output(self, output: Any) -> None:
-        if not self.done and self.remaining == 0 and is_json(output):
-            self.output, self.done = output, True
-            self.claims.pop("collect", None)
+    def doing(self, task: str, view: str) -> bool:
+        """Whether ``view`` holds the claim to ``task``."""
+        return view in self.tasks[task].holders
 
-    def exit(self, view: str) -> None:
-        if type(view) is not str:
-            return
-        self.workers.pop(view, None)
-        self.answers.pop(view, None)
-        for task in [task for task, holder in self.claims.items() if holder == view]:
-            del self.claims[task]
+    def needs(self, task: str, identity: str) -> bool:
+        """Whether ``task`` would take ``identity`` (a claim from it would be given)."""
+        return self.tasks[task].needs(identity, self.views)
+
+
+def _reported(data: dict[str, Any]) -> Any:
+    """The value a report votes for: a leaf's output; a child's output with its tally."""
+    if "failed" in data:
+        return {"failed": data["failed"]}
+    if "tally" in data:
+        return {"output": data["output"], "tally": data["tally"]}
+    return data["output"]
 
 
 def _is_request(data: Any) -> bool:

@@ -1,8 +1,10 @@
-"""The runs page of the reflector's web port: the lobby's runs and a run's partition tree.
+"""The runs page of the reflector's web port: the lobby's runs, a run's partition tree
+and the ledger's credit.
 
 Registered on the web port by ``million reflector``; the relay serves it without knowing
-what it shows. Everything comes
-from the summaries that workers publish (``million.compute.progress``).
+what it shows. Everything comes from the summaries that workers publish
+(``million.compute.progress``), and the ledger's from ``million run`` once it has recorded
+a run (``million.compute.ledger``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from million.compute.ledger import LEDGER, summary_rows
 from million.compute.progress import is_run_summary, progress_session
 from million.relay.web import Relay, WebPage
 from million.wire import codec
@@ -17,16 +20,24 @@ from million.wire import codec
 __all__ = ["RUNS_PAGE", "runs_view", "tree"]
 
 CHILDREN = 1000  # first-level sessions shown one by one; deeper ones are counted
+IDENTITIES = 1000  # rows of the ledger's table
 
 
 def runs_view(relay: Relay, choice: Any) -> dict[str, Any]:
-    """The runs, and the tree of the run the page chose (``{"run": name}``)."""
+    """The runs, the tree of the run the page chose (``{"run": name}``), and the ledger's
+    identities as last summarized, with how many more it has."""
     suffix = progress_session("")
     names = [name for name in relay.summary_names() if name.endswith(suffix)]
     runs = [run for run in _decoded(relay, names).values() if is_run_summary(run)]
     runs.sort(key=lambda run: run["run"])
     run = choice.get("run") if isinstance(choice, dict) else None
-    return {"runs": runs, "tree": tree(relay, run) if isinstance(run, str) else None}
+    ledger, more = summary_rows(_decoded(relay, [LEDGER]).get(LEDGER), IDENTITIES)
+    return {
+        "runs": runs,
+        "tree": tree(relay, run) if isinstance(run, str) else None,
+        "ledger": ledger,
+        "ledger_more": more,
+    }
 
 
 def tree(relay: Relay, run: str) -> dict[str, Any]:

@@ -74,10 +74,11 @@ def is_run_summary(summary: Any) -> bool:
 
 async def report_progress(run: str, progress: Session[Any], root: Session[Any]) -> None:
     """Summarize a run on its progress session, and its root, every ``SUMMARY_EVERY`` s
-    until it is done."""
+    until it is done or has failed."""
     seen: deque[tuple[float, int]] = deque()
     while True:
         now, model, finished = trio.current_time(), progress.model, root.model.done
+        failed = root.model.failed is not None
         seen.append((now, model.done))
         while now - seen[0][0] > 5:
             seen.popleft()
@@ -85,7 +86,7 @@ async def report_progress(run: str, progress: Session[Any], root: Session[Any]) 
         progress.summarize(
             {
                 "run": run,
-                "state": "done" if finished else "open",
+                "state": "done" if finished else "failed" if failed else "open",
                 "partitions": model.partitions,
                 "completed": model.partitions if finished else model.done,
                 "rate": round((model.done - before) / (now - since)) if now > since else 0,
@@ -94,10 +95,10 @@ async def report_progress(run: str, progress: Session[Any], root: Session[Any]) 
             }
         )
         root.summarize(summary(root.model))
-        if finished:
+        if finished or failed:
             return
         with trio.move_on_after(SUMMARY_EVERY):
-            await root.wait_for(lambda m: m.done)
+            await root.wait_for(lambda m: m.done or m.failed is not None)
 
 
 def progress_session(run: str) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import trio
 
-from million.compute import lobby
+from million.compute import ledger, lobby
 from million.compute.bots import run_worker_processes, worker_command, worker_env
 from million.compute.computation import Computation
 from million.compute.plugins import load_plugin
@@ -39,7 +39,10 @@ from million.wire.protocol import ErrorCode
 __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 
 WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
-LOBBY_TIMEOUT = 10.0  # seconds to see a post or an answer in the lobby
+LOBBY_TIMEOUT = 10.0  # seconds to see a post or an answer in the lobby, or a run in the ledger
+ADAPTIVE = "adaptive"  # ``--verify adaptive``: two identities, or one trusted by the ledger
+ADAPTIVE_VERIFY = 2  # identities that must agree on a value of an untrusted one
+SUMMARY_BYTES = ReflectorConfig().max_summary  # of the ledger's summary: what a reflector takes by default
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ class RunConfig:
     detach: bool = True
     token: str | None = None
     cafile: str | None = None  # certificates to trust for wss:// besides the system's
+    verify: int | str = 1  # distinct identities that must agree on a value, or "adaptive"
+    max_copies: int | None = None  # identities a value may be asked of; None: 2 * verify + 1
+    max_rejections: int = 3  # rejected results beyond which an identity gets no more work in the run
 
 
 @attrs.frozen
@@ -77,6 +83,7 @@ class RunResult:
     partitions_per_s: float
     resumed: bool
     store: str | None
+    credit: dict[str, dict[str, int]] = attrs.Factory(dict)  # the run's tally: identity -> counts
 
 
 @attrs.define
@@ -117,14 +124,19 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
             url, token=config.token, label="run", ssl_context=ssl_context(config.cafile)
         ) as client:
             try:
+                if spec.adaptive:
+                    spec = attrs.evolve(spec, trust=await _trust(client, name))
                 async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
                     resumed = root.replica.seq > 1
-                    if not root.model.done:
+                    if not _ended(root.model):
                         await _tell_lobby(client, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch)
                     answer = root.model.output
                     await _tell_lobby(client, "done", {"name": name, "answer": answer})
+                    credit = await _record_credit(client, name, root.model.tally, spec.max_rejections)
+                    if root.model.failed is not None:
+                        raise RunError(f"run {name} failed: {root.model.failed}")
             except JoinError as exc:
                 if exc.code == ErrorCode.MODEL_MISMATCH:
                     problem = f"a run named {name!r} with other settings exists in this store"
@@ -143,6 +155,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
         round(spec.partitions / elapsed, 1),
         resumed,
         store,
+        credit,
     )
 
 
@@ -160,12 +173,62 @@ async def open_run(
 
 
 def _spec(plugin: str, version: str, config: RunConfig) -> Spec:
-    """What the run computes; ``RunError`` for what no worker would compute."""
-    spec = Spec(plugin, version, config.input, config.partitions, config.fanout, config.options)
+    """What the run computes (an adaptive run's trust comes later: ``_trust``); ``RunError``
+    for what no worker would compute."""
+    adaptive = config.verify == ADAPTIVE
+    verify = ADAPTIVE_VERIFY if adaptive else config.verify
+    if type(verify) is not int:
+        raise RunError(f"cannot run that: verify must be a whole number or {ADAPTIVE!r}, not {verify!r}")
+    checks: dict[str, Any] = {"verify": verify, "adaptive": adaptive, "max_rejections": config.max_rejections}
+    if config.max_copies is not None:
+        checks["max_copies"] = config.max_copies
+    spec = Spec(plugin, version, config.input, config.partitions, config.fanout, config.options, **checks)
+    if config.reflector is None and 0 < config.workers < verify:
+        raise RunError(
+            f"cannot run that: --verify {config.verify} needs {verify} identities to agree, and each"
+            f" worker process is one: start at least {verify} (--workers {verify})"
+        )
     try:
         return Spec.from_options(spec.to_options())
     except SpecError as exc:
         raise RunError(f"cannot run that: {exc}") from None
+
+
+def _ended(model: Computation) -> bool:
+    """Whether the run has its answer, or has failed for want of agreement."""
+    return model.done or model.failed is not None
+
+
+async def _trust(client: Client, name: str) -> dict[str, int]:
+    """An adaptive run's trust: what it was created with if it exists (so that it resumes),
+    else the ledger's trusted identities now."""
+    try:
+        async with join(client, name, Computation, View, create=False) as root:
+            options = root.options
+            trust = options.get("trust") if type(options) is dict else None
+            return trust if type(trust) is dict else {}
+    except JoinError as exc:
+        if exc.code != ErrorCode.NOT_FOUND:
+            raise
+    async with join(client, ledger.LEDGER, ledger.Ledger, View) as session:
+        trusted: dict[str, int] = session.model.trust()
+        return trusted
+
+
+async def _record_credit(
+    client: Client, name: str, tally: dict[str, dict[str, int]], max_rejections: int
+) -> dict[str, dict[str, int]]:
+    """Record the run's tally in the ledger (once: a resumed run's again is ignored) and
+    summarize the ledger for the runs page; the tally, as the run's credit."""
+    event = ledger.run_event(name, tally, max_rejections)
+    async with join(client, ledger.LEDGER, ledger.Ledger, View) as session:
+        session.publish("run", event)
+        with trio.move_on_after(LOBBY_TIMEOUT):
+            await session.wait_for(lambda model: name in model.runs)
+        if name not in session.model.runs:
+            log.warning("the ledger did not record run %s (only an admin: identity may)", name)
+        session.summarize(ledger.summary(session.model, SUMMARY_BYTES))
+    return {identity: dict(counts) for identity, counts in tally.items()}
 
 
 async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
@@ -195,7 +258,7 @@ async def _compute(
     async with tasks.open_nursery() as nursery:
         await nursery.start(workers)
         nursery.start_soon(report_progress, name, state.progress, root)
-        while not root.model.done:
+        while not _ended(root.model):
             if watch is not None:
                 watch(state)
             if commands and workers_ended.is_set() and config.reflector is None:

@@ -22,6 +22,8 @@ MAX_FANOUT = 1_000_000
 #: inside 64 bits, and the tree is at most 50 levels deep (fanout 2).
 MAX_PARTITIONS = 10**15
 MAX_TEXT = 200  # characters of a plugin name or version
+MAX_VERIFY = 100  # identities that must agree on a value
+MAX_TRUSTED = 10_000  # identities a run's trust map names
 
 
 class SpecError(ValueError):
@@ -63,6 +65,16 @@ class Spec:
     start: int = 0  # global number of the session's first partition
     parent: str | None = None
     index: int | None = None  # this session's index in its parent
+    verify: int = 1  # distinct identities that must report one value before it is taken
+    adaptive: bool = False  # a trusted identity's value may be taken alone (BOINC's adaptive replication)
+    max_copies: int = 0  # identities a value may be asked of before the run fails; 0: 2 * verify + 1
+    max_rejections: int = 3  # rejected results of an identity beyond which it gets no more work
+    trust: dict[str, int] = attrs.Factory(dict)  # identity -> consecutive valid results, from the ledger
+
+    @property
+    def copies(self) -> int:
+        """How many identities a value may be asked of, at most."""
+        return self.max_copies or 2 * self.verify + 1
 
     @property
     def leaf(self) -> bool:
@@ -119,6 +131,12 @@ def _plugin_options(value: Any) -> bool:
     return type(value) is dict and is_json(value)
 
 
+def _trust(value: Any) -> bool:
+    if type(value) is not dict or len(value) > MAX_TRUSTED:
+        return False
+    return all(_text(name) and _whole(0, 2**62)(count) for name, count in value.items())
+
+
 _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "plugin": (_text, f"a string of at most {MAX_TEXT} characters"),
     "version": (_text, f"a string of at most {MAX_TEXT} characters"),
@@ -129,6 +147,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "start": (_whole(0, MAX_PARTITIONS), f"an integer from 0 to {MAX_PARTITIONS:,}"),
     "parent": (_parent, "null or a session name"),
     "index": (_index, f"null or an integer from 0 to {MAX_FANOUT - 1:,}"),
+    "verify": (_whole(1, MAX_VERIFY), f"an integer from 1 to {MAX_VERIFY}"),
+    "adaptive": (lambda value: type(value) is bool, "true or false"),
+    "max_copies": (_whole(0, MAX_VERIFY * 4), f"an integer from 0 to {MAX_VERIFY * 4}"),
+    "max_rejections": (_whole(0, 2**31), "a whole number"),
+    "trust": (_trust, f"an object of at most {MAX_TRUSTED:,} identities, each a whole number"),
 }
 _REQUIRED = ("plugin", "version", "input", "partitions", "fanout")
 
@@ -147,6 +170,8 @@ def _check_consistent(spec: Spec) -> None:
         raise SpecError("parent and index must both be given (a child session) or both be null (a root)")
     if spec.index is not None and spec.index >= spec.fanout:
         raise SpecError(f"index {spec.index} is not below the fanout {spec.fanout}")
+    if spec.max_copies and spec.max_copies < spec.verify:
+        raise SpecError(f"max_copies {spec.max_copies} is below verify {spec.verify}")
     if spec.start + spec.partitions > MAX_PARTITIONS:
         raise SpecError(
             f"partitions from {spec.start} to {spec.start + spec.partitions} go beyond {MAX_PARTITIONS:,}"

@@ -23,7 +23,7 @@ from million.replica.client import Client
 from million.replica.session import Session, join
 from million.replica.view import View
 
-__all__ = ["Context", "Outcome", "RunRefused", "Worker", "run_spec", "work"]
+__all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker", "run_spec", "work"]
 
 SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
 
@@ -31,6 +31,10 @@ SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not onl
 class RunRefused(PluginError):
     """A session this worker declines, as it declines a run whose plugin it lacks: its
     options do not describe a session of the partition tree."""
+
+
+class RunFailed(Exception):
+    """The run failed: its identities did not agree on a value (``Computation.failed``)."""
 
 
 def run_spec(name: str, options: Any) -> Spec:
@@ -54,39 +58,59 @@ class Context:
 
 
 @attrs.frozen
-class Outcome:
-    """How a worker's time in a session ended: the session's output, or a child to work."""
+class Finished:
+    """A session's end as its model holds it: its output and tally, or why it failed."""
 
-    output: Result | None = None  # the session's: done
+    output: Result | None = None
+    tally: dict[str, dict[str, int]] = attrs.Factory(dict)
+    failed: str | None = None
+
+    @classmethod
+    def of(cls, model: Computation) -> Finished:
+        if model.failed is not None:
+            return cls(failed=model.failed)
+        return cls(Result.of(model.output), {who: dict(counts) for who, counts in model.tally.items()})
+
+    def report(self, index: int) -> dict[str, Any]:
+        """The ``end`` event that reports this as partition ``index`` of the parent."""
+        if self.failed is not None:
+            return {"index": index, "failed": self.failed}
+        assert self.output is not None
+        return {"index": index, "output": self.output.embed(), "tally": self.tally}
+
+
+@attrs.frozen
+class Outcome:
+    """How a worker's time in a session ended: the session's end, or a child to work."""
+
+    finished: Finished | None = None
     index: int = -1
     child: str = ""
     child_options: dict[str, Any] = attrs.Factory(dict)
-    connection: int | None = None  # the connection that sent the output this worker collected
 
 
 async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -> Any:
     """Work in session ``name`` (and below it) until it has an output; return the output.
 
     ``options=None`` joins the session as it exists (a run's root, found by name).
+    ``RunFailed`` if the session failed instead.
     """
-    output, _ = await _work_in(ctx, name, options)
-    return output.value()
+    finished = await _work_in(ctx, name, options)
+    if finished.output is None:
+        raise RunFailed(f"session {name} failed: {finished.failed}")
+    return finished.output.value()
 
 
-async def _work_in(
-    ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0
-) -> tuple[Result, int | None]:
-    """``work``, and the connection that sent the output if this worker collected it
-    (None when the output came back from the session)."""
+async def _work_in(ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0) -> Finished:
+    """``work``: the session's end as its model holds it."""
     report = None
     while True:
         view = partial(Worker, ctx=ctx, report=report, depth=depth)
         async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
             outcome = await session.view.outcome()
-        if outcome.output is not None:
-            return outcome.output, outcome.connection
-        output, connection = await _work_in(ctx, outcome.child, outcome.child_options, depth + 1)
-        report = (outcome.index, output, connection)
+        if outcome.finished is not None:
+            return outcome.finished
+        report = (outcome.index, await _work_in(ctx, outcome.child, outcome.child_options, depth + 1))
 
 
 class Worker(View):
@@ -99,12 +123,12 @@ class Worker(View):
         session: Session[Worker],
         *,
         ctx: Context,
-        report: tuple[int, Result, int | None] | None = None,
+        report: tuple[int, Finished] | None = None,
         depth: int = 0,
     ) -> None:
         super().__init__(session)
         self.ctx = ctx
-        self.report = report
+        self.report = report  # a child's end, to report as a partition of this session
         self.depth = depth  # levels below the session ``work`` started in
         self.spec = run_spec(session.name, session.options)
         self._asked = 0  # requests published, numbered from 1
@@ -112,14 +136,17 @@ class Worker(View):
         self._window = ctx.window if self.spec.leaf else 1
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
-        self._output: Result | None = None  # what this view collected
-        self._collected_on = 0  # the connection that sent it
         self._finished = trio.Event()
 
     @property
     def model(self) -> Computation:
         model: Computation = self.session.model
         return model
+
+    @property
+    def identity(self) -> str:
+        """This view's identity, as the reflector stamped its join."""
+        return self.model.views.get(self.view_id, "")
 
     async def outcome(self) -> Outcome:
         await self._finished.wait()
@@ -140,51 +167,45 @@ class Worker(View):
         window of partitions and its reports carry its next request, so a partition costs
         one event and a fraction of a round trip."""
         self._asked, self._reported = 0, set()
-        await self.session.wait_seen()  # the join may have made this view the preparer
+        await self.session.wait_seen()  # the join may have made this view a preparer
         if self.report is not None:
-            reported, result, connection = self.report
-            if not self._sent_on(connection):
-                return self._child_outcome(reported)
-            self.publish("end", {"index": reported, "output": result.embed(), "next": self._request(0)})
+            reported, finished = self.report
+            self._reported.add(reported)
+            if self._unreported(reported):
+                self.publish("end", {**finished.report(reported), "next": self._request(0)})
         while True:
             model = self.model
             self._summarize(force=model.done)
-            if model.done:
-                return Outcome(Result.of(model.output))
+            if model.done or model.failed is not None:
+                return Outcome(Finished.of(model))
             if model.inputs is None:
-                if await self._claim("prepare", lambda m: m.inputs is not None, self._prepare):
-                    await self.session.wait_for(lambda m: m.inputs is not None)
+                await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
                 continue
             index = await self._next()
             if index is None:
-                if await self._claim("collect", lambda m: m.done, self._collect):
-                    # No need to wait for it to come back: see _sent_on.
-                    return Outcome(self._output, connection=self._collected_on)
+                await self._claim("collect", lambda m: m.done, self._collect)
                 continue
             self._reported.add(index)
             if not self.spec.leaf:
                 if self.ctx.detach:
                     return self._child_outcome(index)
                 child, options = self.spec.child(self.session.name, index, model.inputs[index])
-                output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
-                while not self._sent_on(connection):
-                    output, connection = await _work_in(self.ctx, child, options, self.depth + 1)
+                report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
             else:
-                output = await self._compute(index, model.inputs[index])
-            if not self.model.completed[index]:
-                self.publish("end", {"index": index, "output": output.embed(), **self._refill()})
+                report = {"index": index, **await self._compute(index, model.inputs[index])}
+            if self._unreported(index):
+                self.publish("end", {**report, **self._refill()})
+
+    def _unreported(self, index: int) -> bool:
+        """Whether partition ``index`` still takes a report from this view's identity."""
+        model = self.model
+        return not model.completed[index] and self.identity not in model.ballots[index].votes
 
     def _child_outcome(self, index: int) -> Outcome:
         inputs = self.model.inputs
         assert inputs is not None  # a partition is given out only once there are inputs
         child, options = self.spec.child(self.session.name, index, inputs[index])
         return Outcome(index=index, child=child, child_options=options)
-
-    def _sent_on(self, connection: int | None) -> bool:
-        """Whether a child's output sent on ``connection`` is surely ahead of what this view
-        sends now: same connection, same order. After a reconnect it may have been lost,
-        and a parent must never hold an output its child does not: check the child again."""
-        return connection is None or connection == self.ctx.client.connection
 
     def _request(self, held: int) -> dict[str, int]:
         self._asked += 1
@@ -204,10 +225,11 @@ class Worker(View):
         return {}
 
     async def _next(self) -> int | None:
-        """A partition this view holds and has not done; None once every one is complete."""
+        """A partition this view holds and has not done; None once every one is complete
+        (or the session failed)."""
         while True:
             model = self.model
-            if model.remaining == 0:
+            if model.remaining == 0 or model.failed is not None:
                 return None
             held = self._held()
             if self._may_ask(model, len(held)):
@@ -219,13 +241,22 @@ class Worker(View):
 
     def _news(self, answered: int, model: Any) -> bool:
         """Whether ``_next`` may have something new to do."""
-        return model.remaining == 0 or self._answered(model) != answered or self._may_ask(model, 0)
+        return (
+            model.remaining == 0
+            or model.failed is not None
+            or self._answered(model) != answered
+            or self._may_ask(model, 0)
+        )
 
     def _may_ask(self, model: Any, held: int) -> bool:
-        """No request outstanding, room in the window, and a partition that this view does
-        not hold yet is incomplete (a request would get it)."""
+        """No request outstanding, room in the window, a partition that this view does not
+        hold yet is incomplete, and the last answer was not empty since nothing changed
+        (``epoch``): a request could get something."""
+        answer = model.answers.get(self.view_id)
+        starved = answer is not None and not answer[1] and answer[2] == model.epoch
         return (
             self._answered(model) == self._asked
+            and not starved
             and held <= self._window // 2
             and model.remaining > len(model.workers.get(self.view_id, ()))
         )
@@ -234,21 +265,25 @@ class Worker(View):
         answered: int = model.answers.get(self.view_id, [0])[0]
         return answered
 
-    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> bool:
-        """Do ``task`` if this view holds its claim (asking for it if nobody does) and
-        return True, else wait until it is done or its holder goes away."""
-        holder = self.model.claims.get(task)
-        if holder is None:
+    async def _claim(self, task: str, finished: Callable[[Any], bool], action: Callable[[], Any]) -> None:
+        """Do ``task`` if this view holds its claim (asking for it if the task needs this
+        view's identity), else wait until it is done or something changes."""
+
+        def over(model: Any) -> bool:
+            return bool(finished(model)) or model.failed is not None
+
+        view, identity = self.view_id, self.identity
+        if not self.model.doing(task, view) and self.model.needs(task, identity):
             self.publish("claim", task)
-            await self.session.wait_for(lambda m: finished(m) or task in m.claims)
-            if finished(self.model):
-                return False
-            holder = self.model.claims[task]
-        if holder == self.view_id:
+            await self.session.wait_for(
+                lambda m: over(m) or m.doing(task, view) or not m.needs(task, identity)
+            )
+        if over(self.model):
+            return
+        if self.model.doing(task, view):
             await action()
-            return True
-        await self.session.wait_for(lambda m: finished(m) or m.claims.get(task) != holder)
-        return False
+        epoch = self.model.epoch
+        await self.session.wait_for(lambda m: over(m) or m.epoch != epoch)
 
     async def _prepare(self) -> None:
         spec = self.spec
@@ -256,19 +291,17 @@ class Worker(View):
         self.publish("inputs", {"inputs": inputs.embed(), "next": self._request(0)})
         self._log("prepared")
 
-    async def _compute(self, index: int, input: Any) -> Any:
+    async def _compute(self, index: int, input: Any) -> dict[str, Any]:
+        """Partition ``index``'s output, and the ms its computation took."""
+        started = trio.current_time()
         output = await self.ctx.plugin.compute(input, self.spec.start + index, self.spec.options)
         self._log("computed", index=self.spec.start + index)
-        return output
+        return {"output": output.embed(), "ms": round((trio.current_time() - started) * 1000)}
 
     async def _collect(self) -> None:
         spec = self.spec
-        self._output = output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
-        self._collected_on = self.ctx.client.connection
+        output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
         self.publish("output", output.embed())
-        # It describes the session after the output, which comes after all this replica has.
-        seq = self.session.replica.seq + 1
-        self.session.summarize(summary(self.model, done=True, output=output), seq)
         self._log("collected")
         if spec.leaf and self.ctx.on_leaf_done is not None:
             self.ctx.on_leaf_done(self.session.name, spec.partitions)

@@ -67,7 +67,7 @@ class ReflectorConfig:
     max_sessions_per_connection: int = 100_000  # memberships one connection may hold
     max_members: int = 100_000  # memberships of one session
     max_open_sessions: int = 100_000  # sessions in memory: occupied, or left lately
-    max_tail: int = 1_000_000  # events a session keeps after its latest snapshot
+    max_tail: int = 1_000_000  # events a session keeps after its latest agreed snapshot
     max_tail_bytes: int = 32 << 20  # bytes of those events
     max_connections: int = 10_000  # open client connections
     max_connections_per_ip: int = 1_000
@@ -80,7 +80,7 @@ class ReflectorConfig:
     max_summary: int = 4096  # bytes of one session summary
     summaries: int = 100_000  # session summaries kept, the most recent
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
-    leave_snapshot_after: int = 64  # events since the last snapshot that make the last leaver snapshot
+    leave_snapshot_after: int = 64  # events since the last snapshot that make a leave ask one (snapshots.py)
     max_live: int = 16  # web page sockets (/live) open at once
     live_lifetime: float = 3600.0  # seconds a web page socket lives
     token: str | None = None  # what clients must present to join and publish

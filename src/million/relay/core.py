@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar
 
 import attrs
 
-from million.relay.checks import REPLY_BYTES_PER_UNIT, check_json, cost
+from million.relay.checks import REPLY_BYTES_PER_UNIT, cost
 from million.relay.config import ReflectorConfig, ReflectorStatistics
 from million.relay.gate import Gate, Refused, Role
 from million.relay.records import Batch, StoredSession
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 C = TypeVar("C", bound=Hashable)
 STATUS_SESSIONS = 1000  # occupied sessions a status describes, the first by name
 READ = (Ping, StatusRequest)  # what a connection with the view token may send
+MAX_LABEL = 100  # characters of a client label that names its identity without --tokens
 COUNTERS = (
     "events",
     "frames_in",
@@ -87,12 +88,13 @@ class RelayCore(Generic[C]):
         self.refusals: dict[str, int] = {}  # refusals by limit
         self._summaries = Summaries(config)
         self.streams: Streams[C] = Streams(config, self.table, self.peers, self.counters)
+        self.snapshots = self.streams.snapshots
         self._handlers: dict[type, Callable[[C, Any, float], None]] = {
             Join: self.streams.join,
             Publish: self._on_publish,
             Leave: self._on_leave,
-            Snapshot: self._on_snapshot,
-            Digest: self._on_digest,
+            Snapshot: self.snapshots.snapshot,
+            Digest: self.snapshots.digest,
             Ping: self._on_ping,
             StatusRequest: self._on_status,
             Summarize: self._on_summary,
@@ -123,7 +125,9 @@ class RelayCore(Generic[C]):
                 self.refuse("token")
             raise
         self.gate.admitted()
-        identity = identity or f"admin:{conn_name}"  # without identities, each connection is one
+        if not identity:  # without identities, each client (by its label) is one
+            label = hello.client if 0 < len(hello.client) <= MAX_LABEL else conn_name
+            identity = f"admin:{label}"
         peer: Peer[C] = Peer(
             hello.client, ip, role, identity, allowance=self.config.max_messages_per_s, refilled=now
         )
@@ -190,7 +194,7 @@ class RelayCore(Generic[C]):
         for (_, view), session in list(peer.memberships.items()):
             self.streams.exit(conn, session, view, now)
         del self.peers[conn]
-        self.streams.forget_asks(conn, peer)
+        self.snapshots.forget(conn, peer)
 
     def tick(self, now: float) -> None:
         """A time-only tick for every occupied session silent for a tick interval."""
@@ -291,20 +295,8 @@ class RelayCore(Generic[C]):
     def _on_leave(self, conn: C, message: Leave, now: float) -> None:
         session = self._member(conn, message.session, message.view)
         self.streams.exit(conn, session, message.view, now)
-        behind = session.seq - session.snapshot_seq
-        if not session.conns and session.asked is None and behind >= self.config.leave_snapshot_after:
-            self.streams.ask_snapshot(session, (conn,))
+        self.snapshots.leaving(session, conn)  # asked before its left, while it holds its replica
         self.streams.emit((conn,), codec.encode(Left(message.session, message.view)))
-
-    def _on_snapshot(self, conn: C, message: Snapshot, now: float) -> None:
-        if message.session not in self.sessions and message.session in self.peers[conn].asked:
-            self.peers[conn].asked.discard(message.session)
-            return  # asked before the session left memory: too late to be used
-        check_json(message.state, None, "a snapshot's state")
-        self.streams.snapshot(conn, message)
-
-    def _on_digest(self, conn: C, message: Digest, now: float) -> None:
-        self.streams.digest(conn, message)
 
     def _on_summary(self, conn: C, message: Summarize, now: float) -> None:
         session = self._member(conn, message.session, message.view)

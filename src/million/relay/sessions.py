@@ -2,6 +2,9 @@
 
 Sans-IO: time comes in as ``now`` (seconds on any monotonic clock); nothing here waits.
 A connection is whatever hashable handle the caller uses for it.
+
+A snapshot is kept only once agreed: received, it is a ``Candidate`` until the digest of
+the same event from another identity is the same (``offer`` and ``vouch``, in either order).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from million.relay.records import StoredSession
 from million.wire import codec
 
 C = TypeVar("C", bound=Hashable)
+MAX_DIGESTS = 16  # digests waiting for their snapshot, per session
 
 
 class Phase(enum.Enum):
@@ -36,9 +40,20 @@ class SnapshotAsk(Generic[C]):
     time: int
 
 
+@attrs.frozen
+class Candidate:
+    """A snapshot received with the right digest of its state, not agreed yet."""
+
+    seq: int
+    time: int
+    state: bytes
+    digest: str
+    identity: str  # of the connection that sent it
+
+
 @attrs.define(eq=False)
 class RelaySession(Generic[C]):
-    """One session's stream: stamped events since the latest snapshot, and who is present."""
+    """One session's stream: stamped events since the latest agreed snapshot, and who is present."""
 
     name: str
     model: str
@@ -61,7 +76,10 @@ class RelaySession(Generic[C]):
     recipients: tuple[C, ...] = ()  # the connections, in the order they came
     asked: SnapshotAsk[C] | None = None
     digest_asked: tuple[C, int] | None = None  # who was asked a digest of which event
-    digests: dict[int, str] = attrs.Factory(dict)  # seq -> the first digest reported for it
+    candidate: Candidate | None = None  # the snapshot received, until agreed or dropped
+    # seq -> (digest, identity) of an asked digest that came before its snapshot
+    digests: dict[int, tuple[str, str]] = attrs.Factory(dict)
+    failed_seq: int = 0  # the latest request that came to nothing: none asked, refused or disagreed
     divergences: int = 0
     broken: str = ""  # why the store failed it: then it takes no more events
 
@@ -147,18 +165,40 @@ class RelaySession(Generic[C]):
         self.snapshot_seq, self.snapshot_time = seq, time
         self.snapshot_state, self.snapshot_digest = state, digest
 
-    def compare(self, seq: int, digest: str) -> bool:
-        """Record a digest of event ``seq``; True if it differs from one reported before."""
-        first = self.digests.pop(seq, None)
-        if first is None:
-            if len(self.digests) > 16:
+    def offer(self, candidate: Candidate) -> bool | None:
+        """A snapshot received: True if a digest of its event from another identity
+        agrees (it is kept), False if that digest differs (it is dropped), None while it
+        waits for one (the candidate, replacing any other)."""
+        reported = self.digests.pop(candidate.seq, None)
+        if reported is None or reported[1] == candidate.identity:
+            self.candidate = candidate
+            return None
+        return self._settle(candidate, reported[0])
+
+    def vouch(self, seq: int, digest: str, identity: str) -> bool | None:
+        """A digest of event ``seq`` from ``identity``: True if it agrees the candidate
+        of another identity (kept), False if it differs (dropped), None if it waits for
+        its snapshot (at most ``MAX_DIGESTS`` wait) or is the candidate's own identity's."""
+        candidate = self.candidate
+        if candidate is None or candidate.seq != seq:
+            if len(self.digests) >= MAX_DIGESTS:
                 self.digests.clear()
-            self.digests[seq] = digest
-            return False
-        if first != digest:
+            self.digests[seq] = (digest, identity)
+            return None
+        if candidate.identity == identity:
+            return None
+        return self._settle(candidate, digest)
+
+    def _settle(self, candidate: Candidate, digest: str) -> bool | None:
+        self.candidate = None
+        if candidate.seq <= self.snapshot_seq:  # not after the snapshot kept: of no use
+            return None
+        if digest != candidate.digest:
             self.divergences += 1
-            return True
-        return False
+            self.failed_seq = candidate.seq
+            return False
+        self.keep_snapshot(candidate.seq, candidate.time, candidate.state, candidate.digest)
+        return True
 
     def describe(self, now: float) -> dict[str, Any]:
         """The session as ``million status`` shows it."""

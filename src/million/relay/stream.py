@@ -1,13 +1,13 @@
-"""The sessions' ordered streams: joins, stamping and relaying events, presence, ticks, snapshots.
+"""The sessions' ordered streams: joins, stamping and relaying events, presence, ticks.
 
 Part of the relay core (sans-IO): ``Streams`` does to sessions what ``RelayCore`` decides
 on behalf of connections (and checks a join against its session), and writes what
-follows into the shared ``Output``.
+follows into the shared ``Output``. Its ``snapshots`` ask for snapshots and keep those
+agreed (``million.relay.snapshots``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable
 from typing import Any, Generic, TypeVar
 
@@ -17,24 +17,12 @@ from million.relay.checks import check_options
 from million.relay.config import ReflectorConfig
 from million.relay.gate import Refused, Role
 from million.relay.records import Batch, StoredSession
-from million.relay.sessions import Phase, RelaySession, SessionTable, SnapshotAsk, revived
+from million.relay.sessions import Phase, RelaySession, SessionTable, revived
+from million.relay.snapshots import Snapshots
 from million.wire import codec
-from million.wire.protocol import (
-    VIEW_EXIT,
-    VIEW_JOIN,
-    Digest,
-    DigestRequest,
-    ErrorCode,
-    Join,
-    ProtocolError,
-    Snapshot,
-    SnapshotRequest,
-    check_session_name,
-)
+from million.wire.protocol import VIEW_EXIT, VIEW_JOIN, ErrorCode, Join, ProtocolError, check_session_name
 
 __all__ = ["Output", "Peer", "Streams"]
-
-log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=Hashable)
 
@@ -87,6 +75,7 @@ class Streams(Generic[C]):
         self.peers = peers
         self.counters = counters
         self.output: Output[C] = Output()
+        self.snapshots: Snapshots[C] = Snapshots(self)
 
     def emit(self, recipients: tuple[C, ...], data: bytes) -> None:
         self.output.sends.append((recipients, data))
@@ -114,10 +103,8 @@ class Streams(Generic[C]):
         output.batch.events.append((session.name, session.seq, raw))
         output.sends.append((recipients, raw))
         self.counters["events"] += 1
-        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self._may_ask_snapshot(
-            session
-        ):
-            self.ask_snapshot(session, session.recipients)
+        if session.seq - session.snapshot_seq >= self.config.snapshot_every and self.snapshots.due(session):
+            self.snapshots.ask(session, session.recipients)
 
     def check_publish(self, session: RelaySession[C]) -> None:
         """``ProtocolError`` if ``session`` may take no more events now."""
@@ -126,12 +113,12 @@ class Streams(Generic[C]):
                 ErrorCode.STORAGE, f"session {session.name!r} takes no events: {session.broken}"
             )
         if len(session.tail) >= self.config.max_tail or session.tail_bytes >= self.config.max_tail_bytes:
-            if self._may_ask_snapshot(session):
-                self.ask_snapshot(session, session.recipients)
+            if self.snapshots.may_ask(session):
+                self.snapshots.ask(session, session.recipients)
             raise Refused(
                 "tail",
                 f"session {session.name!r} keeps {len(session.tail)} events ({session.tail_bytes} bytes)"
-                " since its latest snapshot: no more until a participant sends one",
+                " since its latest agreed snapshot: no more until two identities agree one",
             )
 
     def join(self, conn: C, message: Join, now: float) -> None:
@@ -232,65 +219,3 @@ class Streams(Generic[C]):
             session.last_sent = now
             occupied.move_to_end(session.name)
             self.emit(session.recipients, codec.encode_tick(session.name, session.time))
-
-    # --- snapshots and digests ---------------------------------------------------------------
-
-    def _may_ask_snapshot(self, session: RelaySession[C]) -> bool:
-        """No request outstanding, or one left unanswered for a whole interval: ask again."""
-        asked = session.asked
-        return asked is None or session.seq - asked.seq >= self.config.snapshot_every
-
-    def ask_snapshot(self, session: RelaySession[C], candidates: tuple[C, ...]) -> None:
-        """Ask one of ``candidates`` for a snapshot, and another for a digest to compare."""
-        if not candidates:
-            return
-        conn = candidates[session.seq % len(candidates)]
-        session.asked = SnapshotAsk(conn, session.seq, session.time)
-        self.peers[conn].asked.add(session.name)
-        self.emit((conn,), codec.encode(SnapshotRequest(session.name, session.seq)))
-        if len(candidates) > 1:
-            other = candidates[(session.seq + 1) % len(candidates)]
-            session.digest_asked = (other, session.seq)
-            self.emit((other,), codec.encode(DigestRequest(session.name, session.seq)))
-
-    def snapshot(self, conn: C, message: Snapshot) -> None:
-        """A snapshot answered: it replaces the events up to it, in memory and in the store."""
-        session = self.table.in_memory.get(message.session)
-        asked = session.asked if session is not None else None
-        if session is not None and asked is not None and message.seq < asked.seq and conn in session.conns:
-            return  # the answer to a request made again since: too late to be used
-        if session is None or asked is None or asked.conn != conn or asked.seq != message.seq:
-            raise ProtocolError(ErrorCode.UNEXPECTED, "a snapshot nobody asked for")
-        session.asked = None
-        self.peers[conn].asked.discard(session.name)
-        session.keep_snapshot(message.seq, asked.time, message.state, message.digest)
-        self.output.batch.snapshots.append(
-            (session.name, message.seq, asked.time, message.state, message.digest)
-        )
-        self.compare(session, message.seq, message.digest)
-        if not session.conns:
-            self.output.emptied.append(session.name)
-        elif session.seq - session.snapshot_seq >= self.config.snapshot_every:
-            self.ask_snapshot(session, session.recipients)
-
-    def digest(self, conn: C, message: Digest) -> None:
-        """A digest answered: compared with the snapshot's, if it is the one asked of ``conn``."""
-        session = self.table.in_memory.get(message.session)
-        if session is None or conn not in session.conns:
-            raise ProtocolError(ErrorCode.NOT_JOINED, f"not in session {message.session!r}")
-        if session.digest_asked == (conn, message.seq):  # any other digest is nobody's business
-            session.digest_asked = None
-            self.compare(session, message.seq, message.digest)
-
-    def forget_asks(self, conn: C, peer: Peer[C]) -> None:
-        """``conn`` is gone: the snapshots asked of it will never come."""
-        for name in peer.asked:
-            session = self.table.in_memory.get(name)
-            if session is not None and session.asked is not None and session.asked.conn == conn:
-                session.asked = None
-                self.output.emptied.append(name)
-
-    def compare(self, session: RelaySession[C], seq: int, digest: str) -> None:
-        if session.compare(seq, digest):
-            self.counters["divergences"] += 1
-            log.warning("session %s diverged at event %d (digest %s)", session.name, seq, digest)

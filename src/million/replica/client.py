@@ -9,6 +9,7 @@ owns the socket, the reader and writer tasks and the waiting; the core owns the 
 from __future__ import annotations
 
 import logging
+import secrets
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -43,7 +44,9 @@ class Client:
     ) -> None:
         self.url = url
         self.ssl_context = ssl_context
-        self.core = ClientCore(token=token, label=label)
+        # The label names this client's identity on a reflector without --tokens: unique
+        # per client, kept across reconnections.
+        self.core = ClientCore(token=token, label=f"{label or 'client'}-{secrets.token_hex(4)}")
         self.core.on_output = self._wake_writer
         self._waiting: dict[str, trio.Event] = {}  # session -> set when its group changes
         self._replies: dict[int, trio.MemorySendChannel[Pong | Status]] = {}

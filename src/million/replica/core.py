@@ -22,7 +22,7 @@ import attrs
 
 from million.replica.membership import Group, Groups, JoinError, Membership, State, Unusable
 from million.replica.model import Model, Replica
-from million.replica.state import StateError, digest_of_dump, dump_state
+from million.replica.state import StateError, dump_state
 from million.wire import codec
 from million.wire.protocol import (
     DEFAULT_MAX_FRAME,
@@ -46,6 +46,7 @@ from million.wire.protocol import (
     Sync,
     Tick,
     Welcome,
+    state_digest,
 )
 
 __all__ = [
@@ -363,7 +364,7 @@ def snapshot_of(replica: Replica, seq: int, max_frame: int) -> bytes | None:
     except StateError as exc:
         log.error("%s: no snapshot of event %d: %s", replica.session, seq, exc)
         return None
-    message = codec.encode_snapshot(replica.session, seq, state, digest_of_dump(state))
+    message = codec.encode_snapshot(replica.session, seq, state, state_digest(state))
     if len(message) + 2 > max_frame:  # it travels inside a frame's [ ]
         log.error(
             "%s: a snapshot of %d bytes is over the reflector's frame limit of %d; not sent",

@@ -5,12 +5,12 @@ kept by a model, and ``describe`` names any value in a message. ``converter`` tu
 model's fields into JSON-ready values and back, strictly. A snapshot is restored only if
 ``check_state`` finds the shape ``Replica.snapshot`` writes, and ``structure_model`` a
 ``model`` member that fits its model class. ``dump_state`` is a snapshot's canonical
-encoding (``StateError`` if JSON cannot hold it), and ``digest_of`` its digest.
+encoding (``StateError`` if JSON cannot hold it), and ``digest_of`` its digest: the wire's
+``state_digest`` of that encoding, which the reflector checks too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -21,6 +21,7 @@ import cattrs
 import orjson
 
 from million.wire.codec import strict_converter
+from million.wire.protocol import state_digest
 
 __all__ = [
     "INT64_MAX",
@@ -30,7 +31,6 @@ __all__ = [
     "converter",
     "describe",
     "digest_of",
-    "digest_of_dump",
     "dump_state",
     "is_json",
     "structure_model",
@@ -89,12 +89,7 @@ _DUMP_OPTIONS = orjson.OPT_NON_STR_KEYS
 
 def digest_of(snapshot: dict[str, Any]) -> str:
     """A digest of a snapshot's canonical encoding (field and insertion order kept)."""
-    return digest_of_dump(dump_state(snapshot))
-
-
-def digest_of_dump(dump: bytes) -> str:
-    """The digest of a snapshot already encoded by ``dump_state``."""
-    return hashlib.sha256(dump).hexdigest()[:32]
+    return state_digest(dump_state(snapshot))
 
 
 def dump_state(snapshot: dict[str, Any]) -> bytes:

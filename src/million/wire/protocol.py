@@ -9,6 +9,7 @@ Names and limits that both ends rely on live here too.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -61,6 +62,12 @@ def check_session_name(name: str) -> None:
             ErrorCode.BAD_NAME,
             f"session name {name[:60]!r} must be 1-200 characters of letters, digits and _.:@+-",
         )
+
+
+def state_digest(state: bytes) -> str:
+    """The digest of a snapshot's state, encoded: what ``Snapshot.digest`` and ``Digest``
+    carry. The reflector checks a snapshot's against the bytes it received."""
+    return hashlib.sha256(state).hexdigest()[:32]
 
 
 # --- client to reflector -------------------------------------------------------------
