@@ -155,7 +155,8 @@ class Computation(Model, name="million.computation.3"):
                     self.alone[index], self.wanted[index] = identity, 1
                 if identity not in self.assignees[index]:
                     self.assignees[index].append(identity)
-            if not self.leaf or any(len(self.assignees[index]) < self.wanted[index] for index in given):
+            copies = any(len(self.assignees[index]) < self.wanted[index] for index in given)
+            if copies or (not self.leaf and self.verify > 1):
                 self.epoch += 1  # a copy for another identity, or room for a child: ask again
         self.answers[view] = [data["id"], given, self.epoch]
 
