@@ -59,6 +59,7 @@ class Computation(Model, name="million.computation.3"):
     copies: int = 3
     max_rejections: int = 3
     trust: dict[str, int] = attrs.Factory(dict)
+    solo: str = ""  # the trusted identity this whole session was handed to alone (adaptive)
     inputs: list[Any] | None = None
     outputs: list[Any] = attrs.Factory(list)
     completed: list[bool] = attrs.Factory(list)
@@ -85,12 +86,12 @@ class Computation(Model, name="million.computation.3"):
             return
         self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
         self.verify, self.adaptive, self.copies = spec.verify, spec.adaptive, spec.copies
-        self.max_rejections, self.trust = spec.max_rejections, dict(spec.trust)
+        self.max_rejections, self.trust, self.solo = spec.max_rejections, dict(spec.trust), spec.alone
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
         self.wanted = [self.verify] * self.count
         self.alone = [""] * self.count
-        self.tasks = {task: Task(self.verify) for task in CLAIMS}
+        self.tasks = {task: Task(1 if self.solo else self.verify) for task in CLAIMS}
         self.assignees = [[] for _ in range(self.count)]
         self.ballots = [Ballot() for _ in range(self.count)]
         self.remaining = self.count
@@ -151,7 +152,7 @@ class Computation(Model, name="million.computation.3"):
         if given:
             self.workers.setdefault(view, []).extend(given)
             for index in given:
-                if self.leaf and not self.assignees[index] and self._trusted(identity):
+                if not self.assignees[index] and (identity == self.solo or self._trusted(identity)):
                     self.alone[index], self.wanted[index] = identity, 1
                 if identity not in self.assignees[index]:
                     self.assignees[index].append(identity)
@@ -239,9 +240,10 @@ class Computation(Model, name="million.computation.3"):
             self.epoch += 1
 
     def _trusted(self, identity: str) -> bool:
-        """Adaptive replication, decided as a leaf's partition is first handed out: to an
-        identity with ``c`` >= TRUSTED consecutive valid results, alone with probability
-        1 - 1/c. A session's inputs and output, and a child's, always need ``verify``."""
+        """Adaptive replication, decided as a partition is first handed out: to an identity
+        with ``c`` >= TRUSTED consecutive valid results, alone with probability 1 - 1/c. A
+        child handed alone is ``solo`` for that identity: its steps and partitions are
+        taken from it alone, and from anyone else only once ``verify`` agree."""
         streak = self.trust.get(identity, 0)
         return self.adaptive and streak >= TRUSTED and self.random.random() < 1 - 1 / streak
 
@@ -334,12 +336,14 @@ class Computation(Model, name="million.computation.3"):
         tally.submit(identity)
         task.reported(identity, self.views)
         self.epoch += 1
-        key = ballot.agreed(self.verify)
+        key = ballot.agreed(1 if identity == self.solo and len(ballot.votes) == 1 else self.verify)
         if key is None:
             if ballot.split and len(ballot.votes) >= self.copies:
                 self.failed = f"no {self.verify} identities agreed on the {name} step of this session"
             elif ballot.split:
                 task.wanted = min(self.copies, task.wanted + 1)
+            elif task.wanted < self.verify:  # not the one the session was handed to alone
+                task.wanted = self.verify
             return
         taken = ballot.take(key)
         tally.judge(ballot)

@@ -70,6 +70,7 @@ class Spec:
     max_copies: int = 0  # identities a value may be asked of before the run fails; 0: 2 * verify + 1
     max_rejections: int = 3  # rejected results of an identity beyond which it gets no more work
     trust: dict[str, int] = attrs.Factory(dict)  # identity -> consecutive valid results, from the ledger
+    alone: str = ""  # the trusted identity this session was handed to alone (adaptive), if any
 
     @property
     def copies(self) -> int:
@@ -85,11 +86,18 @@ class Spec:
         """Partitions (leaf) or children (interior) of this session."""
         return self.partitions if self.leaf else self.fanout
 
-    def child(self, name: str, index: int, input: Any) -> tuple[str, dict[str, Any]]:
-        """Name and options of child ``index`` of the session ``name``."""
+    def child(self, name: str, index: int, input: Any, alone: str = "") -> tuple[str, dict[str, Any]]:
+        """Name and options of child ``index`` of the session ``name``, handed ``alone`` to
+        a trusted identity or not (``Computation.alone``)."""
         start, size = share(self.partitions, self.fanout, index)
         spec = attrs.evolve(
-            self, input=input, partitions=size, start=self.start + start, parent=name, index=index
+            self,
+            input=input,
+            partitions=size,
+            start=self.start + start,
+            parent=name,
+            index=index,
+            alone=alone,
         )
         return f"{name}-{index}", spec.to_options()
 
@@ -152,6 +160,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_copies": (_whole(0, MAX_VERIFY * 4), f"an integer from 0 to {MAX_VERIFY * 4}"),
     "max_rejections": (_whole(0, 2**31), "a whole number"),
     "trust": (_trust, f"an object of at most {MAX_TRUSTED:,} identities, each a whole number"),
+    "alone": (_text, f"a string of at most {MAX_TEXT} characters"),
 }
 _REQUIRED = ("plugin", "version", "input", "partitions", "fanout")
 

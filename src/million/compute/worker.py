@@ -189,7 +189,9 @@ class Worker(View):
             if not self.spec.leaf:
                 if self.ctx.detach:
                     return self._child_outcome(index)
-                child, options = self.spec.child(self.session.name, index, model.inputs[index])
+                child, options = self.spec.child(
+                    self.session.name, index, model.inputs[index], model.alone[index]
+                )
                 report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
             else:
                 report = {"index": index, **await self._compute(index, model.inputs[index])}
@@ -204,7 +206,7 @@ class Worker(View):
     def _child_outcome(self, index: int) -> Outcome:
         inputs = self.model.inputs
         assert inputs is not None  # a partition is given out only once there are inputs
-        child, options = self.spec.child(self.session.name, index, inputs[index])
+        child, options = self.spec.child(self.session.name, index, inputs[index], self.model.alone[index])
         return Outcome(index=index, child=child, child_options=options)
 
     def _request(self, held: int) -> dict[str, int]:
