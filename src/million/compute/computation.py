@@ -157,7 +157,7 @@ class Computation(Model, name="million.computation.3"):
                 if identity not in self.assignees[index]:
                     self.assignees[index].append(identity)
             copies = any(len(self.assignees[index]) < self.wanted[index] for index in given)
-            if copies or (not self.leaf and self.verify > 1):
+            if copies:
                 self.epoch += 1  # a copy for another identity, or room for a child: ask again
         self.answers[view] = [data["id"], given, self.epoch]
 
@@ -177,8 +177,6 @@ class Computation(Model, name="million.computation.3"):
         copies = [i for i in short if identity not in self.assignees[i]]
         if copies:
             return copies[:want]
-        if short and not self.leaf:
-            return []
         fresh = [i for i in range(self.count) if not self.assignees[i] and not self.completed[i]]
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
@@ -216,23 +214,29 @@ class Computation(Model, name="million.computation.3"):
         if identity not in self.assignees[index]:
             self._unfounded()
         elif identity not in self.ballots[index].votes:  # another view of it may have reported
-            self._vote(index, identity, _reported(data), data.get("ms", 0))
+            self._vote(index, identity, _reported(data), data.get("ms", 0), data.get("tally"))
         if "next" in data:
             self.request(data["next"])
 
-    def _vote(self, index: int, identity: str, value: Any, ms: int) -> None:
+    def _vote(self, index: int, identity: str, value: Any, ms: int, work: Any = None) -> None:
+        """Count ``identity``'s value for partition ``index`` (with ``work``, the tally of
+        its copy of a child: credited once its value is the one taken)."""
         ballot = self.ballots[index]
         first = not ballot.votes
         ballot.vote(identity, value, ms)
+        if work is not None:
+            ballot.tallies[identity] = work
         tally = self._tally()
         tally.submit(identity, ms)
         if self.completed[index]:  # a late copy: judged by what was taken
             tally.judge(ballot, [identity])
+            self._credit(ballot)
             return
         key = ballot.agreed(1 if first and self.alone[index] == identity else self.verify)
         if key is not None:
             self._complete(index, ballot.take(key))
             tally.judge(ballot)
+            self._credit(ballot)
         elif ballot.split:
             self._ask_more(index, ballot)
         elif self.wanted[index] < self.verify:  # not the one it was handed to alone
@@ -256,13 +260,20 @@ class Computation(Model, name="million.computation.3"):
             self.wanted[index] += 1
             self.epoch += 1
 
+    def _credit(self, ballot: Ballot) -> None:
+        """Merge the tallies of the copies that reported the value taken; drop the others."""
+        tally = self._tally()
+        for identity, work in list(ballot.tallies.items()):
+            if ballot.votes[identity] == ballot.taken:
+                tally.merge(work)
+            del ballot.tallies[identity]
+
     def _complete(self, index: int, value: Any) -> None:
         if not self.leaf:
             if "failed" in value:
                 self.failed = value["failed"]
                 self.epoch += 1
                 return
-            self._tally().merge(value["tally"])
             value = value["output"]
         self.completed[index] = True
         self.outputs[index] = value
@@ -370,11 +381,12 @@ class Computation(Model, name="million.computation.3"):
 
 
 def _reported(data: dict[str, Any]) -> Any:
-    """The value a report votes for: a leaf's output; a child's output with its tally."""
+    """The value a report votes for: a leaf's output; a child's output (its tally is
+    counted apart: each identity works its own copy of a child)."""
     if "failed" in data:
         return {"failed": data["failed"]}
     if "tally" in data:
-        return {"output": data["output"], "tally": data["tally"]}
+        return {"output": data["output"]}
     return data["output"]
 
 

@@ -86,9 +86,12 @@ class Spec:
         """Partitions (leaf) or children (interior) of this session."""
         return self.partitions if self.leaf else self.fanout
 
-    def child(self, name: str, index: int, input: Any, alone: str = "") -> tuple[str, dict[str, Any]]:
-        """Name and options of child ``index`` of the session ``name``, handed ``alone`` to
-        a trusted identity or not (``Computation.alone``)."""
+    def child(
+        self, name: str, index: int, input: Any, alone: str = "", copy: int = 0
+    ) -> tuple[str, dict[str, Any]]:
+        """Name and options of child ``index`` of the session ``name``: its ``copy`` (one
+        per identity it was handed to, under verification), worked ``alone`` by one
+        identity or not."""
         start, size = share(self.partitions, self.fanout, index)
         spec = attrs.evolve(
             self,
@@ -99,7 +102,7 @@ class Spec:
             index=index,
             alone=alone,
         )
-        return f"{name}-{index}", spec.to_options()
+        return f"{name}-{index}" + (f"c{copy}" if copy else ""), spec.to_options()
 
     def to_options(self) -> dict[str, Any]:
         return attrs.asdict(self)

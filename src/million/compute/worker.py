@@ -189,9 +189,7 @@ class Worker(View):
             if not self.spec.leaf:
                 if self.ctx.detach:
                     return self._child_outcome(index)
-                child, options = self.spec.child(
-                    self.session.name, index, model.inputs[index], model.alone[index]
-                )
+                child, options = self._child(index)
                 report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
             else:
                 report = {"index": index, **await self._compute(index, model.inputs[index])}
@@ -203,10 +201,19 @@ class Worker(View):
         model = self.model
         return not model.completed[index] and self.identity not in model.ballots[index].votes
 
-    def _child_outcome(self, index: int) -> Outcome:
-        inputs = self.model.inputs
+    def _child(self, index: int) -> tuple[str, dict[str, Any]]:
+        """Child ``index``: handed alone to a trusted identity, or under verification a
+        copy of its own for each identity it was handed to, worked by it alone."""
+        model, identity = self.model, self.identity
+        inputs = model.inputs
         assert inputs is not None  # a partition is given out only once there are inputs
-        child, options = self.spec.child(self.session.name, index, inputs[index], self.model.alone[index])
+        if model.alone[index] or model.verify == 1:
+            return self.spec.child(self.session.name, index, inputs[index], model.alone[index])
+        copy = model.assignees[index].index(identity)
+        return self.spec.child(self.session.name, index, inputs[index], identity, copy)
+
+    def _child_outcome(self, index: int) -> Outcome:
+        child, options = self._child(index)
         return Outcome(index=index, child=child, child_options=options)
 
     def _request(self, held: int) -> dict[str, int]:
