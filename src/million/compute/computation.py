@@ -230,13 +230,13 @@ class Computation(Model, name="million.computation.3"):
         tally.submit(identity, ms)
         if self.completed[index]:  # a late copy: judged by what was taken
             tally.judge(ballot, [identity])
-            self._credit(ballot)
+            self._credit(index, ballot)
             return
         key = ballot.agreed(1 if first and self.alone[index] == identity else self.verify)
         if key is not None:
             self._complete(index, ballot.take(key))
             tally.judge(ballot)
-            self._credit(ballot)
+            self._credit(index, ballot)
         elif ballot.split:
             self._ask_more(index, ballot)
         elif self.wanted[index] < self.verify:  # not the one it was handed to alone
@@ -260,12 +260,14 @@ class Computation(Model, name="million.computation.3"):
             self.wanted[index] += 1
             self.epoch += 1
 
-    def _credit(self, ballot: Ballot) -> None:
-        """Merge the tallies of the copies that reported the value taken; drop the others."""
-        tally = self._tally()
+    def _credit(self, index: int, ballot: Ballot) -> None:
+        """Merge the tallies of the copies of child ``index`` that reported the value
+        taken (once, when its reporters shared one child session); drop the others."""
+        shared = self.verify == 1 or bool(self.alone[index])
         for identity, work in list(ballot.tallies.items()):
-            if ballot.votes[identity] == ballot.taken:
-                tally.merge(work)
+            if ballot.votes[identity] == ballot.taken and not (shared and ballot.credited):
+                self._tally().merge(work)
+                ballot.credited = True
             del ballot.tallies[identity]
 
     def _complete(self, index: int, value: Any) -> None:

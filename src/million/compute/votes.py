@@ -39,6 +39,7 @@ class Ballot:
     values: dict[str, Any] = attrs.Factory(dict)  # key -> value, until one is taken
     claimed: dict[str, int] = attrs.Factory(dict)  # identity -> ms it claimed for its report
     tallies: dict[str, Any] = attrs.Factory(dict)  # identity -> the tally of its copy of a child
+    credited: bool = False  # a tally of the value taken was counted
     taken: str | None = None  # the key of the value taken
 
     def vote(self, identity: str, value: Any, ms: int = 0) -> str:
