@@ -122,3 +122,11 @@ async def wait_for_markers(
     with trio.fail_after(seconds):
         while not there():
             await session.wait_changed()
+
+
+def nested(depth: int) -> Any:
+    """A list nested ``depth`` deep."""
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value

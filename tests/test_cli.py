@@ -516,7 +516,7 @@ def faked_run(monkeypatch: pytest.MonkeyPatch, failed: str | None = None) -> lis
     before anyone worked on it; the specs it was asked to open. Everything else is real."""
     specs: list[Spec] = []
     model = SimpleNamespace(
-        done=failed is None, failed=failed, output=7 if failed is None else None, tally=TALLY
+        done=failed is None, failed=failed, ended=True, output=7 if failed is None else None, tally=TALLY
     )
     root = SimpleNamespace(model=model, replica=SimpleNamespace(seq=9))
 

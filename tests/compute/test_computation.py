@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import million
-from helpers import finish, ordered_spec, start_worker, wait_for_markers
+from helpers import finish, nested, ordered_spec, start_worker, wait_for_markers
 from million.compute.bots import run_bots
 from million.compute.computation import Computation
 from million.compute.plugins import PluginError, load_plugin, plugin_from_object
@@ -130,13 +130,6 @@ def test_malformed_events_fail_nothing_and_give_away_little(topic, data, caplog)
     assert model.inputs == [0, 1, 2] and model.remaining == 3 and not any(model.completed)
     assert len(model.workers.get("a", [])) <= 3
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
-
-
-def nested(depth: int) -> Any:
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
 
 
 DEEP = nested(300)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from helpers import nested
 from million.compute.computation import Computation
 from million.compute.lobby import MAX_OPEN, Lobby
 from million.compute.progress import Progress
@@ -36,13 +37,6 @@ from million.wire.protocol import (
 from models import Ledger
 
 MAX64 = 2**64 - 1
-
-
-def nested(depth: int) -> Any:
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
 
 
 DEEP = nested(300)

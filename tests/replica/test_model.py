@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 import million
+from helpers import nested
 from million.replica.model import Random, Replica, StateError, handler_names, is_json
 from million.replica.state import digest_of, dump_state
 from million.wire.protocol import Event
@@ -145,13 +146,6 @@ def test_the_random_generator_is_deterministic_and_in_range():
 
 
 # --- what restore takes, and what no payload can do ------------------------------------------
-
-
-def nested(depth: int) -> Any:
-    value: Any = []
-    for _ in range(depth - 1):
-        value = [value]
-    return value
 
 
 def clock_state() -> dict[str, Any]:

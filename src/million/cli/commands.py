@@ -34,7 +34,7 @@ from million.compute.worker import RunFailed
 from million.relay.config import ConfigError, Identity, ReflectorConfig, read_identities
 from million.relay.server import open_reflector
 from million.relay.store import StoreError
-from million.replica.client import ClientError, open_client, ssl_context
+from million.replica.client import Client, ClientError, open_client, ssl_context
 from million.replica.session import JoinError
 from million.wire import tasks
 
@@ -279,42 +279,39 @@ def work(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    fetch = partial(_fetch_status, args.reflector, args.token, _client_tls(args))
-    try:
-        info = trio.run(fetch)
-    except (ClientError, JoinError, trio.TooSlowError) as exc:
-        raise Failure(str(exc) or f"the reflector did not answer within {STATUS_TIMEOUT} s", 1) from None
+    info = _read_reflector(args, "status", status_with_runs)
     print(json.dumps(info, indent=2) if args.json else "\n".join(status_lines(info)))
     return 0
-
-
-async def _fetch_status(url: str, token: str | None, context: ssl.SSLContext | None) -> dict[str, Any]:
-    async with open_client(url, token=token, label="status", first_timeout=2, ssl_context=context) as client:
-        with trio.fail_after(STATUS_TIMEOUT):
-            return await status_with_runs(client)
 
 
 # --- million credit ---------------------------------------------------------------------------
 
 
 def credit(args: argparse.Namespace) -> int:
-    fetch = partial(_fetch_ledger, args.reflector, args.token, _client_tls(args))
-    try:
-        identities = trio.run(fetch)
-    except (ClientError, JoinError, trio.TooSlowError) as exc:
-        raise Failure(str(exc) or f"the reflector did not answer within {STATUS_TIMEOUT} s", 1) from None
+    identities = _read_reflector(args, "credit", ledger_identities)
     if identities is None:
         raise Failure("a view token may not read the ledger: give a token that may join (--token)", 1)
     print(json.dumps(identities, indent=2) if args.json else "\n".join(credit_lines(identities)))
     return 0
 
 
-async def _fetch_ledger(
-    url: str, token: str | None, context: ssl.SSLContext | None
-) -> dict[str, dict[str, Any]] | None:
-    async with open_client(url, token=token, label="credit", first_timeout=2, ssl_context=context) as client:
-        with trio.fail_after(STATUS_TIMEOUT):
-            return await ledger_identities(client)
+def _read_reflector(args: argparse.Namespace, label: str, read: Callable[[Client], Awaitable[T]]) -> T:
+    """What ``read`` finds on ``--reflector``, within ``STATUS_TIMEOUT`` s; ``Failure`` if
+    it cannot be reached or does not answer."""
+
+    context = _client_tls(args)
+
+    async def fetch() -> T:
+        async with open_client(
+            args.reflector, token=args.token, label=label, first_timeout=2, ssl_context=context
+        ) as client:
+            with trio.fail_after(STATUS_TIMEOUT):
+                return await read(client)
+
+    try:
+        return trio.run(fetch)
+    except (ClientError, JoinError, trio.TooSlowError) as exc:
+        raise Failure(str(exc) or f"the reflector did not answer within {STATUS_TIMEOUT} s", 1) from None
 
 
 # --- shared -----------------------------------------------------------------------------------

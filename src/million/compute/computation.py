@@ -28,17 +28,16 @@ from typing import Any
 import attrs
 
 from million.compute.tree import Spec, SpecError
-from million.compute.votes import Ballot, Tally, Task, is_tally
+from million.compute.votes import TRUSTED, Ballot, Tally, Task, is_tally
 from million.replica.model import Model
 from million.replica.state import INT64_MAX, is_json
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
-__all__ = ["CLAIMS", "TRUSTED", "Computation"]
+__all__ = ["CLAIMS", "Computation"]
 
 log = logging.getLogger(__name__)
 
 CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
-TRUSTED = 10  # consecutive valid results that make an identity trusted (adaptive)
 
 
 @attrs.define
@@ -372,6 +371,11 @@ class Computation(Model, name="million.computation.3"):
             return False
         inputs = data.get("inputs")
         return type(inputs) is list and len(inputs) == self.count and all(is_json(item) for item in inputs)
+
+    @property
+    def ended(self) -> bool:
+        """Whether the session has its output, or has failed for want of agreement."""
+        return self.done or self.failed is not None
 
     def doing(self, task: str, view: str) -> bool:
         """Whether ``view`` holds the claim to ``task``."""

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 
 from million.compute.lobby import MAX_RUN_NAME
+from million.compute.votes import COUNTS, TRUSTED
 from million.relay.config import ROLES
 from million.replica.model import Model
 from million.wire import codec
@@ -32,12 +33,9 @@ __all__ = [
 ]
 
 LEDGER = "million-ledger"
-#: What a run's tally counts per identity (``Computation.tally``).
-COUNTS = ("submitted", "validated", "rejected", "pending", "claimed_ms", "credit_ms")
 MAX_COUNT = 2**62  # every count stays at or below it (a Spec's trust takes no more)
 MAX_IDENTITIES = 1000  # identities the ledger keeps (the most recently seen), and per run
 KEEP_RUNS = 500  # names of recorded runs kept, so that none is recorded twice
-TRUSTED = 10  # consecutive valid results that make an identity trusted (BOINC's default)
 MAX_NAME = 100  # characters of an identity's name: a --tokens name, or a client's label without them
 #: ``ROLE:NAME`` as the reflector stamps it; a NAME of printable ASCII, no space.
 IDENTITY = re.compile(rf"({'|'.join(ROLES)}):[!-~]{{1,{MAX_NAME}}}")

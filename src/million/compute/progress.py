@@ -98,7 +98,7 @@ async def report_progress(run: str, progress: Session[Any], root: Session[Any]) 
         if finished or failed:
             return
         with trio.move_on_after(SUMMARY_EVERY):
-            await root.wait_for(lambda m: m.done or m.failed is not None)
+            await root.wait_for(lambda m: m.ended)
 
 
 def progress_session(run: str) -> str:

@@ -129,7 +129,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                 async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
                     resumed = root.replica.seq > 1
-                    if not _ended(root.model):
+                    if not root.model.ended:
                         await _tell_lobby(client, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch)
                     answer = root.model.output
@@ -194,11 +194,6 @@ def _spec(plugin: str, version: str, config: RunConfig) -> Spec:
         raise RunError(f"cannot run that: {exc}") from None
 
 
-def _ended(model: Computation) -> bool:
-    """Whether the run has its answer, or has failed for want of agreement."""
-    return model.done or model.failed is not None
-
-
 async def _trust(client: Client, name: str) -> dict[str, int]:
     """An adaptive run's trust: what it was created with if it exists (so that it resumes),
     else the ledger's trusted identities now."""
@@ -258,7 +253,7 @@ async def _compute(
     async with tasks.open_nursery() as nursery:
         await nursery.start(workers)
         nursery.start_soon(report_progress, name, state.progress, root)
-        while not _ended(root.model):
+        while not root.model.ended:
             if watch is not None:
                 watch(state)
             if commands and workers_ended.is_set() and config.reflector is None:

@@ -19,9 +19,10 @@ import attrs
 
 from million.wire import codec
 
-__all__ = ["COUNTS", "Ballot", "Tally", "Task", "is_tally", "key_of"]
+__all__ = ["COUNTS", "TRUSTED", "Ballot", "Tally", "Task", "is_tally", "key_of"]
 
 COUNTS = ("submitted", "validated", "rejected", "pending", "claimed_ms", "credit_ms")
+TRUSTED = 10  # consecutive valid results that make an identity trusted (BOINC's default)
 SHORT = 32  # encoded values up to this many bytes are their own key
 
 

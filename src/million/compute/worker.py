@@ -176,7 +176,7 @@ class Worker(View):
         while True:
             model = self.model
             self._summarize(force=model.done)
-            if model.done or model.failed is not None:
+            if model.ended:
                 return Outcome(Finished.of(model))
             if model.inputs is None:
                 await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
