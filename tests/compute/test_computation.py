@@ -37,40 +37,52 @@ pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
     [
         (7, 2, [4, 3]),
         (9, 3, [3, 3, 3]),
-        (17, 4, [5, 4, 4, 4]),
-        (1001, 10, [101] + [100] * 9),
-        (10001, 100, [101] + [100] * 99),
-        (1000001, 100, [10001] + [10000] * 99),
-        (5, 4, [2, 1, 1, 1]),
+        (17, 4, [9, 8]),
+        (9, 4, [3, 3, 3]),
+        (8, 4, [4, 4]),
+        (1001, 10, [501, 500]),
+        (10001, 100, [5001, 5000]),
+        (100_000, 100, [10_000] * 10),
+        (1_000_000, 100, [10_000] * 100),
+        (1_000_001, 100, [500_001, 500_000]),
+        (5, 4, [3, 2]),
     ],
 )
-def test_children_split_evenly_and_tile_the_partitions(total, fanout, sizes):
+def test_children_are_as_few_as_the_depth_allows_and_tile_the_partitions(total, fanout, sizes):
     children = split(total, fanout)
     assert [size for _, size in children] == sizes
-    assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(fanout)]
+    assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert Spec("p", "1", 0, total, fanout).count == len(sizes)
 
 
 @pytest.mark.parametrize(("total", "fanout"), [(7, 14), (1, 2), (4, 4)])
 def test_what_fits_in_one_session_is_a_leaf(total, fanout):
     spec = Spec("p", "1", 0, total, fanout)
-    assert spec.leaf and spec.count == total and depth(total, fanout) == 1
+    assert spec.leaf and spec.count == total and depth(total, fanout) == 1 and split(total, fanout) == []
 
 
-def tree_depth(total: int, fanout: int) -> int:
-    return 1 if total <= fanout else 1 + max(tree_depth(size, fanout) for _, size in split(total, fanout)[:1])
+def sessions(total: int, fanout: int) -> int:
+    return 1 + sum(sessions(size, fanout) for _, size in split(total, fanout))
+
+
+def test_a_hundred_thousand_over_a_hundred_makes_full_leaves():
+    assert sessions(100_000, 100) == 1 + 10 + 1_000
+    assert sessions(10_000, 100) == 1 + 100 and sessions(1_000_000, 100) == 1 + 100 + 10_000
 
 
 @given(st.integers(1, 10**7), st.integers(2, 1000))
 def test_split_properties_for_any_total_and_fanout(total, fanout):
-    if total > fanout:
-        children = split(total, fanout)
-        sizes = [size for _, size in children]
-        assert sum(sizes) == total
-        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-        assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(fanout)]
-    levels = tree_depth(total, fanout)
+    levels = depth(total, fanout)
     assert fanout**levels >= total and (levels == 1 or fanout ** (levels - 1) < total)
-    assert depth(total, fanout) == levels
+    children = split(total, fanout)
+    if levels == 1:
+        assert children == []
+        return
+    sizes = [size for _, size in children]
+    assert sum(sizes) == total and 2 <= len(sizes) <= fanout
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert [start for start, _ in children] == [sum(sizes[:i]) for i in range(len(sizes))]
+    assert depth(sizes[0], fanout) == levels - 1  # every child fits one level down
 
 
 def test_a_request_gets_at_most_its_want_and_its_fair_share_of_what_nobody_started():
@@ -139,11 +151,11 @@ GONE = object()  # a field left out
 def test_a_specs_options_give_it_back():
     root = Spec("p", "1", {"x": [1, 2]}, 1001, 10, {"delay_ms": 3})
     assert Spec.from_options(root.to_options()) == root
-    name, options = root.child("R", 9, "in")
-    assert name == "R-9"
-    assert Spec.from_options(options) == Spec("p", "1", "in", 100, 10, {"delay_ms": 3}, 901, "R", 9)
+    name, options = root.child("R", 1, "in")
+    assert name == "R-1"
+    assert Spec.from_options(options) == Spec("p", "1", "in", 500, 10, {"delay_ms": 3}, 501, "R", 1)
     big = Spec("p", "1", None, MAX_PARTITIONS, MAX_FANOUT)
-    assert Spec.from_options(big.to_options()).count == MAX_FANOUT
+    assert Spec.from_options(big.to_options()).count == 1_000  # children of 10**12 each
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,7 @@ TEMPLATES: dict[str, Any] = {
 @pytest.mark.parametrize("topic", list(TEMPLATES))
 @pytest.mark.parametrize("leaf", [True, False])
 def test_hostile_computation_events_fail_nothing_and_agree_everywhere(topic, leaf, caplog):
-    spec = Spec("p", "1", 0, 3 if leaf else 30, 3, parent="P", index=0)
+    spec = Spec("p", "1", 0, 3 if leaf else 27, 3, parent="P", index=0)
     pair = Pair(Computation, spec.to_options())
     pair.send(VIEW_JOIN, "v1")
     for data in shapes(TEMPLATES[topic]):

@@ -2,8 +2,8 @@
 
 A session computes ``partitions`` partitions. If they fit in one session (at most
 ``fanout``) it is a leaf and its workers compute them with the plugin's ``compute``.
-Otherwise it has ``fanout`` children, named ``<session>-<i>``, which split the
-partitions evenly (``million.compute.tree``) and are computed the same way, recursively.
+Otherwise it has children, named ``<session>-<i>``, as few as the minimal-depth split
+allows (``million.compute.tree``), and are computed the same way, recursively.
 Each session prepares its inputs once (``prepare_inputs``) and, when every partition
 or child has an output, collects them (``collect_results``); that output is the
 partition's output in the parent.
@@ -41,7 +41,7 @@ CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
 
 
 @attrs.define
-class Computation(Model, name="million.computation.3"):
+class Computation(Model, name="million.computation.4"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker

@@ -1,7 +1,10 @@
 """The shape of the partition tree: how partitions split among sessions, and what one
 session computes (its ``Spec``, whose JSON form is the session's creation options).
 
-Integer arithmetic only: every participant must agree on the shape.
+The minimal-depth split: a session of n partitions, with d the smallest depth such that
+fanout**d >= n, is a leaf if d <= 1; otherwise it has ceil(n / fanout**(d - 1)) children
+sharing n evenly. Leaves are as full as the fanout allows and no child is empty: 100,000
+over 100 makes 1 + 10 + 1,000 sessions. Integer arithmetic only: every participant must agree on the shape.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import attrs
 from million.replica.state import MAX_DEPTH, describe, is_json
 from million.wire.protocol import SESSION_NAME
 
-__all__ = ["MAX_FANOUT", "MAX_PARTITIONS", "Spec", "SpecError", "depth", "share", "split"]
+__all__ = ["MAX_FANOUT", "MAX_PARTITIONS", "Spec", "SpecError", "branches", "depth", "share", "split"]
 
 #: A session keeps several lists of ``min(partitions, fanout)`` entries: at most this many.
 MAX_FANOUT = 1_000_000
@@ -30,17 +33,26 @@ class SpecError(ValueError):
     """Options that do not describe a session of the partition tree."""
 
 
-def split(total: int, fanout: int) -> list[tuple[int, int]]:
-    """``(start, size)`` of each of ``fanout`` children sharing ``total`` partitions.
+def branches(total: int, fanout: int) -> int:
+    """Children of a session of ``total`` partitions, 0 for a leaf: with d the smallest
+    depth such that fanout**d >= total, as few as fit in depth d - 1 each."""
+    if total <= fanout:
+        return 0
+    capacity = fanout  # partitions a child of depth d - 1 may hold
+    while capacity * fanout < total:
+        capacity *= fanout
+    return -(-total // capacity)
 
-    Sizes differ by at most one, the larger first; integer arithmetic only.
-    """
-    return [share(total, fanout, index) for index in range(fanout)]
+
+def split(total: int, fanout: int) -> list[tuple[int, int]]:
+    """``(start, size)`` of each child of a session of ``total`` partitions (none for a
+    leaf). Sizes differ by at most one, the larger first; integer arithmetic only."""
+    return [share(total, fanout, index) for index in range(branches(total, fanout))]
 
 
 def share(total: int, fanout: int, index: int) -> tuple[int, int]:
     """``(start, size)`` of child ``index`` in ``split(total, fanout)``."""
-    base, extra = divmod(total, fanout)
+    base, extra = divmod(total, branches(total, fanout))
     return index * base + min(index, extra), base + (1 if index < extra else 0)
 
 
@@ -84,7 +96,7 @@ class Spec:
     @property
     def count(self) -> int:
         """Partitions (leaf) or children (interior) of this session."""
-        return self.partitions if self.leaf else self.fanout
+        return self.partitions if self.leaf else branches(self.partitions, self.fanout)
 
     def child(
         self, name: str, index: int, input: Any, alone: str = "", copy: int = 0
