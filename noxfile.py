@@ -37,10 +37,11 @@ def docs(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """``nox -s bench`` runs the relay benchmark; ``-- runs``, ``-- scale``, ``-- presence`` or
-    ``-- hostile`` the others."""
-    session.install("-e", ".[bench]", "-e", "src/million_demo")
-    if session.posargs[:1] in (["runs"], ["scale"], ["presence"], ["hostile"]):
+    """``nox -s bench`` runs the relay benchmark; ``-- runs``, ``-- scale``, ``-- presence``,
+    ``-- hostile`` or ``-- peers`` (million beside Dask, with the ``peers`` extra) the others."""
+    extras = ".[bench,peers]" if session.posargs[:1] == ["peers"] else ".[bench]"
+    session.install("-e", extras, "-e", "src/million_demo")
+    if session.posargs[:1] in (["runs"], ["scale"], ["presence"], ["hostile"], ["peers"]):
         session.run("python", f"benchmarks/{session.posargs[0]}.py", *session.posargs[1:])
     else:
         session.run("python", "benchmarks/relay.py", *session.posargs)
