@@ -111,7 +111,7 @@ def test_askers_share_what_nobody_started():
 def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     stream = Stream(4)
     stream.prepare("a", list(range(4)), want=4)
-    stream.send("a", "end", {"index": 0, "output": 0})
+    stream.send("a", "end", {"results": [{"index": 0, "output": 0}]})
     model = stream.send("a", VIEW_EXIT, "a")
     assert model.workers == {} and model.remaining == 3
     stream.send("b", "request", {"id": 1, "want": 4})
@@ -129,8 +129,8 @@ def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
         ("request", {"id": 1, "want": -3}),
         ("request", {"id": 1, "want": 10**18}),
         ("end", "x"),
-        ("end", {"index": "0", "output": 1, "next": "more"}),
-        ("end", {"index": 99, "output": 1, "next": {"want": 2.5}}),
+        ("end", {"results": [{"index": "0", "output": 1}], "next": "more"}),
+        ("end", {"results": [{"index": 99, "output": 1}], "next": {"want": 2.5}}),
         ("inputs", None),
         ("inputs", {"inputs": [9], "next": [1]}),
     ],
@@ -249,18 +249,23 @@ def model_state(stream: Stream) -> Any:
         ("request", {"id": 1, "want": 2.0}),
         ("request", {"id": 1, "want": True}),
         ("request", {"id": 1, "want": "2"}),
-        ("end", {"index": True, "output": 1}),
-        ("end", {"index": 1.0, "output": 1}),
-        ("end", {"index": -1, "output": 1}),
-        ("end", {"index": 3, "output": 1}),
-        ("end", {"index": 2**64 - 1, "output": 1}),
-        ("end", {"index": 0}),
-        ("end", {"index": 0, "output": DEEP}),
-        ("end", {"index": 0, "output": [2**64]}),
-        ("end", {"index": 0, "output": float("inf")}),
-        ("end", {"index": 0, "output": 1, "next": {"id": "x", "want": 1}}),
-        ("end", {"index": 0, "output": 1, "next": None}),
+        ("end", {"results": [{"index": True, "output": 1}]}),
+        ("end", {"results": [{"index": 1.0, "output": 1}]}),
+        ("end", {"results": [{"index": -1, "output": 1}]}),
+        ("end", {"results": [{"index": 3, "output": 1}]}),
+        ("end", {"results": [{"index": 2**64 - 1, "output": 1}]}),
+        ("end", {"results": [{"index": 0}]}),
+        ("end", {"results": [{"index": 0, "output": DEEP}]}),
+        ("end", {"results": [{"index": 0, "output": [2**64]}]}),
+        ("end", {"results": [{"index": 0, "output": float("inf")}]}),
+        ("end", {"results": [{"index": 0, "output": 1}], "next": {"id": "x", "want": 1}}),
+        ("end", {"results": [{"index": 0, "output": 1}], "next": None}),
         ("end", [0, 1]),
+        ("end", {"results": []}),
+        ("end", {"results": {"index": 0, "output": 1}}),
+        ("end", {"results": [{"index": 0, "output": 1}] * 4}),
+        ("end", {"results": [{"index": 0, "output": 1}, {"index": 1, "output": DEEP}]}),
+        ("end", {"results": [{"index": 0, "output": 1}, 7]}),
         ("inputs", {"inputs": [0, 1, DEEP], "next": {"id": 1, "want": 3}}),
         ("inputs", {"inputs": [0, 1, 2], "next": {"id": 1.5, "want": 3}}),
         ("inputs", {"inputs": [0, 1], "next": {"id": 1, "want": 3}}),
@@ -284,12 +289,23 @@ def test_a_malformed_event_changes_nothing(topic, data):
     stream.replica.digest()  # still encodable
 
 
+def test_a_batch_counts_each_report_and_one_malformed_report_spoils_it_whole():
+    stream = Stream(4)
+    stream.prepare("a", [0, 1, 2, 3], want=4)
+    model = stream.send("a", "end", {"results": [{"index": 0, "output": 0}, {"index": 1, "output": DEEP}]})
+    assert model.remaining == 4 and model.workers == {"a": [0, 1, 2, 3]}
+    batch = [{"index": index, "output": index} for index in (0, 1, 3)]
+    model = stream.send("a", "end", {"results": batch, "next": {"id": 2, "want": 1}})
+    assert model.outputs == [0, 1, None, 3] and model.remaining == 1 and model.workers == {"a": [2]}
+    assert model.tally["admin:a"]["validated"] == 1 + 3  # the inputs and three outputs
+
+
 def test_a_malformed_output_is_ignored_and_a_good_one_still_counts():
     stream = Stream(2)
     stream.prepare("a", [0, 1], want=2)
-    stream.send("a", "end", {"index": 0, "output": "x"})
-    stream.send("a", "end", {"index": 1, "output": DEEP, "next": {"id": 2, "want": 1}})
-    model = stream.send("a", "end", {"index": 1, "output": "y"})
+    stream.send("a", "end", {"results": [{"index": 0, "output": "x"}]})
+    stream.send("a", "end", {"results": [{"index": 1, "output": DEEP}], "next": {"id": 2, "want": 1}})
+    model = stream.send("a", "end", {"results": [{"index": 1, "output": "y"}]})
     assert model.outputs == ["x", "y"] and model.answers["a"][:2] == [1, [0, 1]]
     stream.send("a", "output", nested(40))
     model = stream.send("a", "output", ["x", "y"])
@@ -302,11 +318,11 @@ def test_a_late_report_changes_no_output_is_judged_by_it_and_still_asks(late, ju
     stream = Stream(2)
     stream.prepare("a", [0, 1], want=1)
     stream.send("b", "request", {"id": 1, "want": 1})
-    stream.send("b", "end", {"index": 1, "output": "b", "next": {"id": 2, "want": 1}})
+    stream.send("b", "end", {"results": [{"index": 1, "output": "b"}], "next": {"id": 2, "want": 1}})
     assert stream.given("b") == [0]  # nothing is left unstarted: b takes a's
-    model = stream.send("b", "end", {"index": 0, "output": "b"})
+    model = stream.send("b", "end", {"results": [{"index": 0, "output": "b"}]})
     before = dict(model.tally["admin:a"])
-    model = stream.send("a", "end", {"index": 0, "output": late, "next": {"id": 2, "want": 1}})
+    model = stream.send("a", "end", {"results": [{"index": 0, "output": late}], "next": {"id": 2, "want": 1}})
     assert model.outputs == ["b", "b"] and model.answers["a"][:2] == [2, []]
     after = model.tally["admin:a"]
     assert after[judged] == before[judged] + 1 and after["pending"] == before["pending"] == 0
@@ -345,7 +361,7 @@ async def test_answers_are_right_for_any_shape(reflector, partitions, fanout, bo
     assert answer == million_testplugin.expected("in", partitions, fanout)
 
 
-async def test_a_leaf_worker_asks_for_many_partitions_at_a_time():
+async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches():
     config = ReflectorConfig(port=0, leave_snapshot_after=1000)  # keep every event
     async with million.open_reflector(config) as reflector:
         answer = await compute_run(reflector.url, "batch", ordered_spec("batch", 100, 100), 1)
@@ -353,9 +369,10 @@ async def test_a_leaf_worker_asks_for_many_partitions_at_a_time():
         events = [codec.loads(raw) for raw in (await reflector.store.load("batch")).events]
     asks = [event["data"] for event in events if event["topic"] == "request"]
     asks += [event["data"]["next"] for event in events if "next" in (event["data"] or {})]
-    assert sum(event["topic"] == "end" for event in events) == 100
-    assert len(asks) <= 100 // 8 + 2  # one ask for each half window, not one per partition
-    assert max(ask["want"] for ask in asks) == 16
+    ends = [event["data"]["results"] for event in events if event["topic"] == "end"]
+    assert sorted(report["index"] for results in ends for report in results) == list(range(100))
+    # The first window is 16; once the worker knows its pace, it holds the rest at once.
+    assert len(ends) <= 3 and len(asks) <= 3 and max(ask["want"] for ask in asks) > 16
 
 
 async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):
@@ -376,13 +393,13 @@ async def test_the_first_result_for_a_partition_wins_everywhere(reflector):
         a.publish("claim", "prepare")
         a.publish("inputs", {"inputs": ["p", "q"], "next": {"id": 1, "want": 2}})
         await b.wait_for(lambda model: model.answers.get(a.view_id, [0, []])[1] == [0, 1])
-        a.publish("end", {"index": 0, "output": "from a"})
+        a.publish("end", {"results": [{"index": 0, "output": "from a"}]})
         await b.wait_for(lambda model: model.completed[0])
         b.publish("request", {"id": 1, "want": 1})
         await b.wait_for(lambda model: b.view_id in model.answers)
         assert b.model.answers[b.view_id][1] == [1]  # a copy of the one still open
-        b.publish("end", {"index": 0, "output": "from b"})  # never handed to b: ignored
-        b.publish("end", {"index": 1, "output": "b's own"})
+        b.publish("end", {"results": [{"index": 0, "output": "from b"}]})  # never handed to b: ignored
+        b.publish("end", {"results": [{"index": 1, "output": "b's own"}]})
         for session in (a, b):
             await session.wait_for(lambda model: model.completed[1])
             assert session.model.outputs == ["from a", "b's own"]

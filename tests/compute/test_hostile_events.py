@@ -109,7 +109,7 @@ def shapes(template: dict[str, Any]) -> Iterator[Any]:
 
 TEMPLATES: dict[str, Any] = {
     "request": {"id": 1, "want": 2},
-    "end": {"output": 1, "index": 0, "next": {"id": 2, "want": 1}},
+    "end": {"results": [{"output": 1, "index": 0}], "next": {"id": 2, "want": 1}},
     "inputs": {"inputs": [1, 2, 3], "next": {"id": 1, "want": 1}},
     "output": {"x": 1},
     "claim": {"task": "prepare"},
@@ -145,7 +145,7 @@ def test_a_run_through_hostile_events_keeps_only_what_fits_and_still_finishes():
     pair.send("request", {"id": 99, "want": 3}, view="evil")
     for index in range(3):
         for data in HOSTILE:
-            pair.send("end", {"index": index, "output": data}, view="evil")
+            pair.send("end", {"results": [{"index": index, "output": data}]}, view="evil")
     model = pair.model
     assert all(model.completed) and model.remaining == 0
     assert all(is_json(output) for output in model.outputs) and is_json(model.inputs)
@@ -467,7 +467,7 @@ def test_a_deep_payload_leaves_a_computation_answering_digests():
     core = client()
     joined(core, Computation, Spec("p", "1", 0, 3, 3).to_options())
     core.receive(raw_event(1, "inputs", b'{"inputs":[1,2,' + b"[" * 300 + b"]" * 300 + b"]}"))
-    core.receive(raw_event(2, "end", b'{"index":0,"output":' + b"[" * 300 + b"]" * 300 + b"}"))
+    core.receive(raw_event(2, "end", b'{"results":[{"index":0,"output":' + b"[" * 300 + b"]" * 300 + b"}]}"))
     core.receive(raw_event(3, "request", b'{"id":1e30,"want":18446744073709551615}'))
     core.receive(codec.encode(DigestRequest("s", 3)))
     assert len(core.data_to_send()) == 1

@@ -122,7 +122,7 @@ async def test_reports_for_claims_not_held_are_ignored_and_counted(reflector):
             await forger.wait_for(lambda model: forger.view_id in model.views)
             forger.publish("inputs", {"inputs": ["forged"] * 6})
             for index in range(6):
-                forger.publish("end", {"index": index, "output": "forged"})
+                forger.publish("end", {"results": [{"index": index, "output": "forged"}]})
             forger.publish("output", "forged")
             identity = forger.model.views[forger.view_id]
             await forger.wait_for(lambda model: model.tally.get(identity, {}).get("rejected", 0) >= 7)
@@ -169,7 +169,8 @@ def _submitted(model: Computation, worker: Process) -> int:
 def _both_reported(model: Computation, liars: list[Process]) -> bool:
     """Whether the two liars have reported every partition of a single-leaf run."""
     who = [name for name in model.tally if any(name.startswith(identity_of(liar)) for liar in liars)]
-    return len(who) == 2 and all(set(who) <= set(ballot.votes) for ballot in model.ballots)
+    ballots = [model.ballots.get(index) for index in range(model.count)]
+    return len(who) == 2 and all(ballot and set(who) <= set(ballot.votes) for ballot in ballots)
 
 
 async def test_trusted_identities_results_are_taken_alone_on_a_second_run(tmp_path):

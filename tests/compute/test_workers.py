@@ -202,14 +202,13 @@ async def test_a_killed_reflector_restarted_on_its_store_finishes_the_run(tmp_pa
         reflector.stop()
 
 
-async def test_a_late_joiner_replays_a_big_leaf_and_takes_work_at_once(reflector, tmp_path):
+async def test_a_late_joiner_of_a_big_leaf_takes_work_at_once(reflector, tmp_path):
     spec = ordered_spec("late", 1_000, 1_000, slow=list(range(500, 1000)), marker_dir=str(tmp_path))
     async with million.open_client(reflector.url) as client, open_run(client, "late", spec) as (root, _):
         early = start_worker(reflector.url, "late", 1)
         late = None
         try:
             await wait_for_markers(root, tmp_path, name="500")
-            assert root.replica.seq > 500  # half the leaf is done: a long stream to replay
             members = set(root.model.workers)
             late = start_worker(reflector.url, "late", 1)
             with trio.fail_after(30):

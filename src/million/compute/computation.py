@@ -66,7 +66,7 @@ class Computation(Model, name="million.computation.4"):
     wanted: list[int] = attrs.Factory(list)  # identities to ask for each partition
     alone: list[str] = attrs.Factory(list)  # the trusted identity a partition's value may come from alone
     assignees: list[list[str]] = attrs.Factory(list)  # identities each partition was handed to
-    ballots: list[Ballot] = attrs.Factory(list)
+    ballots: dict[int, Ballot] = attrs.Factory(dict)  # partition -> its votes, once it has one
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
     answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, given, epoch]
     views: dict[str, str] = attrs.Factory(dict)  # present view -> its identity
@@ -92,7 +92,6 @@ class Computation(Model, name="million.computation.4"):
         self.alone = [""] * self.count
         self.tasks = {task: Task(1 if self.solo else self.verify) for task in CLAIMS}
         self.assignees = [[] for _ in range(self.count)]
-        self.ballots = [Ballot() for _ in range(self.count)]
         self.remaining = self.count
         for topic, handler in (
             ("request", self.request),
@@ -190,7 +189,7 @@ class Computation(Model, name="million.computation.4"):
         open_ = [
             i
             for i in range(self.count)
-            if not self.completed[i] and i not in mine and identity not in self.ballots[i].votes
+            if not self.completed[i] and i not in mine and not self.voted(i, identity)
         ]
         steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
@@ -198,34 +197,59 @@ class Computation(Model, name="million.computation.4"):
     # --- reports ----------------------------------------------------------------------------
 
     def end(self, data: Any) -> None:
-        """A partition's output (with a child's ``tally``, and the ``ms`` its computation
-        took), and with ``next`` the reporter's next request. It counts only from an
-        identity the partition was handed to, once, and only until the session ends: its
+        """Outputs of partitions, ``{"results": [report, ...], "next"?: request}``, and with
+        ``next`` the reporter's next request (``_is_batch``). A report counts only from an
+        identity its partition was handed to, once, and only until the session ends: its
         tally is then what its parent is told."""
-        if self.done or self.failed is not None or not self._is_report(data):
+        if self.ended or not self._is_batch(data):
             return
-        index, identity, view = data["index"], self.identity, self.sender or ""
-        held = self.workers.get(view)
-        if held is not None and index in held:
-            held.remove(index)
-            if not held:
-                del self.workers[view]
-        if identity not in self.assignees[index]:
-            self._unfounded()
-        elif identity not in self.ballots[index].votes:  # another view of it may have reported
-            self._vote(index, identity, _reported(data), data.get("ms", 0), data.get("tally"))
+        identity, view = self.identity, self.sender or ""
+        reports = data["results"]
+        self._release({report["index"] for report in reports}, [view])
+        completed = self.count - self.remaining
+        for report in reports:
+            index = report["index"]
+            if identity not in self.assignees[index]:
+                self._unfounded()
+            elif not self.voted(index, identity):  # another view of it may have reported
+                self._vote(index, identity, _reported(report), report.get("ms", 0), report.get("tally"))
+            if self.ended:
+                return
+        if self.count - self.remaining > completed:
+            self._release({i for i, _ in enumerate(self.completed) if self.completed[i]}, list(self.workers))
+        if self.remaining == 0 and self.sender in self.views:  # the last reporter collects
+            self._give_claim("collect", view)
         if "next" in data:
             self.request(data["next"])
+
+    def voted(self, index: int, identity: str) -> bool:
+        """Whether ``identity`` reported partition ``index``."""
+        ballot = self.ballots.get(index)
+        return ballot is not None and identity in ballot.votes
+
+    def _release(self, indexes: set[int], views: list[str]) -> None:
+        """``views`` no longer hold ``indexes``."""
+        for view in views:
+            held = [index for index in self.workers.get(view, ()) if index not in indexes]
+            if held:
+                self.workers[view] = held
+            else:
+                self.workers.pop(view, None)
 
     def _vote(self, index: int, identity: str, value: Any, ms: int, work: Any = None) -> None:
         """Count ``identity``'s value for partition ``index`` (with ``work``, the tally of
         its copy of a child: credited once its value is the one taken)."""
-        ballot = self.ballots[index]
+        ballot = self.ballots.setdefault(index, Ballot())
         first = not ballot.votes
-        ballot.vote(identity, value, ms)
+        key = ballot.vote(identity, value, ms)
+        tally = self._tally()
+        if first and (self.verify == 1 or self.alone[index] == identity) and work is None:
+            ballot.take(key)  # the common case: a leaf's value, taken alone
+            tally.add(identity, submitted=1, validated=1, claimed_ms=ms, credit_ms=ms)
+            self._complete(index, value)
+            return
         if work is not None:
             ballot.tallies[identity] = work
-        tally = self._tally()
         tally.submit(identity, ms)
         if self.completed[index]:  # a late copy: judged by what was taken
             tally.judge(ballot, [identity])
@@ -280,19 +304,22 @@ class Computation(Model, name="million.computation.4"):
         self.outputs[index] = value
         self.remaining -= 1
         self.epoch += 1
-        for view, held in list(self.workers.items()):
-            if index in held:
-                held.remove(index)
-                if not held:
-                    del self.workers[view]
-        if self.remaining == 0 and self.sender in self.views:  # the last reporter collects
-            self._give_claim("collect", self.sender or "")
+
+    def _is_batch(self, data: Any) -> bool:
+        """Whether ``data`` is ``{"results": [report, ...], "next"?: request}`` with from one
+        report to as many as the session has partitions, each as ``_is_report`` says."""
+        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
+            return False
+        reports = data.get("results")
+        if type(reports) is not list or not 0 < len(reports) <= self.count:
+            return False
+        return all(self._is_report(report) for report in reports)
 
     def _is_report(self, data: Any) -> bool:
-        """Whether ``data`` is ``{"index": i, "output": o, "ms"?: n, "tally"?: t, "next"?:
-        request}``: ``i`` a partition of this session, ``o`` a value a model may keep, and a
-        child's ``tally`` (or ``{"failed": why}``) in an interior session."""
-        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
+        """Whether ``data`` is ``{"index": i, "output": o, "ms"?: n, "tally"?: t}``: ``i`` a
+        partition of this session, ``o`` a value a model may keep, and a child's ``tally``
+        (or ``{"index": i, "failed": why}``) in an interior session."""
+        if type(data) is not dict:
             return False
         index, ms = data.get("index"), data.get("ms", 0)
         if not (type(index) is int and 0 <= index < self.count and type(ms) is int and 0 <= ms < 2**40):

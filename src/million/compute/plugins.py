@@ -9,7 +9,9 @@ results checked.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
+from functools import partial
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -72,8 +74,32 @@ class Plugin:
         return self._encode(inputs, "prepare_inputs", each=True)
 
     async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
-        output = await self._call("compute", input=input, index=index, options=options)
-        return self._encode(output, "compute")
+        return (await self.compute_some([(input, index)], options, 0))[0][0]
+
+    async def compute_some(
+        self, items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
+    ) -> list[tuple[Result, int]]:
+        """The outputs of the first of ``items`` (input, global index), in order, with the
+        ms each took: at least one, and no more than are done within ``seconds``. A
+        synchronous hook computes them in one worker thread: one hop for the lot."""
+        hook, asynchronous = self._hooks.get("compute") or self._hook("compute")
+        if not asynchronous:
+            call = partial(self._compute_sync, hook, items, options, seconds)
+            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
+        batch = _Batch(seconds)
+        for input, index in items:
+            if not batch.add(self._encode(await hook(input=input, index=index, options=options), "compute")):
+                break
+        return batch.done
+
+    def _compute_sync(
+        self, hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
+    ) -> list[tuple[Result, int]]:
+        batch = _Batch(seconds)
+        for input, index in items:
+            if not batch.add(self._encode(hook(input=input, index=index, options=options), "compute")):
+                break
+        return batch.done
 
     async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Result:
         result = await self._call("collect_results", outputs=outputs, options=options)
@@ -115,6 +141,22 @@ class Plugin:
                 " or with an integer beyond 64 bits or a float that is not finite"
             )
         return result
+
+
+class _Batch:
+    """Outputs computed in turn, each with the ms it took, within a time budget."""
+
+    def __init__(self, seconds: float) -> None:
+        self.done: list[tuple[Result, int]] = []
+        self.deadline = (last := time.perf_counter()) + seconds
+        self.last = last
+
+    def add(self, output: Result) -> bool:
+        """Count ``output``; whether there is time for another."""
+        now = time.perf_counter()
+        self.done.append((output, round((now - self.last) * 1000)))
+        self.last = now
+        return now < self.deadline
 
 
 def _calling(hook: Callable[..., Any], kwargs: dict[str, Any]) -> Callable[[], Any]:

@@ -26,6 +26,8 @@ from million.replica.view import View
 __all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker", "run_spec", "work"]
 
 SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
+REPORT_EVERY = 0.25  # s: a leaf worker reports what it computed together, at least this often
+HOLD = 1.0  # s of computing that a leaf worker holds once its pace is known
 
 
 class RunRefused(PluginError):
@@ -53,7 +55,8 @@ class Context:
     plugin: Plugin
     detach: bool = True  # leave a session while working in its child
     on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
-    window: int = 16  # leaf partitions a worker may hold; it asks for more when half are done
+    window: int = 16  # leaf partitions a worker holds before its pace is known
+    pace: float | None = None  # s per partition, as this process's workers computed the last batch
     summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
 
 
@@ -133,7 +136,6 @@ class Worker(View):
         self.spec = run_spec(session.name, session.options)
         self._asked = 0  # requests published, numbered from 1
         self._reported: set[int] = set()  # partitions this view has done or handed to a child
-        self._window = ctx.window if self.spec.leaf else 1
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._finished = trio.Event()
@@ -162,17 +164,27 @@ class Worker(View):
     def resynced(self) -> None:
         self._cycle.cancel()  # requests made under the old view id will never be answered
 
+    @property
+    def _window(self) -> int:
+        """Partitions this view may hold: in a leaf, about ``HOLD`` s of computing at its
+        process's pace (at least two, at most the leaf); in an interior session, one child."""
+        if not self.spec.leaf:
+            return 1
+        pace = self.ctx.pace
+        hold = self.ctx.window if pace is None else math.ceil(HOLD / max(pace, 1e-6))
+        return max(2, min(self.spec.count, hold))
+
     async def _work(self) -> Outcome:
-        """Prepare, compute or coordinate partitions, collect. A leaf worker holds up to a
-        window of partitions and its reports carry its next request, so a partition costs
-        one event and a fraction of a round trip."""
+        """Prepare, compute or coordinate partitions, collect. A leaf worker holds a window
+        of partitions, reports their outputs together in one event, and its reports carry
+        its next request: a batch of partitions costs one event and no round trip."""
         self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view a preparer
         if self.report is not None:
             reported, finished = self.report
             self._reported.add(reported)
             if self._unreported(reported):
-                self.publish("end", {**finished.report(reported), "next": self._request(0)})
+                self.publish("end", {"results": [finished.report(reported)], "next": self._request(0)})
         while True:
             model = self.model
             self._summarize(force=model.done)
@@ -181,25 +193,26 @@ class Worker(View):
             if model.inputs is None:
                 await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
                 continue
-            index = await self._next()
-            if index is None:
+            held = await self._next()
+            if not held:
                 await self._claim("collect", lambda m: m.done, self._collect)
                 continue
+            if self.spec.leaf:
+                await self._compute(held, model.inputs)
+                continue
+            index = held[0]
             self._reported.add(index)
-            if not self.spec.leaf:
-                if self.ctx.detach:
-                    return self._child_outcome(index)
-                child, options = self._child(index)
-                report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
-            else:
-                report = {"index": index, **await self._compute(index, model.inputs[index])}
+            if self.ctx.detach:
+                return self._child_outcome(index)
+            child, options = self._child(index)
+            report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
             if self._unreported(index):
-                self.publish("end", {**report, **self._refill()})
+                self.publish("end", {"results": [report], **self._refill()})
 
     def _unreported(self, index: int) -> bool:
         """Whether partition ``index`` still takes a report from this view's identity."""
         model = self.model
-        return not model.completed[index] and self.identity not in model.ballots[index].votes
+        return not model.completed[index] and not model.voted(index, self.identity)
 
     def _child(self, index: int) -> tuple[str, dict[str, Any]]:
         """Child ``index``: handed alone to a trusted identity, or under verification a
@@ -233,19 +246,19 @@ class Worker(View):
             return {"next": self._request(held)}
         return {}
 
-    async def _next(self) -> int | None:
-        """A partition this view holds and has not done; None once every one is complete
-        (or the session failed)."""
+    async def _next(self) -> list[int]:
+        """The partitions this view holds and has not done, oldest first; none once every
+        one is complete (or the session failed)."""
         while True:
             model = self.model
             if model.remaining == 0 or model.failed is not None:
-                return None
+                return []
             held = self._held()
             if self._may_ask(model, len(held)):
                 self.publish("request", self._request(len(held)))
                 continue
             if held:
-                return held[0]
+                return held
             await self.session.wait_for(partial(self._news, self._answered(model)))
 
     def _news(self, answered: int, model: Any) -> bool:
@@ -300,12 +313,38 @@ class Worker(View):
         self.publish("inputs", {"inputs": inputs.embed(), "next": self._request(0)})
         self._log("prepared")
 
-    async def _compute(self, index: int, input: Any) -> dict[str, Any]:
-        """Partition ``index``'s output, and the ms its computation took."""
-        started = trio.current_time()
-        output = await self.ctx.plugin.compute(input, self.spec.start + index, self.spec.options)
-        self._log("computed", index=self.spec.start + index)
-        return {"output": output.embed(), "ms": round((trio.current_time() - started) * 1000)}
+    async def _compute(self, held: list[int], inputs: list[Any]) -> None:
+        """Compute the partitions held that still need this view's output, in order, and
+        report them together every ``REPORT_EVERY`` s and once they are all done."""
+        start, options = self.spec.start, self.spec.options
+        todo = self._needed(held)
+        while todo:
+            started = trio.current_time()
+            items = [(inputs[index], start + index) for index in todo]
+            outputs = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
+            self.ctx.pace = (trio.current_time() - started) / len(outputs)
+            done, todo = todo[: len(outputs)], todo[len(outputs) :]
+            self._reported.update(done)
+            self._log("computed", indexes=[start + index for index in done])
+            results = [
+                {"index": index, "output": output.embed(), "ms": ms}
+                for index, (output, ms) in zip(done, outputs, strict=True)
+                if self._unreported(index)
+            ]
+            if results:
+                self.publish("end", {"results": results, **self._refill()})
+            todo = self._needed(todo)
+
+    def _needed(self, indexes: list[int]) -> list[int]:
+        """Those of ``indexes`` that still take this view's output; the others count as
+        reported."""
+        needed = []
+        for index in indexes:
+            if self._unreported(index):
+                needed.append(index)
+            else:
+                self._reported.add(index)
+        return needed
 
     async def _collect(self) -> None:
         spec = self.spec
