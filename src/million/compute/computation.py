@@ -213,7 +213,7 @@ class Computation(Model, name="million.computation.4"):
                 self._unfounded()
             elif not self.voted(index, identity):  # another view of it may have reported
                 self._vote(index, identity, _reported(report), report.get("ms", 0), report.get("tally"))
-            if self.ended:
+            if self.failed is not None:  # a child failed
                 return
         if self.count - self.remaining > completed:
             self._release({i for i, _ in enumerate(self.completed) if self.completed[i]}, list(self.workers))
@@ -255,9 +255,9 @@ class Computation(Model, name="million.computation.4"):
             tally.judge(ballot, [identity])
             self._credit(index, ballot)
             return
-        key = ballot.agreed(1 if first and self.alone[index] == identity else self.verify)
-        if key is not None:
-            self._complete(index, ballot.take(key))
+        agreed = ballot.agreed(1 if first and self.alone[index] == identity else self.verify)
+        if agreed is not None:
+            self._complete(index, ballot.take(agreed))
             tally.judge(ballot)
             self._credit(index, ballot)
         elif ballot.split:
