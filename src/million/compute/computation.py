@@ -67,6 +67,7 @@ class Computation(Model, name="million.computation.4"):
     alone: list[str] = attrs.Factory(list)  # the trusted identity a partition's value may come from alone
     assignees: list[list[str]] = attrs.Factory(list)  # identities each partition was handed to
     ballots: dict[int, Ballot] = attrs.Factory(dict)  # partition -> its votes, once it has one
+    sole: dict[int, str] = attrs.Factory(dict)  # partition -> the identity whose first report was taken alone
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
     answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, given, epoch]
     views: dict[str, str] = attrs.Factory(dict)  # present view -> its identity
@@ -206,17 +207,25 @@ class Computation(Model, name="million.computation.4"):
         identity, view = self.identity, self.sender or ""
         reports = data["results"]
         self._release({report["index"] for report in reports}, [view])
-        completed = self.count - self.remaining
+        completed, alone, alone_ms = self.count - self.remaining, 0, 0
         for report in reports:
             index = report["index"]
             if identity not in self.assignees[index]:
                 self._unfounded()
-            elif not self.voted(index, identity):  # another view of it may have reported
+            elif self.voted(index, identity):  # another view of it reported
+                continue
+            elif self._takes_alone(index, identity):  # the common case, kept cheap
+                self.sole[index] = identity
+                self._complete(index, report["output"])
+                alone, alone_ms = alone + 1, alone_ms + report.get("ms", 0)
+            else:
                 self._vote(index, identity, _reported(report), report.get("ms", 0), report.get("tally"))
-            if self.failed is not None:  # a child failed
-                return
+                if self.failed is not None:  # a child failed
+                    return
+        if alone:
+            self._tally().taken(identity, alone, alone_ms)
         if self.count - self.remaining > completed:
-            self._release({i for i, _ in enumerate(self.completed) if self.completed[i]}, list(self.workers))
+            self._release({i for i, done in enumerate(self.completed) if done}, list(self.workers))
         if self.remaining == 0 and self.sender in self.views:  # the last reporter collects
             self._give_claim("collect", view)
         if "next" in data:
@@ -225,7 +234,27 @@ class Computation(Model, name="million.computation.4"):
     def voted(self, index: int, identity: str) -> bool:
         """Whether ``identity`` reported partition ``index``."""
         ballot = self.ballots.get(index)
-        return ballot is not None and identity in ballot.votes
+        return self.sole.get(index) == identity or (ballot is not None and identity in ballot.votes)
+
+    def _takes_alone(self, index: int, identity: str) -> bool:
+        """Whether a leaf's partition takes the first value reported, this one, without a
+        ballot: nobody else reported it, and one identity is enough (``verify`` 1, or the
+        one it was handed to alone)."""
+        return (
+            self.leaf
+            and not self.completed[index]
+            and index not in self.ballots
+            and (self.verify == 1 or self.alone[index] == identity)
+        )
+
+    def _ballot(self, index: int) -> Ballot:
+        """Partition ``index``'s ballot; for one taken alone, made from its reporter's value."""
+        ballot = self.ballots.get(index)
+        if ballot is None:
+            ballot = self.ballots[index] = Ballot()
+            if index in self.sole:
+                ballot.take(ballot.vote(self.sole[index], self.outputs[index]))
+        return ballot
 
     def _release(self, indexes: set[int], views: list[str]) -> None:
         """``views`` no longer hold ``indexes``."""
@@ -239,15 +268,10 @@ class Computation(Model, name="million.computation.4"):
     def _vote(self, index: int, identity: str, value: Any, ms: int, work: Any = None) -> None:
         """Count ``identity``'s value for partition ``index`` (with ``work``, the tally of
         its copy of a child: credited once its value is the one taken)."""
-        ballot = self.ballots.setdefault(index, Ballot())
+        ballot = self._ballot(index)
         first = not ballot.votes
-        key = ballot.vote(identity, value, ms)
+        ballot.vote(identity, value, ms)
         tally = self._tally()
-        if first and (self.verify == 1 or self.alone[index] == identity) and work is None:
-            ballot.take(key)  # the common case: a leaf's value, taken alone
-            tally.add(identity, submitted=1, validated=1, claimed_ms=ms, credit_ms=ms)
-            self._complete(index, value)
-            return
         if work is not None:
             ballot.tallies[identity] = work
         tally.submit(identity, ms)

@@ -135,6 +135,10 @@ class Tally:
     def submit(self, identity: str, ms: int = 0) -> None:
         self.add(identity, submitted=1, pending=1, claimed_ms=ms)
 
+    def taken(self, identity: str, reports: int, ms: int) -> None:
+        """``reports`` of ``identity`` that were taken as they came, claiming ``ms``."""
+        self.add(identity, submitted=reports, validated=reports, claimed_ms=ms, credit_ms=ms)
+
     def judge(self, ballot: Ballot, identities: list[str] | None = None) -> None:
         """The pending reports of ``ballot`` (of ``identities``; None: all) are validated or
         rejected by the value taken."""

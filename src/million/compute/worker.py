@@ -324,12 +324,13 @@ class Worker(View):
             outputs = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
             self.ctx.pace = (trio.current_time() - started) / len(outputs)
             done, todo = todo[: len(outputs)], todo[len(outputs) :]
-            self._reported.update(done)
             self._log("computed", indexes=[start + index for index in done])
+            needed = set(self._needed(done))
+            self._reported.update(done)
             results = [
                 {"index": index, "output": output.embed(), "ms": ms}
                 for index, (output, ms) in zip(done, outputs, strict=True)
-                if self._unreported(index)
+                if index in needed
             ]
             if results:
                 self.publish("end", {"results": results, **self._refill()})
@@ -338,12 +339,9 @@ class Worker(View):
     def _needed(self, indexes: list[int]) -> list[int]:
         """Those of ``indexes`` that still take this view's output; the others count as
         reported."""
-        needed = []
-        for index in indexes:
-            if self._unreported(index):
-                needed.append(index)
-            else:
-                self._reported.add(index)
+        model, identity = self.model, self.identity
+        needed = [index for index in indexes if not (model.completed[index] or model.voted(index, identity))]
+        self._reported.update(set(indexes).difference(needed))
         return needed
 
     async def _collect(self) -> None:
