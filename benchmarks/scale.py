@@ -13,7 +13,8 @@ process is killed (SIGKILL) every S seconds and a fresh one started, and the sam
 without kills is measured for comparison. With ``--verify`` (repeatable) each value is
 measured: ``adaptive`` runs twice on the same reflector and bot processes, and the second
 run, with the trust the first established, is the one measured. Prints partitions/s,
-results reported per partition, the reflector's peak memory and the store's size; writes
+results reported per partition, the peak memory of the reflector and of the busiest bot
+process, and the store's size; writes
 benchmarks/results/scale.json.
 """
 
@@ -80,6 +81,7 @@ def measure(
                 kills += 1
         result = json.loads(run.stdout.read() if run.stdout else "{}")
         rss = peak_rss_mib(reflector.pid)
+        bots_rss = max(peak_rss_mib(process.pid) for process in workers)
     finally:
         for process in [*workers, reflector]:
             process.send_signal(signal.SIGINT)
@@ -99,6 +101,7 @@ def measure(
         "elapsed_s": result["elapsed_s"],
         "partitions_per_s": result["partitions_per_s"],
         "reflector_peak_rss_mib": round(rss, 1),
+        "bots_peak_rss_mib": round(bots_rss, 1),
         "store_mib": round(size / 2**20, 1),
     }
 
@@ -126,7 +129,8 @@ def main() -> None:
                     f"  results/partition={row['results_per_partition']:.2f}"
                     f"  kills={row['kills']:>3}"
                     f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
-                    f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB",
+                    f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB"
+                    f"  bot process {row['bots_peak_rss_mib']:.0f} MiB",
                     flush=True,
                 )
     RESULTS.mkdir(exist_ok=True)

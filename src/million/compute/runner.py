@@ -132,7 +132,7 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     if not root.model.ended:
                         await _tell_lobby(client, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch)
-                    answer = root.model.output
+                    answer, elapsed = root.model.output, trio.current_time() - started
                     await _tell_lobby(client, "done", {"name": name, "answer": answer})
                     credit = await _record_credit(client, name, root.model.tally, spec.max_rejections)
                     if root.model.failed is not None:
@@ -142,7 +142,6 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     problem = f"a run named {name!r} with other settings exists in this store"
                     raise RunError(f"{problem} ({exc})") from None
                 raise
-    elapsed = trio.current_time() - started
     if store is not None and config.store is None:
         remove_store(store)
         store = None
