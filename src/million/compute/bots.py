@@ -61,6 +61,7 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
     async with join(client, run, Computation, View, create=False) as root:
         spec = run_spec(run, root.options)
         plugin = _plugin_for(run, spec.plugin, spec.version)
+        plugin.threads = trio.CapacityLimiter(max(1, bots))  # a bot waits for no other bot's hook
         async with join(client, progress_session(run), Progress, View, create=False) as progress:
             progress.publish("bots", bots)
 

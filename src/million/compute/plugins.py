@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import pluggy
@@ -26,6 +26,7 @@ from million.wire import codec
 __all__ = ["Plugin", "PluginError", "Result", "installed_plugins", "load_plugin", "plugin_from_object"]
 
 GROUP = "million"
+T = TypeVar("T")
 
 
 class PluginError(Exception):
@@ -60,6 +61,9 @@ class Plugin:
         self.version = version
         self.manager = manager
         self._hooks: dict[str, tuple[Callable[..., Any], bool]] = {}  # name -> (hook, all async)
+        #: Synchronous hooks running at once, in worker threads: one per bot of the process
+        #: (``crew``), else trio's default limit.
+        self.threads: trio.CapacityLimiter | None = None
 
     def __repr__(self) -> str:
         return f"<plugin {self.name} {self.version}>"
@@ -74,32 +78,35 @@ class Plugin:
         return self._encode(inputs, "prepare_inputs", each=True)
 
     async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
-        return (await self.compute_some([(input, index)], options, 0))[0][0]
+        outputs, _ = await self.compute_some([(input, index)], options, 0)
+        return Result.of(outputs[0])
 
     async def compute_some(
         self, items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
-    ) -> list[tuple[Result, int]]:
-        """The outputs of the first of ``items`` (input, global index), in order, with the
-        ms each took: at least one, and no more than are done within ``seconds``. A
-        synchronous hook computes them in one worker thread: one hop for the lot."""
+    ) -> tuple[list[Any], list[int]]:
+        """The outputs of the first of ``items`` (input, global index), in order, and the
+        ms each took: at least one, and no more than are done within ``seconds``; checked
+        as ``_encode`` checks a value, all at once. A synchronous hook computes them in one
+        go (``_sync``): one thread hop for the lot."""
         hook, asynchronous = self._hooks.get("compute") or self._hook("compute")
         if not asynchronous:
-            call = partial(self._compute_sync, hook, items, options, seconds)
-            return await trio.to_thread.run_sync(call, abandon_on_cancel=True)
-        batch = _Batch(seconds)
-        for input, index in items:
-            if not batch.add(self._encode(await hook(input=input, index=index, options=options), "compute")):
-                break
-        return batch.done
+            batch = await self._sync(partial(self._compute_sync, hook, items, options, seconds))
+        else:
+            batch = _Batch(seconds)
+            for input, index in items:
+                if not batch.add(await hook(input=input, index=index, options=options)):
+                    break
+        self._check(batch.outputs, "compute")
+        return batch.outputs, batch.ms
 
     def _compute_sync(
         self, hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
-    ) -> list[tuple[Result, int]]:
+    ) -> _Batch:
         batch = _Batch(seconds)
         for input, index in items:
-            if not batch.add(self._encode(hook(input=input, index=index, options=options), "compute")):
+            if not batch.add(hook(input=input, index=index, options=options)):
                 break
-        return batch.done
+        return batch
 
     async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Result:
         result = await self._call("collect_results", outputs=outputs, options=options)
@@ -112,11 +119,17 @@ class Plugin:
         hook, asynchronous = self._hooks.get(hook_name) or self._hook(hook_name)
         if asynchronous:
             result = hook(**kwargs)
-        else:  # synchronous code may be CPU-bound: keep it off the event loop
-            result = await trio.to_thread.run_sync(_calling(hook, kwargs), abandon_on_cancel=True)
+        else:
+            result = await self._sync(_calling(hook, kwargs))
         if inspect.isawaitable(result):
             result = await result
         return result
+
+    async def _sync(self, call: Callable[[], T]) -> T:
+        """``call()`` of a synchronous hook, in a worker thread: synchronous code may be
+        CPU-bound, and even a hook that is quick as a rule must not stall the event loop
+        (the connection's heartbeat, the other bots) the one time it is not."""
+        return await trio.to_thread.run_sync(call, abandon_on_cancel=True, limiter=self.threads)
 
     def _hook(self, hook_name: str) -> tuple[Callable[..., Any], bool]:
         hook = getattr(self.manager.hook, hook_name)
@@ -137,26 +150,34 @@ class Plugin:
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"
             ) from None
-        if not all(map(is_json, value if each else [value])):
+        self._check(value if each else [value], hook_name, encoded=True)
+        return result
+
+    def _check(self, values: list[Any], hook_name: str, encoded: bool = False) -> None:
+        """``_encode``'s checks of each of ``values`` (``encoded``: JSON was seen to hold them)."""
+        if not encoded:
+            self._encode(values, hook_name, each=True)
+        elif not all(map(is_json, values)):
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value nested deeper than {MAX_DEPTH} levels,"
                 " or with an integer beyond 64 bits or a float that is not finite"
             )
-        return result
 
 
 class _Batch:
-    """Outputs computed in turn, each with the ms it took, within a time budget."""
+    """Outputs computed in turn, and the ms each took, within a time budget."""
 
     def __init__(self, seconds: float) -> None:
-        self.done: list[tuple[Result, int]] = []
+        self.outputs: list[Any] = []
+        self.ms: list[int] = []
         self.deadline = (last := time.perf_counter()) + seconds
         self.last = last
 
-    def add(self, output: Result) -> bool:
+    def add(self, output: Any) -> bool:
         """Count ``output``; whether there is time for another."""
         now = time.perf_counter()
-        self.done.append((output, round((now - self.last) * 1000)))
+        self.outputs.append(output)
+        self.ms.append(round((now - self.last) * 1000))
         self.last = now
         return now < self.deadline
 

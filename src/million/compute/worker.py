@@ -321,15 +321,15 @@ class Worker(View):
         while todo:
             started = trio.current_time()
             items = [(inputs[index], start + index) for index in todo]
-            outputs = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
+            outputs, ms = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
             self.ctx.pace = (trio.current_time() - started) / len(outputs)
             done, todo = todo[: len(outputs)], todo[len(outputs) :]
             self._log("computed", indexes=[start + index for index in done])
             needed = set(self._needed(done))
             self._reported.update(done)
             results = [
-                {"index": index, "output": output.embed(), "ms": ms}
-                for index, (output, ms) in zip(done, outputs, strict=True)
+                {"index": index, "output": output, "ms": took}
+                for index, output, took in zip(done, outputs, ms, strict=True)
                 if index in needed
             ]
             if results:
