@@ -12,7 +12,7 @@ import inspect
 import time
 from collections.abc import Callable
 from functools import partial
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 import attrs
@@ -205,13 +205,20 @@ def installed_plugins() -> dict[str, str]:
     return {ep.name: ep.dist.version if ep.dist else "0" for ep in entry_points(group=GROUP)}
 
 
+_found: dict[str, EntryPoint] = {}  # entry point name -> the entry point
+
+
 def load_plugin(name: str) -> Plugin:
-    """Load the plugin installed under entry point ``name``; PluginError if there is none."""
-    found = list(entry_points(group=GROUP, name=name))
-    if not found:
-        installed = ", ".join(sorted(installed_plugins())) or "none"
-        raise PluginError(f"no plugin named {name!r} is installed (installed: {installed})")
-    entry = found[0]
+    """Load the plugin installed under entry point ``name``; PluginError if there is none.
+    An entry point found once is remembered: reading every distribution's metadata takes
+    longer than starting a run's bots."""
+    entry = _found.get(name)
+    if entry is None:
+        found = list(entry_points(group=GROUP, name=name))
+        if not found:
+            installed = ", ".join(sorted(installed_plugins())) or "none"
+            raise PluginError(f"no plugin named {name!r} is installed (installed: {installed})")
+        entry = _found[name] = found[0]
     try:
         module = entry.load()
     except Exception as exc:
