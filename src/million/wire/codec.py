@@ -11,8 +11,10 @@ the value was received as (``RAW_FIELDS``), never decoding them into objects.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
+import attrs
 import cattrs
 import msgspec
 import orjson
@@ -24,6 +26,7 @@ from million.wire.protocol import (
     REFLECTOR_MESSAGES,
     ErrorCode,
     Event,
+    Join,
     ProtocolError,
     Publish,
 )
@@ -69,7 +72,9 @@ def _strict(kind: type) -> Callable[[Any, type], Any]:
 converter = strict_converter()
 
 _structure_hooks: dict[type, Callable[[Any, type], Any]] = {}
-_unstructure_hooks: dict[type, Callable[[Any], Any]] = {}
+#: A join's ``options`` is any JSON value: cattrs would walk it item by item (about 60 µs
+#: for a computation's options), orjson takes it as it is.
+_unstructure_hooks: dict[type, Callable[[Any], Any]] = {Join: partial(attrs.asdict, recurse=False)}
 
 
 _OPTIONS = orjson.OPT_NON_STR_KEYS
