@@ -27,10 +27,11 @@ from typing import Any
 
 import attrs
 
+from million.compute.reports import is_batch, is_inputs, is_request, voted_value
 from million.compute.tree import Spec, SpecError
-from million.compute.votes import TRUSTED, Ballot, Tally, Task, is_tally
+from million.compute.votes import TRUSTED, Ballot, Tally, Task
 from million.replica.model import Model
-from million.replica.state import INT64_MAX, is_json
+from million.replica.state import is_json
 from million.wire.protocol import VIEW_EXIT, VIEW_JOIN
 
 __all__ = ["CLAIMS", "Computation"]
@@ -142,7 +143,7 @@ class Computation(Model, name="million.computation.4"):
     def request(self, data: Any) -> None:
         """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``; a
         ``want`` below one asks for one); the answer is recorded under its view."""
-        if not _is_request(data) or self.sender not in self.views:
+        if not is_request(data) or self.sender not in self.views:
             return
         view, want = self.sender or "", max(1, min(data["want"], self.count))
         identity = self.views[view]
@@ -199,10 +200,10 @@ class Computation(Model, name="million.computation.4"):
 
     def end(self, data: Any) -> None:
         """Outputs of partitions, ``{"results": [report, ...], "next"?: request}``, and with
-        ``next`` the reporter's next request (``_is_batch``). A report counts only from an
+        ``next`` the reporter's next request (``reports.is_batch``). A report counts only from an
         identity its partition was handed to, once, and only until the session ends: its
         tally is then what its parent is told."""
-        if self.ended or not self._is_batch(data):
+        if self.ended or not is_batch(data, self.count, self.leaf):
             return
         identity, view = self.identity, self.sender or ""
         reports = data["results"]
@@ -219,7 +220,7 @@ class Computation(Model, name="million.computation.4"):
                 self._complete(index, report["output"])
                 alone, alone_ms = alone + 1, alone_ms + report.get("ms", 0)
             else:
-                self._vote(index, identity, _reported(report), report.get("ms", 0), report.get("tally"))
+                self._vote(index, identity, voted_value(report), report.get("ms", 0), report.get("tally"))
                 if self.failed is not None:  # a child failed
                     return
         if alone:
@@ -329,31 +330,6 @@ class Computation(Model, name="million.computation.4"):
         self.remaining -= 1
         self.epoch += 1
 
-    def _is_batch(self, data: Any) -> bool:
-        """Whether ``data`` is ``{"results": [report, ...], "next"?: request}`` with from one
-        report to as many as the session has partitions, each as ``_is_report`` says."""
-        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
-            return False
-        reports = data.get("results")
-        if type(reports) is not list or not 0 < len(reports) <= self.count:
-            return False
-        return all(self._is_report(report) for report in reports)
-
-    def _is_report(self, data: Any) -> bool:
-        """Whether ``data`` is ``{"index": i, "output": o, "ms"?: n, "tally"?: t}``: ``i`` a
-        partition of this session, ``o`` a value a model may keep, and a child's ``tally``
-        (or ``{"index": i, "failed": why}``) in an interior session."""
-        if type(data) is not dict:
-            return False
-        index, ms = data.get("index"), data.get("ms", 0)
-        if not (type(index) is int and 0 <= index < self.count and type(ms) is int and 0 <= ms < 2**40):
-            return False
-        if "failed" in data:
-            return not self.leaf and type(data["failed"]) is str and len(data["failed"]) <= 4096
-        if not ("output" in data and is_json(data["output"])):
-            return False
-        return self.leaf or is_tally(data.get("tally"))
-
     # --- preparing and collecting -----------------------------------------------------------
 
     def claim(self, task: Any) -> None:
@@ -370,7 +346,7 @@ class Computation(Model, name="million.computation.4"):
 
     def set_inputs(self, data: Any) -> None:
         """The prepared inputs, and with ``next`` the preparer's first request."""
-        if not self._is_inputs(data):
+        if not is_inputs(data, self.count):
             return
         self._settle("prepare", data["inputs"])
         if "next" in data:
@@ -416,13 +392,6 @@ class Computation(Model, name="million.computation.4"):
         else:
             self.output, self.done = taken, True
 
-    def _is_inputs(self, data: Any) -> bool:
-        """Whether ``data`` is ``{"inputs": [one per partition], "next"?: request}``."""
-        if not (type(data) is dict and ("next" not in data or _is_request(data["next"]))):
-            return False
-        inputs = data.get("inputs")
-        return type(inputs) is list and len(inputs) == self.count and all(is_json(item) for item in inputs)
-
     @property
     def ended(self) -> bool:
         """Whether the session has its output, or has failed for want of agreement."""
@@ -435,22 +404,3 @@ class Computation(Model, name="million.computation.4"):
     def needs(self, task: str, identity: str) -> bool:
         """Whether ``task`` would take ``identity`` (a claim from it would be given)."""
         return self.tasks[task].needs(identity, self.views)
-
-
-def _reported(data: dict[str, Any]) -> Any:
-    """The value a report votes for: a leaf's output; a child's output (its tally is
-    counted apart: each identity works its own copy of a child)."""
-    if "failed" in data:
-        return {"failed": data["failed"]}
-    if "tally" in data:
-        return {"output": data["output"]}
-    return data["output"]
-
-
-def _is_request(data: Any) -> bool:
-    """Whether ``data`` is ``{"id": n, "want": k}`` with whole numbers, ``n`` from 0 to
-    2**63 - 1 (it is kept in the state)."""
-    if type(data) is not dict:
-        return False
-    ident, want = data.get("id"), data.get("want")
-    return type(ident) is int and 0 <= ident <= INT64_MAX and type(want) is int
