@@ -281,7 +281,7 @@ def _no_detach(parser: argparse.ArgumentParser) -> None:
         dest="detach",
         action="store_false",
         default=RUN.detach,
-        help="coordinators stay in parent sessions",
+        help="coordinators stay in the root while they work below it (they stay in other parents anyway)",
     )
 
 

@@ -1,8 +1,10 @@
 """The worker view: prepares, computes or coordinates partitions of a session, and collects.
 
 ``work`` walks the tree: in a leaf session it computes partitions with the plugin; in an
-interior one it takes a child, works in it (``detach``: after leaving the parent) and
-reports the child's output upward.
+interior one it takes a child, works in it and reports the child's output upward. With
+``detach`` a coordinator leaves the root while it works below it, so that the root stays
+small; below the root it stays in the parent, where leaving and joining again for each
+child would cost more than its membership (a million partitions: 17.9 s against 21.6 s).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class Context:
 
     client: Client
     plugin: Plugin
-    detach: bool = True  # leave a session while working in its child
+    detach: bool = True  # leave the root while working in its child
     on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
     window: int = 16  # leaf partitions a worker holds before its pace is known
     pace: float | None = None  # s per partition, as this process's workers computed the last batch
@@ -202,7 +204,7 @@ class Worker(View):
                 continue
             index = held[0]
             self._reported.add(index)
-            if self.ctx.detach:
+            if self.ctx.detach and self.spec.parent is None:
                 return self._child_outcome(index)
             child, options = self._child(index)
             report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
