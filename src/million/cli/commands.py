@@ -298,7 +298,6 @@ def credit(args: argparse.Namespace) -> int:
 def _read_reflector(args: argparse.Namespace, label: str, read: Callable[[Client], Awaitable[T]]) -> T:
     """What ``read`` finds on ``--reflector``, within ``STATUS_TIMEOUT`` s; ``Failure`` if
     it cannot be reached or does not answer."""
-
     context = _client_tls(args)
 
     async def fetch() -> T:

@@ -207,8 +207,9 @@ class Computation(Model, name="million.computation.4"):
             return
         identity, view = self.identity, self.sender or ""
         reports = data["results"]
-        self._release({report["index"] for report in reports}, [view])
-        completed, alone, alone_ms = self.count - self.remaining, 0, 0
+        indexes = {report["index"] for report in reports}
+        self._release(indexes, [view])
+        alone, alone_ms = 0, 0
         for report in reports:
             index = report["index"]
             if identity not in self.assignees[index]:
@@ -225,8 +226,9 @@ class Computation(Model, name="million.computation.4"):
                     return
         if alone:
             self._tally().taken(identity, alone, alone_ms)
-        if self.count - self.remaining > completed:
-            self._release({i for i, done in enumerate(self.completed) if done}, list(self.workers))
+        completed = {index for index in indexes if self.completed[index]}
+        if completed and self.workers:  # nobody else need hold them any more
+            self._release(completed, list(self.workers))
         if self.remaining == 0 and self.sender in self.views:  # the last reporter collects
             self._give_claim("collect", view)
         if "next" in data:

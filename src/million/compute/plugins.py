@@ -86,7 +86,7 @@ class Plugin:
     ) -> tuple[list[Any], list[int]]:
         """The outputs of the first of ``items`` (input, global index), in order, and the
         ms each took: at least one, and no more than are done within ``seconds``; checked
-        as ``_encode`` checks a value, all at once. A synchronous hook computes them in one
+        as ``_encode`` checks values, all at once. A synchronous hook computes them in one
         go (``_sync``): one thread hop for the lot."""
         hook, asynchronous = self._hooks.get("compute") or self._hook("compute")
         if not asynchronous:
@@ -96,7 +96,7 @@ class Plugin:
             for input, index in items:
                 if not batch.add(await hook(input=input, index=index, options=options)):
                     break
-        self._check(batch.outputs, "compute")
+        self._encode(batch.outputs, "compute", each=True)  # checked whole, sent in the event
         return batch.outputs, batch.ms
 
     def _compute_sync(
@@ -150,18 +150,12 @@ class Plugin:
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"
             ) from None
-        self._check(value if each else [value], hook_name, encoded=True)
-        return result
-
-    def _check(self, values: list[Any], hook_name: str, encoded: bool = False) -> None:
-        """``_encode``'s checks of each of ``values`` (``encoded``: JSON was seen to hold them)."""
-        if not encoded:
-            self._encode(values, hook_name, each=True)
-        elif not all(map(is_json, values)):
+        if not all(map(is_json, value if each else [value])):
             raise PluginError(
                 f"plugin {self.name}: {hook_name} returned a value nested deeper than {MAX_DEPTH} levels,"
                 " or with an integer beyond 64 bits or a float that is not finite"
             )
+        return result
 
 
 class _Batch:

@@ -4,7 +4,8 @@ session computes (its ``Spec``, whose JSON form is the session's creation option
 The minimal-depth split: a session of n partitions, with d the smallest depth such that
 fanout**d >= n, is a leaf if d <= 1; otherwise it has ceil(n / fanout**(d - 1)) children
 sharing n evenly. Leaves are as full as the fanout allows and no child is empty: 100,000
-over 100 makes 1 + 10 + 1,000 sessions. Integer arithmetic only: every participant must agree on the shape.
+over 100 makes 1 + 10 + 1,000 sessions. Integer arithmetic only: every participant must
+agree on the shape.
 """
 
 from __future__ import annotations
@@ -47,12 +48,17 @@ def branches(total: int, fanout: int) -> int:
 def split(total: int, fanout: int) -> list[tuple[int, int]]:
     """``(start, size)`` of each child of a session of ``total`` partitions (none for a
     leaf). Sizes differ by at most one, the larger first; integer arithmetic only."""
-    return [share(total, fanout, index) for index in range(branches(total, fanout))]
+    children = branches(total, fanout)
+    return [_share(total, children, index) for index in range(children)]
 
 
 def share(total: int, fanout: int, index: int) -> tuple[int, int]:
     """``(start, size)`` of child ``index`` in ``split(total, fanout)``."""
-    base, extra = divmod(total, branches(total, fanout))
+    return _share(total, branches(total, fanout), index)
+
+
+def _share(total: int, children: int, index: int) -> tuple[int, int]:
+    base, extra = divmod(total, children)
     return index * base + min(index, extra), base + (1 if index < extra else 0)
 
 
