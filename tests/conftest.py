@@ -2,6 +2,8 @@
 
 The ``reflector`` runs once with each websocket engine; a module or test marked
 ``one_engine`` gets the default engine only (where the transport is tested elsewhere).
+Tests marked ``slow`` are skipped, saying so, unless ``-m`` selects them
+(``nox -s tests -- -m slow``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ import million
 from million.relay.config import ReflectorConfig
 from million.wire.transport import ENGINES
 
+SLOW = "slow: thousands of sessions; run them with nox -s tests -- -m slow"
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "one_engine: the reflector fixture uses the default engine only")
+    config.addinivalue_line("markers", SLOW)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``slow`` tests, with the reason, unless ``-m`` names them."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason=SLOW)
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 @pytest.hookimpl(tryfirst=True)  # before the fixture's own params apply
