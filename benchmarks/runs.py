@@ -38,7 +38,7 @@ SCENARIOS: dict[str, list[str]] = {
 }
 WAYS = ("embedded", "ready")
 RUN = ["--plugin", "demo", "--partitions", "10000", "--fanout", "100", "--json"]
-EMBEDDED = ["--workers", "2", "--bots", "50"]
+EMBEDDED = ["--processes", "2", "--bots", "50"]
 
 
 def run_once(extra: list[str]) -> dict[str, Any]:

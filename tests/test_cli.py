@@ -70,11 +70,10 @@ def computed(monkeypatch: pytest.MonkeyPatch) -> list[RunConfig]:
     """The configs ``million run`` would have computed; each run's answer is 42."""
     configs: list[RunConfig] = []
 
-    async def run(config: RunConfig, *, watch: Any = None) -> RunResult:
+    async def run(config: RunConfig, **_: Any) -> RunResult:
         configs.append(config)
-        return RunResult(
-            "done", 42, config.partitions, config.fanout, 2.0, config.partitions / 2, False, None
-        )
+        p = config.partitions
+        return RunResult("done", 42, p, config.fanout, 2.0, p, p / 2, False, False, None)
 
     monkeypatch.setattr(runner, "run", run)
     return configs
@@ -143,22 +142,22 @@ def test_run_defaults_are_the_configs(cli, computed, capsys):
 def test_every_run_flag_reaches_its_config(cli, computed, capsys):
     assert cli(
         ["run", "--plugin", "p", "--input", '"x"', "--partitions", "7", "--fanout", "3", "--option", "a=1",
-         "--option", "b=two", "--name", "n", "--store", "s.db", "--reflector", "ws://h:1", "--workers", "2",
+         "--option", "b=two", "--name", "n", "--store", "s.db", "--reflector", "ws://h:1", "--processes", "2",
          "--bots", "5", "--no-detach", "--token", "t", "--json"]
     ) == 0  # fmt: skip
     assert computed == [
         RunConfig(
             plugin="p", input="x", partitions=7, fanout=3, options={"a": 1, "b": "two"}, name="n",
-            store="s.db", reflector="ws://h:1", workers=2, bots=5, detach=False, token="t",
+            store="s.db", reflector="ws://h:1", processes=2, bots=5, detach=False, token="t",
         )
     ]  # fmt: skip
     assert json.loads(capsys.readouterr().out)["answer"] == 42
     assert cli(["run", "--plugin", "p", "--no-work"]) == 0
-    assert computed[-1].workers == 0
+    assert computed[-1].processes == 0
 
 
 def test_an_interrupted_run_prints_the_flags_that_resume_it(cli, monkeypatch, capsys):
-    async def interrupted(config: RunConfig, *, watch: Any = None) -> RunResult:
+    async def interrupted(config: RunConfig, *, watch: Any = None, **_: Any) -> RunResult:
         watch(RunState("held", config.partitions, config.fanout, "held.db"))
         os.kill(os.getpid(), signal.SIGINT)
         await trio.sleep_forever()
@@ -213,8 +212,8 @@ def test_verification_flags_out_of_range_are_refused(cli, computed, capsys, flag
 def test_a_runs_credit_is_in_its_json_and_summed_in_its_text(cli, monkeypatch, capsys):
     credit = {"worker:a": {**COUNTS, "submitted": 3, "validated": 2, "rejected": 1}, "worker:b": COUNTS}
 
-    async def run(config: RunConfig, *, watch: Any = None) -> RunResult:
-        return RunResult("done", 42, 10, 5, 2.0, 5.0, False, None, credit)
+    async def run(config: RunConfig, **_: Any) -> RunResult:
+        return RunResult("done", 42, 10, 5, 2.0, 10, 5.0, False, False, None, credit)
 
     monkeypatch.setattr(runner, "run", run)
     assert cli(["run", "--plugin", "p", "--json"]) == 0
@@ -275,7 +274,7 @@ async def test_status_shows_the_lobby_runs_with_their_progress_and_answer(tmp_pa
     try:
         run = await trio.to_thread.run_sync(
             million_command, "run", "--reflector", url, "--plugin", "demo", "--partitions", "300",
-            "--fanout", "10", "--input", "2", "--name", "shown", "--workers", "1", "--bots", "3",
+            "--fanout", "10", "--input", "2", "--name", "shown", "--processes", "1", "--bots", "3",
         )  # fmt: skip
         assert run.returncode == 0, run.stderr
         result = await trio.to_thread.run_sync(million_command, "status", "--reflector", url, "--json")
@@ -351,7 +350,7 @@ async def test_sigterm_flushes_the_store_and_tells_clients(tmp_path):
 
 def test_run_prints_one_json_object_with_the_answer():
     result = million_command(
-        "run", "--plugin", "demo", "--partitions", "2000", "--fanout", "10", "--json", "--workers", "2"
+        "run", "--plugin", "demo", "--partitions", "2000", "--fanout", "10", "--json", "--processes", "2"
     )
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
@@ -366,13 +365,19 @@ def test_run_prints_one_json_object_with_the_answer():
 
 def test_run_resumes_or_returns_the_stored_answer_by_name(tmp_path):
     store = str(tmp_path / "runs.db")
-    args = ["run", "--plugin", "ordered", "--input", "word", "--partitions", "30", "--fanout", "4"]
+    args = ["run", "--plugin", "ordered", "--input", '"word"', "--partitions", "30", "--fanout", "4"]
     first = million_command(*args, "--name", "again", "--store", store, "--json")
     second = million_command(*args, "--name", "again", "--store", store, "--json")
     assert first.returncode == second.returncode == 0, first.stderr + second.stderr
     one, two = json.loads(first.stdout), json.loads(second.stdout)
     assert one["answer"] == two["answer"] == million_testplugin.expected("word", 30, 4)
     assert (one["resumed"], two["resumed"]) == (False, True)
+    assert (one["stored"], one["computed"]) == (False, 30) and one["partitions_per_s"] > 0
+    assert (two["stored"], two["computed"], two["partitions_per_s"]) == (True, 0, None)  # no rate to claim
+    third = million_command(*args, "--name", "again", "--store", store)
+    assert third.stdout.splitlines()[1] == (
+        "30 partitions (fanout 4): the answer stored by an earlier run of again; nothing computed now"
+    )
     other = million_command(*args[:-2], "--fanout", "5", "--name", "again", "--store", store)
     assert other.returncode == 1
     assert "a run named 'again' with other settings exists" in other.stderr
@@ -408,7 +413,7 @@ async def test_ctrl_c_stops_a_run_quietly_and_the_same_name_resumes_it(tmp_path)
     markers.mkdir()
     options = ["--option", "slow=[5]", "--option", f"marker_dir={markers}"]
     args = ["run", "--plugin", "ordered", "--partitions", "20", "--fanout", "4", "--name", "stop"]
-    args += ["--store", store, "--workers", "1", "--bots", "2", *options]
+    args += ["--store", store, "--processes", "1", "--bots", "2", *options]
     first = Process([sys.executable, "-m", "million", *args])
     with trio.fail_after(30):
         while not (markers / "5").exists():  # noqa: ASYNC110 (a file appears: no event to wait on)
@@ -458,7 +463,7 @@ async def held_run(markers: Path) -> Process:
     options = ["--option", "slow=[0]", "--option", f"marker_dir={markers}"]
     run = Process(
         [sys.executable, "-m", "million", "run", "--plugin", "ordered", "--partitions", "50",
-         "--fanout", "10", "--workers", "2", "--bots", "2", "--json", *options]
+         "--fanout", "10", "--processes", "2", "--bots", "2", "--json", *options]
     )  # fmt: skip
     try:
         with trio.fail_after(60):
@@ -516,14 +521,19 @@ def faked_run(monkeypatch: pytest.MonkeyPatch, failed: str | None = None) -> lis
     before anyone worked on it; the specs it was asked to open. Everything else is real."""
     specs: list[Spec] = []
     model = SimpleNamespace(
-        done=failed is None, failed=failed, ended=True, output=7 if failed is None else None, tally=TALLY
+        done=failed is None,
+        failed=failed,
+        retryable=False,
+        ended=True,
+        output=7 if failed is None else None,
+        tally=TALLY,
     )
     root = SimpleNamespace(model=model, replica=SimpleNamespace(seq=9))
 
     @asynccontextmanager
     async def open_run(client: Any, name: str, spec: Spec) -> AsyncIterator[tuple[Any, Any]]:
         specs.append(spec)
-        yield root, SimpleNamespace(model=SimpleNamespace(done=0, bots={}, by_child={}))
+        yield root, SimpleNamespace(model=SimpleNamespace(done=0, bots=0, present=0, by_child={}))
 
     async def tell_lobby(client: Any, topic: str, data: dict[str, Any]) -> None:
         pass  # the run was never posted: the lobby would not take its answer
@@ -536,7 +546,9 @@ def faked_run(monkeypatch: pytest.MonkeyPatch, failed: str | None = None) -> lis
 async def test_a_run_records_its_credit_once_and_an_adaptive_run_takes_its_trust(monkeypatch):
     specs = faked_run(monkeypatch)
     async with million.open_reflector(ReflectorConfig(port=0)) as reflector:
-        config = RunConfig(plugin="demo", reflector=reflector.url, workers=0, name="first", max_rejections=3)
+        config = RunConfig(
+            plugin="demo", reflector=reflector.url, processes=0, name="first", max_rejections=3
+        )
         result = await runner.run(config)
         assert (result.answer, result.credit) == (7, TALLY)
         await runner.run(config)  # resumed: recorded once
@@ -562,7 +574,7 @@ def test_a_run_that_fails_for_want_of_agreement_says_why_and_records_its_credit(
     why = "no 2 identities agreed on partition 3 (worker:good, worker:bad)"
     faked_run(monkeypatch, failed=why)
     store = str(tmp_path / "runs.db")
-    assert cli(["run", "--plugin", "demo", "--workers", "0", "--store", store, "--name", "split"]) == 1
+    assert cli(["run", "--plugin", "demo", "--processes", "0", "--store", store, "--name", "split"]) == 1
     assert capsys.readouterr().err == f"million run: run split failed: {why}\n"
 
     async def recorded() -> dict[str, Any] | None:

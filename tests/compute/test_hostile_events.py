@@ -71,17 +71,18 @@ class Pair:
     def __init__(self, model_cls: type[Model], options: Any, session: str = "R") -> None:
         self.session = session
         self.replicas = [Replica.create(model_cls, session, options) for _ in range(2)]
-        self.seq = 0
+        self.seq = self.time = 0
 
     @property
     def model(self) -> Any:
         return self.replicas[0].model
 
-    def send(self, topic: str, data: Any, view: str = "v1") -> None:
-        self.seq += 1
+    def send(self, topic: str, data: Any, view: str = "v1", after: int = 1) -> None:
+        """Apply an event ``after`` ms of session time after the last."""
+        self.seq, self.time = self.seq + 1, self.time + after
         for replica in self.replicas:
-            assert replica.apply(Event(self.session, self.seq, self.seq, view, topic, data))
-            replica.advance(self.seq)
+            assert replica.apply(Event(self.session, self.seq, self.time, view, topic, data))
+            replica.advance(self.time)
 
     def check(self) -> str:
         """The digest both replicas agree on (computing it must not fail)."""
@@ -113,6 +114,8 @@ TEMPLATES: dict[str, Any] = {
     "inputs": {"inputs": [1, 2, 3], "next": {"id": 1, "want": 1}},
     "output": {"x": 1},
     "claim": {"task": "prepare"},
+    "failed": {"index": 0, "error": "ValueError: no"},
+    "retry": {"please": 1},
     VIEW_JOIN: {"view": "v9"},
     VIEW_EXIT: {"view": "v1"},
 }
@@ -182,38 +185,82 @@ def test_huge_partitions_and_fanout_allocate_nothing():
 # --- Progress ------------------------------------------------------------------------------
 
 
-def progress(partitions: int = 10) -> Pair:
-    return Pair(Progress, {"root": "R", "partitions": partitions}, session="R:progress")
+def progress(partitions: int = 9, fanout: int = 3) -> Pair:
+    """A run of ``partitions`` over ``fanout`` (9 over 3: leaves R-0, R-1 and R-2 of three
+    partitions each) with a process ``v1`` of 5 bots in it."""
+    pair = Pair(Progress, {"root": "R", "partitions": partitions, "fanout": fanout}, session="R:progress")
+    pair.send("bots", 5)
+    return pair
 
 
-def test_two_leaves_of_2_to_the_64_minus_1_are_ignored():
+def tell(pair: Pair, leaves: dict[str, Any], computed: int = 0, view: str = "v1") -> None:
+    pair.send("progress", {"leaves": leaves, "computed": computed}, view=view)
+
+
+def test_leaves_count_as_they_go_and_each_partition_once():
     pair = progress()
-    pair.send("leaf", {"name": "R-0", "count": MAX64})
-    pair.send("leaf", {"name": "R-1", "count": MAX64})
-    assert pair.model.done == 0 and pair.model.leaves == {}
-    pair.send("leaf", {"name": "R-1", "count": 4})
-    assert pair.model.done == 4 and pair.model.by_child == {1: 4}
+    tell(pair, {"R-1": 2, "R-0": 1}, computed=3)
+    assert pair.model.done == 3 and pair.model.by_child == {0: 1, 1: 2}
+    tell(pair, {"R-1": 1})  # behind what was said: nothing changes
+    tell(pair, {"R-1": 3, "R-2": 3})
+    assert pair.model.done == 7 and pair.model.spans == [[3, 9]] and pair.model.partial == {0: [3, 1, 0]}
+    tell(pair, {"R-1": 3, "R-0": 3, "R-2": 3})  # again, and more: each counted once
+    assert pair.model.done == 9 and pair.model.spans == [[0, 9]] and pair.model.partial == {}
+    assert pair.model.by_child == {0: 3, 1: 3, 2: 3}
+    assert pair.model.processes["v1"]["done"] == 3
+    pair.check()
+
+
+def test_leaves_deeper_down_take_their_range_from_the_tree():
+    pair = progress(10, 3)  # R-0 and R-1 of 5, each in leaves of 3 and 2
+    tell(pair, {"R-0-1": 2, "R-1-0": 3, "R-1-1": 1})
+    assert pair.model.done == 6 and pair.model.spans == [[3, 8]] and pair.model.partial == {8: [2, 1, 1]}
+    assert pair.model.by_child == {0: 2, 1: 4}
+
+
+def test_a_copys_leaf_counts_the_partitions_of_its_original():
+    pair = progress()
+    tell(pair, {"R-1c1": 3})
+    tell(pair, {"R-1": 3, "R-1c2": 3})
+    assert pair.model.done == 3 and pair.model.spans == [[3, 6]]
+
+
+@pytest.mark.parametrize("done", [MAX64, 2**70, 4, -1, 1.0, 2.5, True, "3", None, [3], DEEP, float("inf")])
+def test_a_leaf_count_out_of_range_or_not_an_int_is_ignored(done):
+    pair = progress()
+    tell(pair, {"R-0": 2})
+    pair.send("progress", {"leaves": {"R-1": done}, "computed": 0})
+    assert pair.model.done == 2 and pair.model.partial == {0: [3, 2, 0]}
     pair.check()
 
 
 @pytest.mark.parametrize(
-    "count", [MAX64, 2**70, 11, 7, 0, -1, 1.0, 2.5, True, "3", None, [3], DEEP, float("inf")]
+    "data",
+    [
+        {"leaves": {"R-1": 1}},
+        {"leaves": {"R-1": 1}, "computed": -1},
+        {"leaves": {"R-1": 1}, "computed": MAX64},
+        {"leaves": {"R-1": 1}, "computed": 1, "more": 1},
+        {"leaves": [["R-1", 1]], "computed": 1},
+        {"leaves": {f"R-{i}": 1 for i in range(1001)}, "computed": 1},
+        None,
+        DEEP,
+    ],
 )
-def test_a_leaf_count_out_of_range_or_not_an_int_is_ignored(count):
+def test_a_malformed_progress_event_is_ignored_whole(data):
     pair = progress()
-    pair.send("leaf", {"name": "R-0", "count": 4})
-    pair.send("leaf", {"name": "R-1", "count": count})
-    assert pair.model.done == 4 and list(pair.model.leaves) == ["R-0"]
+    pair.send("progress", data)
+    assert pair.model.done == 0 and pair.model.processes["v1"]["done"] == 0
     pair.check()
 
 
-def test_done_never_exceeds_partitions():
+def test_only_a_process_that_said_its_bots_counts_and_only_while_present():
     pair = progress()
-    for index in range(10):
-        pair.send("leaf", {"name": f"R-{index}", "count": 3})
-    assert pair.model.done == 9 and len(pair.model.leaves) == 3
-    pair.send("leaf", {"name": "R", "count": 1})
-    assert pair.model.done == 10 and pair.model.by_child == {0: 3, 1: 3, 2: 3}
+    tell(pair, {"R-1": 3}, view="stranger")
+    assert pair.model.done == 0
+    pair.send(VIEW_EXIT, "v1")
+    tell(pair, {"R-1": 3})
+    assert pair.model.done == 0 and pair.model.bots == 0 and not pair.model.processes["v1"]["present"]
     pair.check()
 
 
@@ -223,7 +270,12 @@ def test_done_never_exceeds_partitions():
         f"R-{DIGITS}",
         f"R-1-{DIGITS}",
         "R-1234567",  # beyond any index below the largest fanout
+        "R-3",  # beyond this run's children
+        "R-0-0",  # below a leaf
+        "R",  # not a leaf
         "R-01",
+        "R-1c0",
+        "R-1c",
         "R-\u0663",  # a digit, but not an ASCII one
         "R-\u00b2",
         "R-",
@@ -236,26 +288,51 @@ def test_done_never_exceeds_partitions():
         "S-1",
         "",
         "r",
-        ["R-1"],
-        {"R": 1},
-        1,
-        None,
-        DEEP,
     ],
 )
-def test_a_leaf_that_is_not_the_root_or_below_it_is_ignored(name):
+def test_a_leaf_that_is_not_one_of_the_runs_leaves_is_ignored(name):
     pair = progress()
-    pair.send("leaf", {"name": name, "count": 1})
-    assert pair.model.done == 0 and pair.model.leaves == {} and pair.model.by_child == {}
+    tell(pair, {name: 1})
+    assert pair.model.done == 0 and pair.model.partial == {} and pair.model.by_child == {}
     pair.check()
 
 
-@pytest.mark.parametrize(("name", "first"), [("R-0", 0), ("R-999999", 999999), ("R-12-0-7", 12), ("R", None)])
+@pytest.mark.parametrize(("name", "first"), [("R-0-0", 0), ("R-99-99", 99), ("R-12-7", 12)])
 def test_leaves_below_the_root_count_for_their_first_level_child(name, first):
-    pair = progress()
-    pair.send("leaf", {"name": name, "count": 2})
-    assert pair.model.done == 2
-    assert pair.model.by_child == ({} if first is None else {first: 2})
+    pair = progress(10**6, 100)
+    tell(pair, {name: 2})
+    assert pair.model.done == 2 and pair.model.by_child == {first: 2}
+
+
+def test_a_root_that_is_a_leaf_counts_alone():
+    pair = progress(5, 10)
+    tell(pair, {"R": 2})
+    assert pair.model.done == 2 and pair.model.by_child == {}
+    tell(pair, {"R": 5})
+    assert pair.model.done == 5 and pair.model.spans == [[0, 5]]
+
+
+def test_spans_apart_are_bounded_and_what_does_not_fit_is_not_counted(monkeypatch):
+    monkeypatch.setattr("million.compute.progress.MAX_SPANS", 2)
+    pair = progress(100, 10)
+    tell(pair, {"R-0": 10, "R-2": 10})
+    tell(pair, {"R-4": 10})  # a third span apart: no room
+    assert pair.model.done == 20 and pair.model.spans == [[0, 10], [20, 30]]
+    tell(pair, {"R-1": 10, "R-4": 10})  # R-1 joins the two: room again
+    assert pair.model.done == 40 and pair.model.spans == [[0, 30], [40, 50]]
+    pair.check()
+
+
+def test_the_history_keeps_a_bounded_number_of_points():
+    pair = progress(10**6, 100)
+    for second in range(1, 200):
+        pair.send(
+            "progress", {"leaves": {f"R-{second // 100}-{second % 100}": 100}, "computed": 0}, after=1000
+        )
+    history = pair.model.history
+    assert len(history) <= 61 and history[-1][1] <= pair.model.done == 199 * 100
+    assert [done for _, done in history] == sorted(done for _, done in history)
+    pair.check()
 
 
 @contextmanager
@@ -274,9 +351,8 @@ def test_a_leaf_name_of_5000_digits_is_judged_alike_whatever_pythons_digit_limit
     digests = []
     for limit in (0, 4300, 640):
         with int_digits(limit):
-            pair = progress()
-            pair.send("leaf", {"name": f"R-{DIGITS}", "count": 2})
-            pair.send("leaf", {"name": "R-3", "count": 2})
+            pair = progress(10**6, 100)
+            tell(pair, {f"R-{DIGITS}": 2, "R-3-0": 2})
             assert pair.model.by_child == {3: 2}
             digests.append(pair.check())
     assert len(set(digests)) == 1
@@ -288,10 +364,10 @@ def test_a_bots_count_out_of_range_is_ignored(bots):
     pair.send("bots", 5, view="v1")
     pair.send("bots", bots, view="v2")
     pair.send("bots", bots, view="v1")
-    assert pair.model.bots == {"v1": 5}
+    assert pair.model.bots == 5 and list(pair.model.processes) == ["v1"]
     pair.send(VIEW_EXIT, ["v1"])
     pair.send(VIEW_EXIT, "v1")
-    assert pair.model.bots == {}
+    assert pair.model.bots == 0
     pair.check()
 
 
@@ -302,6 +378,9 @@ def test_a_bots_count_out_of_range_is_ignored(bots):
         None,
         [],
         {"root": "R"},
+        {"root": "R", "partitions": 10},
+        {"root": "R", "partitions": 10, "fanout": 1},
+        {"root": "R", "partitions": 10, "fanout": MAX64},
         {"root": "R", "partitions": MAX64},
         {"root": "R", "partitions": 10**15 + 1},
         {"root": "R", "partitions": 0},
@@ -314,9 +393,9 @@ def test_a_bots_count_out_of_range_is_ignored(bots):
 )
 def test_progress_with_invalid_options_counts_nothing(options):
     pair = Pair(Progress, options, session="R:progress")
-    pair.send("leaf", {"name": "R-0", "count": 1})
     pair.send("bots", 3)
-    assert pair.model.done == 0 and pair.model.bots == {} and pair.replicas[0].subscriptions == {}
+    tell(pair, {"R-0": 1})
+    assert pair.model.done == 0 and pair.model.bots == 0 and pair.replicas[0].subscriptions == {}
     pair.check()
 
 
@@ -452,9 +531,9 @@ def test_a_state_that_cannot_be_encoded_answers_no_request_and_raises_nothing(ca
 
 def test_counts_beyond_64_bits_leave_progress_answering_digests():
     core = client()
-    joined(core, Progress, {"root": "R", "partitions": 10})
-    core.receive(raw_event(1, "leaf", b'{"name":"R-0","count":18446744073709551615}'))
-    core.receive(raw_event(2, "leaf", b'{"name":"R-1","count":18446744073709551615}'))
+    joined(core, Progress, {"root": "R", "partitions": 10, "fanout": 3})
+    core.receive(raw_event(1, "bots", b"5"))
+    core.receive(raw_event(2, "progress", b'{"leaves":{"R-1":18446744073709551615},"computed":1}'))
     core.receive(raw_event(3, "bots", b"18446744073709551615"))
     core.receive(codec.encode(DigestRequest("s", 3)))
     core.receive(codec.encode(SnapshotRequest("s", 3)))

@@ -44,7 +44,7 @@ class Run:
     def __init__(self, url: str, name: str, partitions: int, fanout: int = 0, **config: Any) -> None:
         fanout = fanout or partitions
         self.config = RunConfig(
-            "ordered", name, partitions, fanout, name=name, reflector=url, workers=0, **config
+            "ordered", name, partitions, fanout, name=name, reflector=url, processes=0, **config
         )
         self.started = trio.Event()
         self.ended = trio.Event()
@@ -251,5 +251,5 @@ async def test_chaos_under_verification_keeps_the_answer_and_the_ledger(tmp_path
 
 
 async def test_an_embedded_run_with_fewer_worker_processes_than_verify_is_refused_at_once():
-    with pytest.raises(RunError, match=r"--verify 3 needs 3 identities .* \(--workers 3\)"):
-        await run(RunConfig("ordered", workers=2, verify=3))
+    with pytest.raises(RunError, match=r"--verify 3 needs 3 identities .* \(--processes 3\)"):
+        await run(RunConfig("ordered", processes=2, verify=3))

@@ -130,19 +130,21 @@ async def test_deep_json_and_huge_integers_break_no_session(served):
 
 async def test_counts_of_2_to_the_64_break_no_progress_model(served):
     url = served.url
-    options = {"root": "run", "partitions": 100}
+    options = {"root": "run", "partitions": 100, "fanout": 10}
     async with (
         million.open_client(url) as honest,
         million.join(honest, "run:progress", Progress, options=options) as progress,
         raw(url) as hostile,
     ):
         view = await join_raw(hostile, "run:progress", Progress.model_name, None)
-        leaf = b'{"name":"run-1","count":%d}' % MAX_2_64
+        told = b'{"leaves":{"run-1":%d},"computed":%d}' % (MAX_2_64, MAX_2_64)
         for _ in range(2):
-            await hostile.send(publish_raw("run:progress", view, "leaf", leaf))
             await hostile.send(publish_raw("run:progress", view, "bots", b"%d" % MAX_2_64))
+            await hostile.send(publish_raw("run:progress", view, "bots", b"3"))
+            await hostile.send(publish_raw("run:progress", view, "progress", told))
         assert await errors_until_quiet(hostile) == []
-        progress.publish("leaf", {"name": "run-2", "count": 10})
+        progress.publish("bots", 1)
+        progress.publish("progress", {"leaves": {"run-2": 10}, "computed": 10})
         await same_everywhere(served, "run:progress", Progress, progress)
         assert progress.model.done == 10
         codec.dumps(progress.replica.snapshot())  # still encodes: it can be snapshotted
@@ -301,7 +303,7 @@ async def test_what_the_store_could_not_keep_is_not_relayed_and_the_session_resu
 async def test_the_view_token_reads_status_and_runs_but_joins_nothing():
     config = ReflectorConfig(port=0, token="the-writing-token", view_token="the-reading-token")
     options = {"root": "run", "partitions": 4}
-    summary = {"run": "run", "state": "open", "partitions": 4, "completed": 1, "rate": 0, "workers": 2}
+    summary = {"run": "run", "state": "open", "partitions": 4, "completed": 1, "rate": 0, "bots": 2}
     async with (
         million.open_reflector(config) as reflector,
         million.open_client(reflector.url, token="the-writing-token") as writer,

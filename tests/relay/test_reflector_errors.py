@@ -195,7 +195,7 @@ async def test_a_summary_over_the_limit_is_refused_and_the_last_good_one_kept(re
         session.summarize({"blob": "x" * reflector.config.max_summary})
         await client.ping()  # answered after both: the error is in
         assert client.errors[-1].code == ErrorCode.LIMIT
-        assert "a summary may have at most 4096 bytes" in client.errors[-1].message
+        assert "a summary may have at most 16384 bytes" in client.errors[-1].message
         info = await client.status(["summed"])
         assert info["summaries"] == {"summed": {"state": "working", "completed": 1}}
 

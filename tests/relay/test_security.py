@@ -88,7 +88,7 @@ async def test_a_run_over_tls_with_a_token_gets_the_right_answer(tmp_path, tls):
     try:
         trusted = ("--reflector", url, "--cafile", str(tls["ca"]), "--token", "over-tls-and-long-enough")
         run = million_command("run", "--plugin", "demo", "--partitions", "500", "--fanout", "10", *trusted,
-                              "--workers", "1", "--bots", "4", "--input", "3", "--json")  # fmt: skip
+                              "--processes", "1", "--bots", "4", "--input", "3", "--json")  # fmt: skip
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["answer"] == 1500
         status = million_command("status", *trusted, "--json")
@@ -173,8 +173,8 @@ async def test_ten_thousand_fuzz_frames_beside_a_run_leave_it_right_and_memory_b
     memory = psutil.Process(reflector.proc.pid)
     options = ["--option", "slow=[0]", "--option", f"marker_dir={tmp_path}"]
     run = Process(
-        [sys.executable, "-m", "million", "run", "--reflector", url, "--plugin", "ordered", "--input", "f",
-         "--partitions", "2000", "--fanout", "20", "--name", "fuzzed", "--workers", "1", "--bots", "6",
+        [sys.executable, "-m", "million", "run", "--reflector", url, "--plugin", "ordered", "--input", '"f"',
+         "--partitions", "2000", "--fanout", "20", "--name", "fuzzed", "--processes", "1", "--bots", "6",
          "--json", *options]
     )  # fmt: skip
     try:

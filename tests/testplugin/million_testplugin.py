@@ -6,6 +6,11 @@
 - option ``slow``: global indexes whose computation creates ``<marker_dir>/<index>``
   and then waits (up to a minute) until ``<marker_dir>/go`` exists: a test can stop
   workers in the middle of a partition, then let the rest of the run go.
+- option ``fail``: global indexes whose computation raises ``ValueError`` every time;
+  ``flaky``: global indexes whose computation raises the first time in any process
+  (it leaves ``<marker_dir>/flaky-<index>``) and then succeeds; ``broken``: global
+  indexes whose computation raises until ``<marker_dir>/fixed`` exists.
+- option ``fail_step``: ``"prepare"`` or ``"collect"``, a step that raises in every session.
 - environment ``MILLION_TESTPLUGIN_LIE=N``: this process lies, returning ``"lie@<index>"``
   for every global index divisible by ``N`` (all liars lie alike: they collude).
 
@@ -29,11 +34,22 @@ LIE = "MILLION_TESTPLUGIN_LIE"
 
 @million.hookimpl
 def prepare_inputs(input: Any, count: int, options: dict[str, Any]) -> list[Any]:
+    if options.get("fail_step") == "prepare":
+        raise RuntimeError("prepare refuses")
     return [f"{input}/{i}" for i in range(count)]
 
 
 @million.hookimpl
 def compute(input: Any, index: int, options: dict[str, Any]) -> Any:
+    if index in options.get("fail", ()):
+        raise ValueError(f"partition {index} cannot be computed")
+    if index in options.get("broken", ()) and not (Path(options["marker_dir"]) / "fixed").exists():
+        raise RuntimeError(f"partition {index} is broken until it is fixed")
+    if index in options.get("flaky", ()):
+        first = Path(options["marker_dir"]) / f"flaky-{index}"
+        if not first.exists():
+            first.touch()
+            raise ConnectionError(f"partition {index} lost its connection, once")
     if index in options.get("slow", ()):
         markers = Path(options["marker_dir"])
         (markers / str(index)).touch()
@@ -48,6 +64,8 @@ def compute(input: Any, index: int, options: dict[str, Any]) -> Any:
 
 @million.hookimpl
 def collect_results(outputs: list[Any], options: dict[str, Any]) -> Any:
+    if options.get("fail_step") == "collect":
+        raise RuntimeError("collect refuses")
     return hashlib.sha256(json.dumps(outputs).encode()).hexdigest()[:16]
 
 

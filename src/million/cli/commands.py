@@ -13,6 +13,7 @@ import resource
 import signal
 import ssl
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -23,7 +24,14 @@ import trio
 from rich.console import Console
 
 from million._version import __version__
-from million.cli.display import ProgressDisplay, credit_lines, result_lines, resume_args, status_lines
+from million.cli.display import (
+    ProgressDisplay,
+    credit_lines,
+    progress_line,
+    result_lines,
+    resume_args,
+    status_lines,
+)
 from million.cli.parser import LIMITS, build_parser
 from million.compute import bots, runner
 from million.compute.pages import RUNS_PAGE
@@ -199,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         store=args.store,
         reflector=args.reflector,
-        workers=args.workers,
+        processes=args.processes,
         bots=args.bots,
         detach=args.detach,
         token=args.token,
@@ -207,19 +215,26 @@ def run(args: argparse.Namespace) -> int:
         verify=args.verify,
         max_copies=args.max_copies,
         max_rejections=args.max_rejections,
+        max_failures=args.max_failures,
     )
     console = Console(stderr=True)
     display = ProgressDisplay(console) if console.is_terminal and not args.json else None
     states: list[RunState] = []
+    lines = _ProgressLines(json=args.json) if args.progress or (display is None and not args.json) else None
 
     def watch(state: RunState) -> None:
         states[:] = [state]
         if display is not None:
             display.update(state)
+        if lines is not None:
+            lines.update(state)
+
+    def notify(message: str) -> None:
+        console.print(f"million run: {message}", highlight=False, markup=False, soft_wrap=True)
 
     try:
         with display or contextlib.nullcontext():
-            result = trio.run(until_stopped, runner.run(config, watch=watch))
+            result = trio.run(until_stopped, runner.run(config, watch=watch, notify=notify))
     except (PluginError, StoreError) as exc:
         raise Failure(str(exc), 2) from None
     except (RunError, ClientError) as exc:
@@ -228,6 +243,31 @@ def run(args: argparse.Namespace) -> int:
         return _interrupted(config, states[0] if states else None)
     print(json.dumps(attrs.asdict(result)) if args.json else "\n".join(result_lines(result)))
     return 0
+
+
+@attrs.define
+class _ProgressLines:
+    """Progress as lines: JSON objects on stdout every second (``--json --progress``), or
+    a sentence on stderr every ``every`` s when there is no terminal for the live display."""
+
+    json: bool
+    every: float = 10.0
+    last: float = attrs.field(factory=time.monotonic)
+
+    def __attrs_post_init__(self) -> None:
+        if self.json:
+            self.every = 1.0
+
+    def update(self, state: RunState) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        figures = state.figures()
+        if self.json:
+            print(json.dumps({"progress": figures}), flush=True)
+        else:
+            print(f"million run: {progress_line(figures)}", file=sys.stderr, flush=True)
 
 
 def _interrupted(config: RunConfig, state: RunState | None) -> int:
@@ -255,6 +295,8 @@ def work(args: argparse.Namespace) -> int:
         trio.run(until_stopped, bots.run_worker_processes([command] * args.processes, env=env))
         return 0
     settings: dict[str, Any] = {"detach": args.detach, "token": args.token, "ssl_context": _client_tls(args)}
+    if not args.exit_with_parent:  # a ``million run``'s own workers leave the telling to it
+        settings["notify"] = _say_work
     if args.run is None:
         job = bots.run_lobby_bots(args.reflector, args.bots, **settings)
     else:
@@ -269,10 +311,16 @@ def work(args: argparse.Namespace) -> int:
     except JoinError as exc:
         raise Failure(f"cannot join run {args.run}: {exc}", 1) from None
     except RunFailed as exc:
-        raise Failure(str(exc), 1) from None
+        if args.exit_with_parent:  # the ``million run`` that started this process says why
+            return 0
+        raise Failure(f"{str(exc).splitlines()[0]} (million run and million status say more)", 1) from None
     if answer is None:
         print("million work: stopped", file=sys.stderr)
     return 0
+
+
+def _say_work(message: str) -> None:
+    print(f"million work: {message}", file=sys.stderr, flush=True)
 
 
 # --- million status ---------------------------------------------------------------------------

@@ -8,7 +8,15 @@ from types import TracebackType
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from million.compute.runner import RunConfig, RunResult, RunState
 from million.compute.tree import split
@@ -18,8 +26,9 @@ COUNTS = ("submitted", "validated", "rejected", "pending")  # of an identity, as
 
 
 class ProgressDisplay:
-    """Partitions done of total, their rate, the workers present, and a bar per
-    first-level child when there are few enough of them to show."""
+    """Partitions done of total (inside leaves too), their rate since this command
+    started, the time left, the bots and processes present, and a bar per first-level
+    child when there are few enough of them to show."""
 
     def __init__(self, console: Console) -> None:
         self._progress = Progress(
@@ -28,6 +37,8 @@ class ProgressDisplay:
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             TextColumn("{task.fields[workers]}"),
             console=console,
         )
@@ -47,10 +58,9 @@ class ProgressDisplay:
         assert self._total is not None
         task = self._progress.tasks[self._total]
         elapsed = task.elapsed or 0.0
-        rate = f"{state.done / elapsed:,.0f}/s" if elapsed > 0.5 else ""
-        self._progress.update(
-            self._total, completed=state.done, rate=rate, workers=f"{state.workers} workers"
-        )
+        rate = f"{(state.done - state.before) / elapsed:,.0f}/s" if elapsed > 0.5 else ""
+        workers = f"{state.bots} bots in {state.processes} process" + ("" if state.processes == 1 else "es")
+        self._progress.update(self._total, completed=state.done, rate=rate, workers=workers)
         for index, done in state.by_child().items():
             if index in self._children:
                 self._progress.update(self._children[index], completed=done)
@@ -64,13 +74,31 @@ class ProgressDisplay:
                 )
 
 
+def progress_line(figures: dict[str, Any]) -> str:
+    """``RunState.figures`` as a sentence, for a log without the live display."""
+    line = f"{figures['run']}: {figures['completed']:,} of {figures['partitions']:,} partitions done"
+    if figures["rate"] is not None:
+        line += f", {figures['rate']:,}/s"
+    if figures["eta_s"] is not None:
+        line += f", {_duration(figures['eta_s'])} left"
+    processes = figures["processes"]
+    return line + f"; {figures['bots']} bots in {processes} process" + ("" if processes == 1 else "es")
+
+
 def result_lines(result: RunResult) -> list[str]:
-    """The answer of ``million run`` and how fast it came."""
-    speed = f"{result.partitions_per_s:,.0f} partitions/s" + (" (resumed)" if result.resumed else "")
-    lines = [
-        f"answer: {json.dumps(result.answer)}",
-        f"{result.partitions:,} partitions (fanout {result.fanout}) in {result.elapsed_s:.2f} s: {speed}",
-    ]
+    """The answer of ``million run`` and how fast it came: the rate of what this command
+    computed, none for an answer that was stored already."""
+    run = f"{result.partitions:,} partitions (fanout {result.fanout})"
+    if result.stored:
+        figures = f"{run}: the answer stored by an earlier run of {result.name}; nothing computed now"
+    elif result.partitions_per_s is None:
+        figures = f"{run} in {result.elapsed_s:.2f} s"
+    else:
+        figures = f"{run} in {result.elapsed_s:.2f} s: {result.partitions_per_s:,.0f} partitions/s"
+        if result.computed < result.partitions:
+            earlier = result.partitions - result.computed
+            figures += f" over the {result.computed:,} computed now ({earlier:,} were done before: resumed)"
+    lines = [f"answer: {json.dumps(result.answer)}", figures]
     if result.credit:
         validated, rejected = (sum(c.get(key, 0) for c in result.credit.values()) for key in COUNTS[1:3])
         lines.append(
@@ -86,6 +114,7 @@ def resume_args(config: RunConfig, state: RunState) -> str:
     parts += [f"--input {json.dumps(config.input)!r}"]
     parts += [f"--option {key}={json.dumps(value)!r}" for key, value in config.options.items()]
     parts += [f"--verify {config.verify}", f"--max-rejections {config.max_rejections}"]
+    parts += [f"--max-failures {config.max_failures}"]
     parts += [f"--max-copies {config.max_copies}"] if config.max_copies is not None else []
     return " ".join(parts)
 
@@ -131,9 +160,13 @@ def _row(indent: str, name: str, width: int, cells: list[str], last: str, *, fla
 def _session_line(session: dict[str, Any]) -> str:
     return (
         f"  {session['name']:30} {session['model']:22} participants {session['participants']:4}"
-        f"  seq {session['seq']:8}  {session['events_per_s']:8,.0f} events/s"
+        f"  seq {session['seq']:8}  {_rate(session['events_per_s']):>8} events/s"
         f"  {session['events_since_snapshot']:6} since snapshot  divergences {session['divergences']}"
     )
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def _run_line(run: dict[str, Any]) -> str:
@@ -144,8 +177,25 @@ def _run_line(run: dict[str, Any]) -> str:
         return f"{value:,}" if type(value) is int else str(value)
 
     plugin = f"{run.get('plugin', '?')} {run.get('version', '')}".strip()
-    line = f"  {run['name']:20} {plugin}  {run.get('state')!s:5}"
+    state = run.get("state")
+    line = f"  {run['name']:20} {plugin}  {state!s:6}"
     line += f"  {count('completed')} of {count('partitions')} partitions"
-    if run.get("state") == "done":
+    if state == "done":
         return line + f"  answer {json.dumps(run.get('answer'))}"
-    return line + f"  {count('rate')}/s  {count('workers')} workers"
+    if state == "failed":
+        failure = run.get("failure")
+        return line + (f"  {failure.splitlines()[0]}" if type(failure) is str and failure else "")
+    eta = run.get("eta_s")
+    left = f"  {_duration(eta)} left" if type(eta) is int else ""
+    processes = run.get("processes")
+    return (
+        line
+        + f"  {count('rate')}/s{left}  {count('bots')} bots in {count('processes')} "
+        + ("process" if processes == 1 else "processes")
+    )
+
+
+def _duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02}:{seconds:02}" if hours else f"{minutes}:{seconds:02}"

@@ -14,6 +14,7 @@ from typing import Any
 
 from million._version import __version__
 from million.compute.runner import ADAPTIVE, RunConfig
+from million.compute.tree import MAX_FAILURES
 from million.relay.config import ReflectorConfig
 from million.wire.transport import ENGINES
 
@@ -187,9 +188,9 @@ def _run(parser: argparse.ArgumentParser) -> None:
     add("--plugin", required=True, help="the plugin (entry point in group 'million') to compute with")
     add(
         "--input",
-        type=_json_or_word,
+        type=_json,
         default=RUN.input,
-        help="the run's input, as JSON (default: %(default)s)",
+        help="the run's input as JSON, e.g. 3, '\"text\"' or [1, 2] (default: %(default)s)",
     )
     add("--partitions", type=_positive, default=RUN.partitions, help="partitions (default: %(default)s)")
     add(
@@ -204,7 +205,8 @@ def _run(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=_option,
         metavar="KEY=VALUE",
-        help="a plugin option, VALUE parsed as JSON where it parses (repeatable)",
+        help="a plugin option; VALUE is JSON where it parses as JSON (5, true, [1,2]), else text"
+        " (repeatable)",
     )
     add("--name", default=RUN.name, help="name of the run (default: a fresh one); the same name resumes it")
     add("--store", default=RUN.store, help="store file of the embedded reflector (default: a temporary file)")
@@ -214,16 +216,30 @@ def _run(parser: argparse.ArgumentParser) -> None:
         help="URL of a running reflector (default: start one in this process)",
     )
     add(
-        "--workers",
+        "--processes",
         type=_count,
-        default=RUN.workers,
-        help="local worker processes; 0 to only post and watch (default: one per core)",
+        default=RUN.processes,
+        help="local worker processes, each running --bots bots; 0 to only post and watch"
+        " (default: one per core)",
     )
-    add("--bots", type=_positive, default=RUN.bots, help="bots per worker process (default: %(default)s)")
-    add("--no-work", dest="workers", action="store_const", const=0, help="only post the run and watch it")
+    add("--bots", type=_positive, default=RUN.bots, help="bots (workers) per process (default: %(default)s)")
+    add("--no-work", dest="processes", action="store_const", const=0, help="only post the run and watch it")
+    add(
+        "--max-failures",
+        type=_failures,
+        default=RUN.max_failures,
+        metavar="N",
+        help="failed attempts at a partition (its hook raised), each on another worker where one is"
+        " there, before the run fails (default: %(default)s)",
+    )
     _no_detach(parser)
     _verification(parser)
     add("--json", action="store_true", help="print the result as one JSON object, with the run's credit")
+    add(
+        "--progress",
+        action="store_true",
+        help="with --json, also a JSON line of progress every second, before the result",
+    )
     _client(parser)
 
 
@@ -258,7 +274,7 @@ def _work(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--reflector", required=True, help="reflector URL, e.g. ws://127.0.0.1:8765")
     add("--run", help="work this run until it is done (default: the lobby's runs, until stopped)")
-    add("--bots", type=_positive, default=RUN.bots, help="bots per process (default: %(default)s)")
+    add("--bots", type=_positive, default=RUN.bots, help="bots (workers) per process (default: %(default)s)")
     add("--processes", type=_positive, default=PROCESSES, help="worker processes (default: %(default)s)")
     add("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)  # see bots.worker_command
     _no_detach(parser)
@@ -338,6 +354,23 @@ def _fanout(text: str) -> int:
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, not {text}")
     return value
+
+
+def _failures(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= MAX_FAILURES:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_FAILURES}, not {text}")
+    return value
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        hint = (
+            f"; for the text, quote it: --input '{json.dumps(text)}'" if text and text[0] not in "[{" else ""
+        )
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}){hint}") from None
 
 
 def _json_or_word(text: str) -> Any:

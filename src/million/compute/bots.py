@@ -14,22 +14,31 @@ import os
 import ssl
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from million.compute.computation import Computation
-from million.compute.lobby import LOBBY, Lobby, bots_per_run
+from million.compute.lobby import LOBBY, MAX_FAILURE, Lobby, bots_per_run
 from million.compute.plugins import Plugin, PluginError, load_plugin
-from million.compute.progress import Progress, progress_session, report_progress
-from million.compute.worker import Context, RunFailed, RunRefused, run_spec, work
+from million.compute.progress import MAX_LEAVES, Progress, progress_session, report_progress
+from million.compute.worker import Context, RunFailed, RunRefused, Tracker, run_spec, work
 from million.replica.client import Client, open_client
-from million.replica.session import JoinError, join
+from million.replica.session import JoinError, Session, join
 from million.replica.view import View
 
 __all__ = ["crew", "run_bots", "run_lobby_bots", "run_worker_processes", "worker_command", "worker_env"]
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 0.5  # s between a process's progress events
+TELL_EVERY = 60.0  # s between the lines that say how much a process computed
+Notify = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    log.info("%s", message)
 
 
 async def run_bots(
@@ -40,18 +49,21 @@ async def run_bots(
     detach: bool = True,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    notify: Notify = _quiet,
 ) -> Any:
-    """Work run ``run`` with ``bots`` bots until it is done; returns its answer.
+    """Work run ``run`` with ``bots`` bots until it is done; returns its answer. ``notify``
+    is told what a person watching should know: connected, joined, a line a minute.
 
     Raises ``PluginError`` when this machine lacks the run's plugin or has another
     version of it, ``RunRefused`` (one) when the run's root is no valid computation: the
     run is left untouched.
     """
     async with open_client(url, token=token, label=f"bots-{os.getpid()}", ssl_context=ssl_context) as client:
-        return await crew(client, run, bots, detach=detach)
+        notify(f"connected to {url}")
+        return await crew(client, run, bots, detach=detach, notify=notify)
 
 
-async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> Any:
+async def crew(client: Client, run: str, bots: int, *, detach: bool = True, notify: Notify = _quiet) -> Any:
     """``bots`` bots of this process working ``run`` until it is done; returns its answer.
 
     Raises ``PluginError`` (``RunRefused`` when the root's options describe no computation)
@@ -61,25 +73,64 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True) -> A
     async with join(client, run, Computation, View, create=False) as root:
         spec = run_spec(run, root.options)
         plugin = _plugin_for(run, spec.plugin, spec.version)
+        await plugin.check_options(spec.input, spec.options)
         plugin.threads = trio.CapacityLimiter(max(1, bots))  # a bot waits for no other bot's hook
         async with join(client, progress_session(run), Progress, View, create=False) as progress:
             progress.publish("bots", bots)
-
-            def leaf_done(name: str, count: int) -> None:
-                progress.publish("leaf", {"name": name, "count": count})
-
-            ctx = Context(client, plugin, detach, leaf_done)
+            ctx = Context(client, plugin, detach)
+            what = f"{spec.plugin} {spec.version}, {spec.partitions:,} partitions"
+            notify(f"joined run {run} ({what}) with {bots} bots")
             refused: BaseException | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(report_progress, run, progress, root)
+                    nursery.start_soon(share_progress, progress, root, ctx.tracker)
+                    nursery.start_soon(_tell_progress, run, progress, root, ctx.tracker, notify)
                     for _ in range(bots):
                         nursery.start_soon(work, ctx, run)
             except* (PluginError, JoinError, RunFailed) as group:  # e.g. a child made with other options
                 refused = _first(group)
+            computed = f"this process computed {ctx.tracker.total:,} partitions"
             if refused is not None:
+                notify(f"left run {run}: {str(refused).splitlines()[0]}; {computed}")
                 raise refused
+        notify(f"run {run} is done; {computed}")
         return root.model.output
+
+
+async def _tell_progress(
+    run: str, progress: Session[View], root: Session[View], tracker: Tracker, notify: Notify
+) -> None:
+    """Every ``TELL_EVERY`` s until the run ends, say how many partitions this process
+    computed for ``run``."""
+    told = 0
+    while True:
+        with trio.move_on_after(TELL_EVERY):
+            await root.wait_for(lambda model: model.ended)
+            return
+        model = progress.model
+        notify(
+            f"run {run}: this process computed {tracker.total - told:,} partitions in the last minute"
+            f" ({tracker.total:,} in all); the run has {model.done:,} of {model.partitions:,} done"
+        )
+        told = tracker.total
+
+
+async def share_progress(progress: Session[View], root: Session[View], tracker: Tracker) -> None:
+    """Publish what this process's workers computed, every ``PROGRESS_EVERY`` s and once
+    the run has ended: a bounded rate of events however fast they compute."""
+    while True:
+        with trio.move_on_after(PROGRESS_EVERY):
+            await root.wait_for(lambda model: model.ended)
+        leaves, computed = tracker.take()
+        names = list(leaves)
+        for at in range(0, len(names), MAX_LEAVES):
+            chunk = {name: leaves[name] for name in names[at : at + MAX_LEAVES]}
+            progress.publish("progress", {"leaves": chunk, "computed": computed if at == 0 else 0})
+        if computed and not names:
+            progress.publish("progress", {"leaves": {}, "computed": computed})
+        if root.model.ended:
+            return
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -102,6 +153,7 @@ async def run_lobby_bots(
     detach: bool = True,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    notify: Notify = _quiet,
 ) -> None:
     """Share ``bots`` bots among the lobby's open runs, moving on as runs finish or start.
 
@@ -114,19 +166,28 @@ async def run_lobby_bots(
         join(client, LOBBY, Lobby, View) as lobby,
         trio.open_nursery() as nursery,
     ):
+        notify(f"connected to {url}; waiting for runs in the lobby")
         crews: dict[str, tuple[int, trio.CancelScope]] = {}
         refused: set[str] = set()
 
         async def staff(run: str, count: int, scope: trio.CancelScope) -> None:
             with scope:
-                try:
-                    answer = await crew(client, run, count, detach=detach)
-                except (PluginError, RunRefused, JoinError, RunFailed) as exc:
-                    log.warning("skipping run %s: %s", run, exc)
-                    refused.add(run)
-                    client.changed(lobby.name)
-                    return
-                lobby.publish("done", {"name": run, "answer": answer})
+                await work_run(run, count)
+            if scope.cancelled_caught:
+                notify(f"left run {run}: it is no longer open in the lobby, or its share of bots changed")
+
+        async def work_run(run: str, count: int) -> None:
+            try:
+                answer = await crew(client, run, count, detach=detach, notify=notify)
+            except RunFailed as exc:  # the lobby lists it as failed, until it is resumed
+                lobby.publish("failed", {"name": run, "failure": str(exc)[:MAX_FAILURE]})
+                return
+            except (PluginError, RunRefused, JoinError) as exc:
+                log.warning("skipping run %s: %s", run, exc)
+                refused.add(run)
+                client.changed(lobby.name)
+                return
+            lobby.publish("done", {"name": run, "answer": answer})
 
         while True:
             wanted = bots_per_run(bots, [run for run in lobby.model.open_runs() if run not in refused])

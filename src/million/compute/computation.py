@@ -14,7 +14,11 @@ was handed to: the partition's output from one of its assignees, the inputs and 
 output from the identities that claimed preparing or collecting. Each value is taken
 once ``verify`` distinct identities agree on it (``million.compute.votes``); on
 disagreement it is asked of more identities, up to ``max_copies``, and then the run
-fails, naming the partition and who disagreed. With ``adaptive``, a trusted identity's
+fails, naming the partition and who disagreed. A plugin's hook that raises is a failed
+attempt, reported by its worker (``failed``): the partition or step goes to another
+worker, and after ``max_failures`` attempts (from at least ``verify`` identities) the
+session fails, saying where, and can be retried (``retry``) when the run resumes.
+With ``adaptive``, a trusted identity's
 value may be taken alone (BOINC's adaptive replication), decided with the model's
 seeded random: the same on every replica. The ``tally`` of every identity's reports
 travels upward with each child's output, so that the root's is the run's.
@@ -27,7 +31,7 @@ from typing import Any
 
 import attrs
 
-from million.compute.reports import is_batch, is_inputs, is_request, voted_value
+from million.compute.reports import STEPS, is_batch, is_failure, is_inputs, is_request, voted_value
 from million.compute.tree import Spec, SpecError
 from million.compute.votes import TRUSTED, Ballot, Tally, Task
 from million.replica.model import Model
@@ -39,10 +43,11 @@ __all__ = ["CLAIMS", "Computation"]
 log = logging.getLogger(__name__)
 
 CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
+RETRY_AFTER = 1000  # ms before a worker may try again what it failed, if nobody else has
 
 
 @attrs.define
-class Computation(Model, name="million.computation.4"):
+class Computation(Model, name="million.computation.5"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker
@@ -58,6 +63,9 @@ class Computation(Model, name="million.computation.4"):
     adaptive: bool = False
     copies: int = 3
     max_rejections: int = 3
+    max_failures: int = 3
+    start: int = 0  # global number of the first partition
+    where: str = ""  # the session's name as its parent knows it ("" at the root)
     trust: dict[str, int] = attrs.Factory(dict)
     solo: str = ""  # the trusted identity this whole session was handed to alone (adaptive)
     inputs: list[Any] | None = None
@@ -75,9 +83,14 @@ class Computation(Model, name="million.computation.4"):
     tasks: dict[str, Task] = attrs.Factory(dict)  # "prepare" and "collect"
     tally: dict[str, dict[str, int]] = attrs.Factory(dict)
     epoch: int = 0  # grows whenever a request could get what it could not before
+    #: partition -> [[view, identity, session ms]] of its failed attempts; step -> the same
+    attempts: dict[int, list[list[Any]]] = attrs.Factory(dict)
+    step_attempts: dict[str, list[list[Any]]] = attrs.Factory(dict)
     output: Any = None
     done: bool = False
     failed: str | None = None
+    retryable: bool = False  # the failure is a plugin's: a ``retry`` starts over where it failed
+    failing: int = -1  # the child whose failure failed this session
 
     def init(self, options: Any) -> None:
         try:
@@ -88,6 +101,8 @@ class Computation(Model, name="million.computation.4"):
         self.leaf, self.root, self.count = spec.leaf, spec.parent is None, spec.count
         self.verify, self.adaptive, self.copies = spec.verify, spec.adaptive, spec.copies
         self.max_rejections, self.trust, self.solo = spec.max_rejections, dict(spec.trust), spec.alone
+        self.max_failures, self.start = spec.max_failures, spec.start
+        self.where = "" if spec.parent is None else f"{spec.parent}-{spec.index}"
         self.outputs = [None] * self.count
         self.completed = [False] * self.count
         self.wanted = [self.verify] * self.count
@@ -101,6 +116,8 @@ class Computation(Model, name="million.computation.4"):
             ("claim", self.claim),
             ("inputs", self.set_inputs),
             ("output", self.set_output),
+            ("failed", self.attempt_failed),
+            ("retry", self.retry),
             (VIEW_JOIN, self.join),
             (VIEW_EXIT, self.exit),
         ):
@@ -174,10 +191,11 @@ class Computation(Model, name="million.computation.4"):
             for i in range(self.count)
             if self.assignees[i] and not self.completed[i] and len(self.assignees[i]) < self.wanted[i]
         ]
-        copies = [i for i in short if identity not in self.assignees[i]]
+        copies = self._untried([i for i in short if identity not in self.assignees[i]], view)
         if copies:
             return copies[:want]
         fresh = [i for i in range(self.count) if not self.assignees[i] and not self.completed[i]]
+        fresh = self._untried(fresh, view)
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
             held = sum(len(indexes) for indexes in self.workers.values())
@@ -193,8 +211,30 @@ class Computation(Model, name="million.computation.4"):
             for i in range(self.count)
             if not self.completed[i] and i not in mine and not self.voted(i, identity)
         ]
-        steal = min(open_, key=lambda index: (load[index], -index), default=None)
+        steal = min(self._untried(open_, view), key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
+
+    def _untried(self, indexes: list[int], view: str) -> list[int]:
+        """``indexes`` but those that ``view`` failed and may not try again yet (``_resting``)."""
+        if not self.attempts:
+            return indexes
+        return [index for index in indexes if not self._resting(self.attempts.get(index), view)]
+
+    def _resting(self, attempts: list[list[Any]] | None, view: str) -> bool:
+        """Whether ``view`` failed what ``attempts`` are of, and another view that asks for
+        work has not tried it, or ``view`` failed it less than ``RETRY_AFTER`` ms ago: a
+        failed partition or step goes to another worker first, and waits for one a while."""
+        if not attempts:
+            return False
+        tried = {who for who, _, _ in attempts}
+        if view not in tried:
+            return False
+        last = max(at for who, _, at in attempts if who == view)
+        return self.now < last + RETRY_AFTER or any(other not in tried for other in self.answers)
+
+    def rested(self) -> None:
+        """``RETRY_AFTER`` ms after a failed attempt: whoever made it may ask again."""
+        self.epoch += 1
 
     # --- reports ----------------------------------------------------------------------------
 
@@ -323,13 +363,75 @@ class Computation(Model, name="million.computation.4"):
     def _complete(self, index: int, value: Any) -> None:
         if not self.leaf:
             if "failed" in value:
-                self.failed = value["failed"]
+                self.failed, self.retryable, self.failing = value["failed"], value["retryable"], index
                 self.epoch += 1
                 return
             value = value["output"]
         self.completed[index] = True
         self.outputs[index] = value
         self.remaining -= 1
+        self.epoch += 1
+
+    # --- failed attempts --------------------------------------------------------------------
+
+    def attempt_failed(self, data: Any) -> None:
+        """A hook failed: ``{"index": i, "error": text}`` at partition ``i`` of a leaf, held by
+        the sender; ``{"step": "prepare" | "collect", "error": text}`` at a step it holds
+        (``reports.is_failure``). The partition or step is free again, for another view
+        first; at ``max_failures`` attempts, from ``verify`` identities or more, the
+        session fails. An attempt at what the sender no longer holds is ignored."""
+        if self.ended or not is_failure(data, self.count, self.leaf):
+            return
+        view, identity = self.sender or "", self.identity
+        if "index" in data:
+            index = data["index"]
+            if index not in self.workers.get(view, ()) or self.completed[index]:
+                return
+            self._release({index}, [view])
+            if not any(
+                self.views.get(other) == identity and index in held for other, held in self.workers.items()
+            ):
+                self.assignees[index] = [who for who in self.assignees[index] if who != identity]
+            attempts = self.attempts.setdefault(index, [])
+            what, hook = f"partition {self.start + index} ({self._where(index)})", "compute"
+        else:
+            step = data["step"]
+            task = self.tasks[step]
+            if view not in task.holders:
+                return
+            task.holders.remove(view)
+            if all(self.views.get(other) != identity for other in task.holders):
+                task.claimants = [who for who in task.claimants if who != identity]
+            attempts = self.step_attempts.setdefault(step, [])
+            what, hook = f"the {step} step of {self.where or 'the root'}", STEPS[step]
+        attempts.append([view, identity, self.now])
+        self.epoch += 1
+        self.future(RETRY_AFTER, self.rested)
+        workers = len({who for who, _, _ in attempts})
+        if len(attempts) >= self.max_failures and len({who for _, who, _ in attempts}) >= self.verify:
+            times = f"{len(attempts)} times" + (f" on {workers} workers" if workers > 1 else "")
+            self.failed = f"{what} failed in {hook} {times}; the last time:\n{data['error']}"
+            self.retryable = True
+
+    def _views_of(self, identity: str) -> list[str]:
+        return [view for view, who in self.views.items() if who == identity]
+
+    def _where(self, index: int) -> str:
+        return f"index {index} of {self.where}" if self.where else f"index {index} of the root"
+
+    def retry(self, data: Any) -> None:
+        """Start over where a plugin's failure failed the session: its attempts are
+        forgotten, and a failed child is handed out again. Any view may ask, once the
+        session failed so (``retryable``)."""
+        if not self.retryable or self.sender not in self.views:
+            return
+        self.failed, self.retryable = None, False
+        self.attempts.clear()
+        self.step_attempts.clear()
+        if self.failing >= 0:
+            index, self.failing = self.failing, -1
+            self.ballots.pop(index, None)
+            self.assignees[index], self.wanted[index], self.alone[index] = [], self.verify, ""
         self.epoch += 1
 
     # --- preparing and collecting -----------------------------------------------------------
@@ -343,6 +445,8 @@ class Computation(Model, name="million.computation.4"):
 
     def _give_claim(self, task: str, view: str) -> None:
         identity = self.views.get(view)
+        if self._resting(self.step_attempts.get(task), view):
+            return
         if identity is not None and not self._barred(identity):
             self.tasks[task].give(view, identity, self.views)
 

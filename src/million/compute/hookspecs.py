@@ -17,6 +17,17 @@ hookspec = pluggy.HookspecMarker("million")
 hookimpl = pluggy.HookimplMarker("million")
 
 
+@hookspec
+def check_options(input: Any, options: dict[str, Any]) -> None:
+    """Refuse a run before it starts: raise ``ValueError`` (or ``TypeError``) saying what is
+    wrong with its ``input`` or ``options``. Optional.
+
+    ``million run`` calls it before it posts the run, and prints the message as one line;
+    workers call it before they join a run, and skip a run it refuses. A hook that raises
+    later, while the run computes, is a failed attempt instead (``--max-failures``).
+    """
+
+
 @hookspec(firstresult=True)
 def prepare_inputs(input: Any, count: int, options: dict[str, Any]) -> list[Any]:
     """Split a session's ``input`` into ``count`` inputs, one per partition or child.
@@ -44,6 +55,8 @@ def collect_results(outputs: list[Any], options: dict[str, Any]) -> Any:
 def log(record: dict[str, Any]) -> None:
     """Observe what happens: every plugin's ``log`` is called with each record.
 
-    A record has at least ``event`` (``prepared``, ``computed``, ``collected``) and
-    ``session``; ``computed`` records carry ``index`` too.
+    A record has at least ``event`` (``prepared``, ``computed``, ``collected``,
+    ``failed``) and ``session``; ``computed`` records carry ``indexes``, the global
+    numbers of the partitions computed; ``failed`` ones ``hook``, ``error`` and, for
+    ``compute``, ``index``. A ``log`` that raises is logged and otherwise ignored.
     """

@@ -2,7 +2,7 @@
 results earned over every run (BOINC's credit), and the trust they built.
 
 ``million run`` records each run there once it has ended (``run_event``: the root's
-tally); ``million credit``, ``million status`` and the runs page show it, and a run with
+tally); ``million credit``, ``million status`` and the workers page show it, and a run with
 ``--verify adaptive`` takes its trust from it. It lives in the reflector's store like
 any session, so it survives restarts. Only an ``admin:`` identity may record a run.
 """
@@ -39,7 +39,7 @@ KEEP_RUNS = 500  # names of recorded runs kept, so that none is recorded twice
 MAX_NAME = 100  # characters of an identity's name: a --tokens name, or a client's label without them
 #: ``ROLE:NAME`` as the reflector stamps it; a NAME of printable ASCII, no space.
 IDENTITY = re.compile(rf"({'|'.join(ROLES)}):[!-~]{{1,{MAX_NAME}}}")
-#: The columns of a summary's rows, and of the runs page's table.
+#: The columns of a summary's rows, and of the workers page's table.
 COLUMNS = (
     "identity", "submitted", "validated", "rejected", "pending", "credit_ms", "consecutive", "last_run",
     "flagged",
@@ -154,7 +154,7 @@ def ordered(identities: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, 
 
 
 def summary(model: Ledger, limit: int) -> dict[str, Any]:
-    """The ledger for the runs page, in at most ``limit`` encoded bytes: how many identities
+    """The ledger for the workers page, in at most ``limit`` encoded bytes: how many identities
     it has, and as many rows of ``COLUMNS`` as fit, in ``ordered`` order."""
     data: dict[str, Any] = {"identities": len(model.identities), "rows": []}
     room = limit - len(codec.dumps(data))

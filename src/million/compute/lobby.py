@@ -22,23 +22,31 @@ LOBBY = "million-lobby"
 KEEP_FINISHED = 200  # finished runs the lobby remembers
 MAX_OPEN = 1000  # open runs the lobby lists; beyond, a post is ignored
 MAX_RUN_NAME = 190  # characters: the run's progress session (``<run>:progress``) needs a few more
+MAX_FAILURE = 500  # characters of why a run failed, as the lobby keeps it
 
 
 @attrs.define
 class Lobby(Model, name="million.lobby"):
-    """Runs by name, in the order they were posted: plugin, size, state and answer."""
+    """Runs by name, in the order they were posted: plugin, size, state (open, done or
+    failed) and answer or failure."""
 
     runs: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def init(self, options: Any) -> None:
         self.subscribe("post", self.post)
         self.subscribe("done", self.done)
+        self.subscribe("failed", self.failed)
 
     def post(self, data: Any) -> None:
         """``post_event``'s fields; ignored unless each is of its type and in range, for a
-        run not listed yet, while fewer than ``MAX_OPEN`` runs are open."""
-        if not _is_post(data) or data["name"] in self.runs or len(self.open_runs()) >= MAX_OPEN:
+        run not listed yet or listed as failed (it is being resumed), while fewer than
+        ``MAX_OPEN`` runs are open."""
+        if not _is_post(data) or len(self.open_runs()) >= MAX_OPEN:
             return
+        listed = self.runs.get(data["name"])
+        if listed is not None and listed["state"] != "failed":
+            return
+        self.runs.pop(data["name"], None)
         self.runs[data["name"]] = {
             "plugin": data["plugin"],
             "version": data["version"],
@@ -57,7 +65,21 @@ class Lobby(Model, name="million.lobby"):
         if entry is None or entry["state"] != "open":
             return
         entry["state"], entry["answer"] = "done", data.get("answer")
-        finished = [name for name, run in self.runs.items() if run["state"] == "done"]
+        self._prune()
+
+    def failed(self, data: Any) -> None:
+        """``{"name": run, "failure": why}`` marks an open run failed (anyone may)."""
+        if not (type(data) is dict and type(data.get("name")) is str and type(data.get("failure")) is str):
+            return
+        entry = self.runs.get(data["name"])
+        if entry is None or entry["state"] != "open":
+            return
+        entry["state"], entry["failure"] = "failed", data["failure"][:MAX_FAILURE]
+        self._prune()
+
+    def _prune(self) -> None:
+        """Forget the oldest finished runs beyond ``KEEP_FINISHED``."""
+        finished = [name for name, run in self.runs.items() if run["state"] != "open"]
         for name in finished[:-KEEP_FINISHED]:
             del self.runs[name]
 

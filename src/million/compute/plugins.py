@@ -9,10 +9,14 @@ results checked.
 from __future__ import annotations
 
 import inspect
+import logging
+import os
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
@@ -20,17 +24,38 @@ import pluggy
 import trio
 
 from million.compute import hookspecs
+from million.compute.reports import MAX_ERROR
 from million.replica.state import MAX_DEPTH, is_json
 from million.wire import codec
 
-__all__ = ["Plugin", "PluginError", "Result", "installed_plugins", "load_plugin", "plugin_from_object"]
+__all__ = [
+    "Batch",
+    "HookFailed",
+    "Plugin",
+    "PluginError",
+    "Result",
+    "installed_plugins",
+    "load_plugin",
+    "plugin_from_object",
+]
 
 GROUP = "million"
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class PluginError(Exception):
-    """A plugin is missing, of another version, or broke its contract."""
+    """A plugin is missing, of another version, or refuses a run's options."""
+
+
+class HookFailed(Exception):
+    """A hook raised, or returned what the computation cannot use: ``error`` says how,
+    with the end of the traceback, in at most ``MAX_ERROR`` characters."""
+
+    def __init__(self, hook: str, error: str) -> None:
+        super().__init__(f"{hook}: {error}")
+        self.hook = hook
+        self.error = error
 
 
 @attrs.frozen
@@ -68,52 +93,91 @@ class Plugin:
     def __repr__(self) -> str:
         return f"<plugin {self.name} {self.version}>"
 
+    async def check_options(self, input: Any, options: dict[str, Any]) -> None:
+        """``PluginError`` saying why, if the plugin refuses this input or these options
+        (its ``check_options`` hook raised ``ValueError`` or ``TypeError``)."""
+        if not self.manager.hook.check_options.get_hookimpls():
+            return
+        try:
+            await self._call("check_options", input=input, options=options)
+        except (ValueError, TypeError) as exc:
+            raise PluginError(f"plugin {self.name} refuses the run: {exc}") from None
+        except Exception as exc:
+            raise PluginError(f"plugin {self.name}: check_options raised {_last_line(exc)}") from None
+
     async def prepare_inputs(self, input: Any, count: int, options: dict[str, Any]) -> Result:
-        inputs = await self._call("prepare_inputs", input=input, count=count, options=options)
+        """The prepared inputs; ``HookFailed`` if the hook raised or returned something else
+        than a list of ``count`` JSON values."""
+        hook = "prepare_inputs"
+        inputs = await self._guarded(hook, input=input, count=count, options=options)
         if not isinstance(inputs, list) or len(inputs) != count:
             got = f"a list of {len(inputs)}" if isinstance(inputs, list) else type(inputs).__name__
-            raise PluginError(
-                f"plugin {self.name}: prepare_inputs must return a list of {count} inputs, not {got}"
-            )
-        return self._encode(inputs, "prepare_inputs", each=True)
+            raise HookFailed(hook, f"plugin {self.name}: it must return a list of {count} inputs, not {got}")
+        return self._encode(inputs, hook, each=True)
 
     async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
-        outputs, _ = await self.compute_some([(input, index)], options, 0)
-        return Result.of(outputs[0])
+        batch = await self.compute_some([(input, index)], options, 0)
+        if batch.error is not None:
+            raise HookFailed("compute", batch.error)
+        return Result.of(batch.outputs[0])
 
     async def compute_some(
         self, items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
-    ) -> tuple[list[Any], list[int]]:
+    ) -> Batch:
         """The outputs of the first of ``items`` (input, global index), in order, and the
-        ms each took: at least one, and no more than are done within ``seconds``; checked
-        as ``_encode`` checks values, all at once. A synchronous hook computes them in one
-        go (``_sync``): one thread hop for the lot."""
+        ms each took: no more than are done within ``seconds``, and at least one unless
+        the first fails. If an item fails (its hook raised, or returned what ``_encode``
+        refuses), the batch ends before it with its ``error``. A synchronous hook computes
+        the lot in one thread hop (``_sync``)."""
         hook, asynchronous = self._hooks.get("compute") or self._hook("compute")
         if not asynchronous:
-            batch = await self._sync(partial(self._compute_sync, hook, items, options, seconds))
+            batch = await self._sync(partial(_compute_sync, hook, items, options, seconds))
         else:
-            batch = _Batch(seconds)
+            batch = Batch(seconds)
             for input, index in items:
-                if not batch.add(await hook(input=input, index=index, options=options)):
+                try:
+                    output = await hook(input=input, index=index, options=options)
+                except Exception as exc:
+                    batch.error = describe(exc)
                     break
-        self._encode(batch.outputs, "compute", each=True)  # checked whole, sent in the event
-        return batch.outputs, batch.ms
-
-    def _compute_sync(
-        self, hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
-    ) -> _Batch:
-        batch = _Batch(seconds)
-        for input, index in items:
-            if not batch.add(hook(input=input, index=index, options=options)):
-                break
+                if not batch.add(output):
+                    break
+        self._check_outputs(batch)
         return batch
 
+    def _check_outputs(self, batch: Batch) -> None:
+        """Cut ``batch`` at its first output that ``_encode`` refuses, which becomes its error."""
+        try:
+            self._encode(batch.outputs, "compute", each=True)  # the common case: all at once
+        except HookFailed:
+            for position, output in enumerate(batch.outputs):
+                try:
+                    self._encode(output, "compute")
+                except HookFailed as exc:
+                    batch.cut(position, exc.error)
+                    return
+
     async def collect_results(self, outputs: list[Any], options: dict[str, Any]) -> Result:
-        result = await self._call("collect_results", outputs=outputs, options=options)
+        """The collected output; ``HookFailed`` if the hook raised or returned no JSON value."""
+        result = await self._guarded("collect_results", outputs=outputs, options=options)
         return self._encode(result, "collect_results")
 
     def log(self, record: dict[str, Any]) -> None:
-        self.manager.hook.log(record=record)
+        """Tell the plugin's ``log`` hooks; one that raises is logged, not raised."""
+        try:
+            self.manager.hook.log(record=record)
+        except Exception as exc:
+            log.warning("plugin %s: log raised %s", self.name, _last_line(exc))
+
+    async def _guarded(self, hook_name: str, **kwargs: Any) -> Any:
+        """``_call``, with what the hook raises as ``HookFailed`` (a hook the plugin lacks
+        is its ``PluginError``)."""
+        if hook_name not in self._hooks:
+            self._hook(hook_name)
+        try:
+            return await self._call(hook_name, **kwargs)
+        except Exception as exc:
+            raise HookFailed(hook_name, describe(exc)) from exc
 
     async def _call(self, hook_name: str, **kwargs: Any) -> Any:
         hook, asynchronous = self._hooks.get(hook_name) or self._hook(hook_name)
@@ -142,30 +206,38 @@ class Plugin:
         return found
 
     def _encode(self, value: Any, hook_name: str, each: bool = False) -> Result:
-        """``value`` encoded once; ``PluginError`` unless the model can keep it (``is_json``,
+        """``value`` encoded once; ``HookFailed`` unless the model can keep it (``is_json``,
         of each item with ``each``): models ignore what they cannot keep."""
         try:
             result = Result.of(value)
         except TypeError as exc:
-            raise PluginError(
-                f"plugin {self.name}: {hook_name} returned a value that is not JSON: {exc}"
+            raise HookFailed(
+                hook_name, f"plugin {self.name}: it returned a value that is not JSON: {exc}"
             ) from None
         if not all(map(is_json, value if each else [value])):
-            raise PluginError(
-                f"plugin {self.name}: {hook_name} returned a value nested deeper than {MAX_DEPTH} levels,"
-                " or with an integer beyond 64 bits or a float that is not finite"
+            raise HookFailed(
+                hook_name,
+                f"plugin {self.name}: it returned a value nested deeper than {MAX_DEPTH} levels,"
+                " or with an integer beyond 64 bits or a float that is not finite",
             )
         return result
 
 
-class _Batch:
-    """Outputs computed in turn, and the ms each took, within a time budget."""
+class Batch:
+    """Outputs computed in turn, and the ms each took, within a time budget; and the
+    ``error`` of the item after them, if it failed."""
 
     def __init__(self, seconds: float) -> None:
         self.outputs: list[Any] = []
         self.ms: list[int] = []
+        self.error: str | None = None
         self.deadline = (last := time.perf_counter()) + seconds
         self.last = last
+
+    def cut(self, position: int, error: str) -> None:
+        """The batch ends before output ``position``, which failed with ``error``."""
+        del self.outputs[position:], self.ms[position:]
+        self.error = error
 
     def add(self, output: Any) -> bool:
         """Count ``output``; whether there is time for another."""
@@ -174,6 +246,44 @@ class _Batch:
         self.ms.append(round((now - self.last) * 1000))
         self.last = now
         return now < self.deadline
+
+
+def _compute_sync(
+    hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
+) -> Batch:
+    batch = Batch(seconds)
+    for input, index in items:
+        try:
+            output = hook(input=input, index=index, options=options)
+        except Exception as exc:
+            batch.error = describe(exc)
+            break
+        if not batch.add(output):
+            break
+    return batch
+
+
+def describe(exc: BaseException) -> str:
+    """A hook's exception as a worker reports it: the traceback from the plugin's code on
+    (million's own frames left out), ending with the exception, in at most ``MAX_ERROR``
+    characters (the end kept)."""
+    trace = traceback.TracebackException.from_exception(exc, limit=-20)
+    trace.stack = traceback.StackSummary.from_list([f for f in trace.stack if not _ours(f.filename)])
+    text = "".join(trace.format()).rstrip()
+    return text if len(text) <= MAX_ERROR else "…" + text[-(MAX_ERROR - 1) :]
+
+
+def _ours(filename: str) -> bool:
+    """Whether a frame is million's, or of the libraries through which it calls hooks."""
+    return filename.startswith(_PACKAGE) or any(f"{os.sep}{name}{os.sep}" in filename for name in _CALLERS)
+
+
+def _last_line(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(exc)).strip()
+
+
+_CALLERS = ("trio", "outcome", "pluggy")
+_PACKAGE = str(Path(__file__).resolve().parent.parent) + os.sep  # million's own modules
 
 
 def _direct(impl: pluggy.HookImpl) -> Callable[..., Any]:

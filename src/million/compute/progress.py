@@ -4,6 +4,7 @@ sessions for ``million status`` and the web page.
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections import deque
 from typing import Any
@@ -13,19 +14,41 @@ import trio
 
 from million.compute.computation import Computation
 from million.compute.plugins import Result
-from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS
+from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, branches, share
 from million.replica.model import Model
 from million.replica.session import Session
 from million.wire.protocol import SESSION_NAME, VIEW_EXIT
 
-__all__ = ["Progress", "is_run_summary", "progress_session", "report_progress", "short", "summary"]
+__all__ = [
+    "Progress",
+    "is_run_summary",
+    "progress_options",
+    "progress_session",
+    "report_progress",
+    "run_summary",
+    "short",
+    "summary",
+]
 
 SUMMARY_EVERY = 0.5  # seconds between a view's summaries of its session
 SUMMARY_WORKERS = 200  # sessions with more partitions leave out who works on which
 MAX_BOTS = 1_000_000  # bots one process may say it runs
+MAX_PROCESSES = 10_000  # processes a run's progress remembers, present or gone
+KEEP_GONE = 100  # processes gone that it remembers, the latest
+MAX_LEAVES = 1000  # leaves in one progress event
+MAX_PARTIAL = 10_000  # unfinished leaves counted at once
+MAX_SPANS = 10_000  # spans of finished leaves apart: leaves finish roughly in order
+HISTORY = 60  # points of a run's progress over time
+HISTORY_EVERY = 1000  # ms between them at first
+RATE_WINDOW = 5.0  # s over which a run's rate is measured
+SUMMARY_CHILDREN = 100  # first-level children whose progress a run's summary gives
+SUMMARY_PROCESSES = 40  # processes a run's summary lists, present ones first
+MAX_SUMMARY_FAILURE = 2000  # characters of a run's failure in its summary
 #: What follows the root's name in the name of a session below it: ``-i`` per level, each
-#: ``i`` an index below ``MAX_FANOUT`` written as ``str`` writes it.
-_BELOW_ROOT = re.compile(rf"(-(0|[1-9][0-9]{{0,{len(str(MAX_FANOUT - 1)) - 1}}}))+")
+#: ``i`` an index below ``MAX_FANOUT`` written as ``str`` writes it, and a copy's ``c<k>``.
+_NUMBER = rf"(0|[1-9][0-9]{{0,{len(str(MAX_FANOUT - 1)) - 1}}})"
+_BELOW_ROOT = re.compile(rf"(-{_NUMBER}(c[1-9][0-9]{{0,3}})?)+")
+_INDEX = re.compile(r"-([0-9]+)")
 
 
 def summary(model: Computation, *, done: bool = False, output: Result | None = None) -> dict[str, Any]:
@@ -33,6 +56,8 @@ def summary(model: Computation, *, done: bool = False, output: Result | None = N
     done = done or model.done
     if done:
         state = "done"
+    elif model.failed is not None:
+        state = "failed"
     elif model.inputs is None:
         state = "preparing"
     elif model.remaining == 0:
@@ -44,7 +69,9 @@ def summary(model: Computation, *, done: bool = False, output: Result | None = N
         "leaf": model.leaf,
         "count": model.count,
         "completed": model.count if done else model.count - model.remaining,
-        "working": len(model.workers),
+        "working": _working(model),
+        "failures": sum(map(len, model.attempts.values())) + sum(map(len, model.step_attempts.values())),
+        "failed": None if model.failed is None else model.failed[:MAX_SUMMARY_FAILURE],
     }
     if model.count <= SUMMARY_WORKERS:
         data["completed_at"] = [i for i, completed in enumerate(model.completed) if completed or done]
@@ -58,6 +85,14 @@ def summary(model: Computation, *, done: bool = False, output: Result | None = N
     return data
 
 
+def _working(model: Computation) -> int:
+    """Bots at work in a session: those holding its partitions (a leaf), or one per child
+    handed out and not complete (coordinators of the root's children leave it)."""
+    if model.leaf:
+        return len(model.workers)
+    return sum(1 for index in range(model.count) if model.assignees[index] and not model.completed[index])
+
+
 def short(value: Any, limit: int = 512) -> Any:
     """``value`` (a JSON value or a ``Result``) if it is short enough for a summary, else a
     note of its size."""
@@ -67,8 +102,8 @@ def short(value: Any, limit: int = 512) -> Any:
 
 
 def is_run_summary(summary: Any) -> bool:
-    """Whether ``summary`` has the fields ``report_progress`` writes (anyone may write any)."""
-    fields = {"run": str, "state": str, "partitions": int, "completed": int, "rate": int, "workers": int}
+    """Whether ``summary`` has the fields ``run_summary`` writes (anyone may write any)."""
+    fields = {"run": str, "state": str, "partitions": int, "completed": int, "rate": int, "bots": int}
     return isinstance(summary, dict) and all(type(summary.get(key)) is kind for key, kind in fields.items())
 
 
@@ -77,108 +112,264 @@ async def report_progress(run: str, progress: Session[Any], root: Session[Any]) 
     until it is done or has failed."""
     seen: deque[tuple[float, int]] = deque()
     while True:
-        now, model, finished = trio.current_time(), progress.model, root.model.done
-        failed = root.model.failed is not None
-        seen.append((now, model.done))
-        while now - seen[0][0] > 5:
+        now, done = trio.current_time(), progress.model.done
+        seen.append((now, done))
+        while now - seen[0][0] > RATE_WINDOW:
             seen.popleft()
         since, before = seen[0]
-        progress.summarize(
-            {
-                "run": run,
-                "state": "done" if finished else "failed" if failed else "open",
-                "partitions": model.partitions,
-                "completed": model.partitions if finished else model.done,
-                "rate": round((model.done - before) / (now - since)) if now > since else 0,
-                "workers": sum(model.bots.values()),
-                "answer": short(root.model.output) if finished else None,
-            }
-        )
+        rate = round((done - before) / (now - since)) if now - since >= 1 else None
+        progress.summarize(run_summary(run, progress.model, root.model, rate))
         root.summarize(summary(root.model))
-        if finished or failed:
+        if root.model.ended:
             return
         with trio.move_on_after(SUMMARY_EVERY):
             await root.wait_for(lambda m: m.ended)
 
 
+def run_summary(run: str, progress: Progress, root: Computation, rate: int | None) -> dict[str, Any]:
+    """What ``million status`` and the web pages show of a run: its state, partitions done
+    (inside leaves too), ``rate`` (partitions/s lately; None: not known yet) and ETA, its
+    progress over time, its first-level children, and its processes. Live figures (rate,
+    bots, processes) only while the run is open. Within a reflector's default summary limit."""
+    state = "done" if root.done else "failed" if root.failed is not None else "open"
+    open_ = state == "open"
+    completed = progress.partitions if root.done else progress.done
+    left = progress.partitions - completed
+    now = progress.now
+    start = progress.history[0][0] if progress.history else now
+    data: dict[str, Any] = {
+        "run": run,
+        "state": state,
+        "partitions": progress.partitions,
+        "completed": completed,
+        "rate": (rate or 0) if open_ else 0,
+        "eta_s": round(left / rate) if open_ and rate else None,
+        "elapsed_s": round((now - start) / 1000, 1),
+        "bots": progress.bots if open_ else 0,
+        "processes": progress.present if open_ else 0,
+        "answer": short(root.output) if root.done else None,
+        "failure": None if root.failed is None else root.failed[:MAX_SUMMARY_FAILURE],
+        "history": [[round((t - start) / 1000, 1), done] for t, done in progress.history]
+        + [[round((now - start) / 1000, 1), completed]],
+        "workers": _processes(progress, now),
+    }
+    children = min(branches(progress.partitions, progress.fanout), SUMMARY_CHILDREN)
+    if children:
+        sizes = [share(progress.partitions, progress.fanout, i)[1] for i in range(children)]
+        done = [size if root.done else progress.by_child.get(i, 0) for i, size in enumerate(sizes)]
+        data["children"] = [list(pair) for pair in zip(done, sizes, strict=True)]
+    return data
+
+
+def _processes(progress: Progress, now: int) -> list[dict[str, Any]]:
+    """The run's processes for a summary: present ones first, then the latest gone."""
+    entries = sorted(progress.processes.values(), key=lambda entry: not entry["present"])
+    return [
+        {
+            "identity": entry["identity"],
+            "bots": entry["bots"],
+            "done": entry["done"],
+            "rate": round(entry["done"] * 1000 / max(entry["seen"] - entry["since"], 1000)),
+            "seen_s": round((now - entry["seen"]) / 1000, 1),
+            "present": entry["present"],
+        }
+        for entry in entries[:SUMMARY_PROCESSES]
+    ]
+
+
 def progress_session(run: str) -> str:
-    """The name of the session that counts a run's finished partitions."""
+    """The name of the session that counts a run's partitions done."""
     return f"{run}:progress"
 
 
-@attrs.define
-class Progress(Model, name="million.progress"):
-    """Finished leaf sessions of a run, counted once each, and who is working.
+def progress_options(run: str, partitions: int, fanout: int) -> dict[str, Any]:
+    """The options of run ``run``'s progress session."""
+    return {"root": run, "partitions": partitions, "fanout": fanout}
 
-    Events that are malformed or out of range are ignored, the same way everywhere: a
-    leaf counts at least one partition and ``done`` never exceeds ``partitions``.
-    Options other than ``{"root": session name, "partitions": 1..MAX_PARTITIONS}``
-    leave a model that counts nothing.
+
+@attrs.define
+class Progress(Model, name="million.progress.2"):
+    """A run's partitions done, counted per partition as leaves go, and who computes them.
+
+    Worker processes publish ``progress``: how far each leaf they work in is (its name
+    and its partitions done) and how many partitions they computed since they last said.
+    A leaf's range comes from its name and the tree, never from the event, so that a
+    partition is counted once however often, and by whomever, it is reported. Finished
+    leaves are kept as merged spans of partitions, and unfinished ones by their start:
+    the state stays small however many leaves a run has. Events that are malformed or
+    out of range are ignored, the same way everywhere. Options other than ``{"root":
+    session name, "partitions": 1..MAX_PARTITIONS, "fanout": 2..MAX_FANOUT}`` leave a
+    model that counts nothing.
     """
 
     root: str = ""
     partitions: int = 0
+    fanout: int = 2
     done: int = 0
-    leaves: dict[str, int] = attrs.Factory(dict)  # leaf session -> partitions
+    spans: list[list[int]] = attrs.Factory(list)  # finished leaves: merged [start, end), in order
+    partial: dict[int, list[int]] = attrs.Factory(dict)  # unfinished leaf's start -> [size, done, child]
     by_child: dict[int, int] = attrs.Factory(dict)  # first-level child -> partitions done
-    bots: dict[str, int] = attrs.Factory(dict)  # a process's view -> bots it runs
+    processes: dict[str, dict[str, Any]] = attrs.Factory(dict)  # view -> identity, bots, done, seen, present
+    history: list[list[int]] = attrs.Factory(list)  # [session time in ms, done], one per ``every`` ms
+    every: int = HISTORY_EVERY
 
     def init(self, options: Any) -> None:
         if not _is_progress_options(options):
             return
-        self.root, self.partitions = options["root"], options["partitions"]
-        self.subscribe("leaf", self.leaf)
+        self.root, self.partitions, self.fanout = options["root"], options["partitions"], options["fanout"]
+        self.subscribe("progress", self.progress)
         self.subscribe("bots", self.count_bots)
         self.subscribe(VIEW_EXIT, self.exit)
 
-    def leaf(self, data: Any) -> None:
-        """``{"name": leaf session, "count": its partitions}``, counted once per leaf."""
-        if type(data) is not dict:
-            return
-        name: Any = data.get("name")
-        count: Any = data.get("count")
-        if type(name) is not str or name in self.leaves or not self._counts(count):
-            return
-        first = self._first_level(name)
-        if first is None:
-            return
-        self.leaves[name] = count
-        self.done += count
-        if first >= 0:
-            self.by_child[first] = self.by_child.get(first, 0) + count
+    @property
+    def bots(self) -> int:
+        """Bots of the processes present."""
+        return sum(entry["bots"] for entry in self.processes.values() if entry["present"])
 
-    def _counts(self, count: Any) -> bool:
-        """Whether ``count`` partitions may be done yet: at least one, and no more than remain."""
-        return type(count) is int and 1 <= count <= self.partitions - self.done
+    @property
+    def present(self) -> int:
+        """Processes present that run bots."""
+        return sum(1 for entry in self.processes.values() if entry["present"] and entry["bots"])
 
-    def _first_level(self, name: str) -> int | None:
-        """The first-level child that session ``name`` is in (-1: the root itself); None
-        unless ``name`` is the root's or one below it."""
-        if not SESSION_NAME.fullmatch(name):
+    def progress(self, data: Any) -> None:
+        """``{"leaves": {leaf session: partitions done in it}, "computed": n}``, from a
+        process that said how many bots it runs: ``n`` partitions computed since its last."""
+        entry = self.processes.get(self.sender or "")
+        if not (_is_progress(data) and entry is not None and entry["present"]):
+            return
+        entry["done"] = min(entry["done"] + data["computed"], MAX_PARTITIONS)
+        entry["seen"] = self.now
+        for name, done in data["leaves"].items():
+            leaf = self._leaf(name)
+            if leaf is not None and done <= leaf[1]:
+                self._advance(*leaf, done)
+        self._remember()
+
+    def _remember(self) -> None:
+        """Keep ``[now, done]`` in ``history``: as a new point once ``every`` ms have passed
+        since the one before the last, else in place of the last (which is always the
+        latest). With ``HISTORY`` points, keep every other one and add them half as often."""
+        point = [self.now, self.done]
+        if len(self.history) >= 2 and self.now - self.history[-2][0] < self.every:
+            self.history[-1] = point
+            return
+        self.history.append(point)
+        if len(self.history) > HISTORY:
+            self.history = self.history[::2]
+            self.every *= 2
+
+    def _advance(self, start: int, size: int, child: int, done: int) -> None:
+        """Leaf ``[start, start + size)`` of first-level ``child`` has ``done`` partitions done."""
+        if self._finished(start):
+            return
+        entry = self.partial.get(start)
+        before = entry[1] if entry is not None else 0
+        if done <= before:
+            return
+        if done < size:
+            if entry is None and len(self.partial) >= MAX_PARTIAL:
+                return
+            self.partial[start] = [size, done, child]
+        else:
+            if not self._merge(start, start + size):
+                return
+            self.partial.pop(start, None)
+        self.done += done - before
+        if child >= 0:
+            self.by_child[child] = self.by_child.get(child, 0) + done - before
+
+    def _finished(self, start: int) -> bool:
+        at = bisect.bisect_right(self.spans, [start, MAX_PARTITIONS + 1]) - 1
+        return at >= 0 and self.spans[at][0] <= start < self.spans[at][1]
+
+    def _merge(self, start: int, end: int) -> bool:
+        """Add span ``[start, end)`` (not overlapping any) to ``spans``, merged with its
+        neighbours; False if there is no room for a span apart (``MAX_SPANS``)."""
+        at = bisect.bisect_left(self.spans, [start, end])
+        before = at > 0 and self.spans[at - 1][1] == start
+        after = at < len(self.spans) and self.spans[at][0] == end
+        if before and after:
+            self.spans[at - 1][1] = self.spans.pop(at)[1]
+        elif before:
+            self.spans[at - 1][1] = end
+        elif after:
+            self.spans[at][0] = start
+        elif len(self.spans) < MAX_SPANS:
+            self.spans.insert(at, [start, end])
+        else:
+            return False
+        return True
+
+    def _leaf(self, name: str) -> tuple[int, int, int] | None:
+        """``(start, size, first-level child or -1)`` of leaf session ``name`` of this run,
+        from the tree; None unless it names one (a copy's name, ``-<i>c<k>``, names its
+        original's range)."""
+        if not (name.startswith(self.root) and SESSION_NAME.fullmatch(name)):
             return None
-        if name == self.root:
-            return -1
         rest = name[len(self.root) :]
-        if not (name.startswith(self.root) and _BELOW_ROOT.fullmatch(rest)):
+        if rest and not _BELOW_ROOT.fullmatch(rest):
             return None
-        return int(rest.split("-")[1])  # at most six digits: no setting of Python matters
+        start, size, child = 0, self.partitions, -1
+        for level, index in enumerate(_INDEX.findall(rest)):
+            children = branches(size, self.fanout)
+            position = int(index)  # at most six digits: no setting of Python matters
+            if position >= children:
+                return None
+            offset, size = share(size, self.fanout, position)
+            start += offset
+            child = position if level == 0 else child
+        return (start, size, child) if size <= self.fanout else None
 
     def count_bots(self, bots: Any) -> None:
-        if type(bots) is int and 0 <= bots <= MAX_BOTS:
-            self.bots[self.sender or ""] = bots
+        """A process says how many bots it runs."""
+        if type(bots) is not int or not 0 <= bots <= MAX_BOTS:
+            return
+        view = self.sender or ""
+        entry = self.processes.get(view)
+        if entry is None:
+            if len(self.processes) >= MAX_PROCESSES:
+                self._forget_one()
+            if len(self.processes) >= MAX_PROCESSES:
+                return
+            entry = self.processes[view] = {"identity": self.identity, "bots": 0, "done": 0, "present": True}
+            entry["since"] = self.now
+        entry["bots"], entry["seen"] = bots, self.now
+        if not self.history:
+            self._remember()
+
+    def _forget_one(self) -> None:
+        """Make room: forget the process gone longest ago, if one is gone."""
+        gone = [view for view, entry in self.processes.items() if not entry["present"]]
+        if gone:
+            del self.processes[gone[0]]
 
     def exit(self, view: Any) -> None:
-        if type(view) is str:
-            self.bots.pop(view, None)
+        entry = self.processes.get(view) if type(view) is str else None
+        if entry is not None:
+            entry["present"], entry["seen"] = False, self.now
+            self.processes[view] = self.processes.pop(view)  # the gone in the order they went
+            while sum(1 for e in self.processes.values() if not e["present"]) > KEEP_GONE:
+                self._forget_one()
+
+
+def _is_progress(data: Any) -> bool:
+    if type(data) is not dict or len(data) != 2:
+        return False
+    leaves, computed = data.get("leaves"), data.get("computed")
+    if not (type(computed) is int and 0 <= computed <= MAX_PARTITIONS and type(leaves) is dict):
+        return False
+    return len(leaves) <= MAX_LEAVES and all(type(done) is int and done >= 0 for done in leaves.values())
 
 
 def _is_progress_options(options: Any) -> bool:
     if type(options) is not dict:
         return False
-    root, partitions = options.get("root"), options.get("partitions")
+    root, partitions, fanout = options.get("root"), options.get("partitions"), options.get("fanout")
     return (
         type(root) is str
         and SESSION_NAME.fullmatch(root) is not None
         and type(partitions) is int
         and 1 <= partitions <= MAX_PARTITIONS
+        and type(fanout) is int
+        and 2 <= fanout <= MAX_FANOUT
     )

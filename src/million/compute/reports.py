@@ -12,9 +12,11 @@ from typing import Any
 from million.compute.votes import is_tally
 from million.replica.state import INT64_MAX, is_json
 
-__all__ = ["is_batch", "is_inputs", "is_request", "voted_value"]
+__all__ = ["MAX_ERROR", "STEPS", "is_batch", "is_failure", "is_inputs", "is_request", "voted_value"]
 
 MAX_FAILURE = 4096  # characters of a child's reason for failing
+MAX_ERROR = 3000  # characters of a failed attempt's error (a hook's traceback, its end)
+STEPS = {"prepare": "prepare_inputs", "collect": "collect_results"}  # a claimed step -> its hook
 
 
 def is_request(data: Any) -> bool:
@@ -47,10 +49,24 @@ def is_report(data: Any, count: int, leaf: bool) -> bool:
     if not (type(index) is int and 0 <= index < count and type(ms) is int and 0 <= ms < 2**40):
         return False
     if "failed" in data:
-        return not leaf and type(data["failed"]) is str and len(data["failed"]) <= MAX_FAILURE
+        failed, retryable = data["failed"], data.get("retryable", False)
+        return not leaf and type(failed) is str and len(failed) <= MAX_FAILURE and type(retryable) is bool
     if not ("output" in data and is_json(data["output"])):
         return False
     return leaf or is_tally(data.get("tally"))
+
+
+def is_failure(data: Any, count: int, leaf: bool) -> bool:
+    """Whether ``data`` is a failed attempt: ``{"index": i, "error": text}`` at a leaf's
+    partition ``i``, or ``{"step": "prepare" | "collect", "error": text}``."""
+    if type(data) is not dict or len(data) != 2:
+        return False
+    error, index, step = data.get("error"), data.get("index"), data.get("step")
+    if not (type(error) is str and len(error) <= MAX_ERROR):
+        return False
+    if "index" in data:
+        return leaf and type(index) is int and 0 <= index < count
+    return type(step) is str and step in STEPS
 
 
 def is_inputs(data: Any, count: int) -> bool:
@@ -65,7 +81,7 @@ def voted_value(report: dict[str, Any]) -> Any:
     """The value a report votes for: a leaf's output; a child's output (its tally is
     counted apart: each identity works its own copy of a child), or its failure."""
     if "failed" in report:
-        return {"failed": report["failed"]}
+        return {"failed": report["failed"], "retryable": report.get("retryable", False)}
     if "tally" in report:
         return {"output": report["output"]}
     return report["output"]

@@ -26,7 +26,7 @@ from million.compute import ledger, lobby
 from million.compute.bots import run_worker_processes, worker_command, worker_env
 from million.compute.computation import Computation
 from million.compute.plugins import load_plugin
-from million.compute.progress import Progress, progress_session, report_progress
+from million.compute.progress import Progress, progress_options, progress_session, report_progress
 from million.compute.tree import Spec, SpecError
 from million.relay.config import ReflectorConfig
 from million.relay.server import open_reflector
@@ -40,6 +40,7 @@ __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 
 WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
 LOBBY_TIMEOUT = 10.0  # seconds to see a post or an answer in the lobby, or a run in the ledger
+NO_WORKERS_HINT = 5.0  # seconds without a worker before a run without local ones says how to start some
 ADAPTIVE = "adaptive"  # ``--verify adaptive``: two identities, or one trusted by the ledger
 ADAPTIVE_VERIFY = 2  # identities that must agree on a value of an untrusted one
 SUMMARY_BYTES = ReflectorConfig().max_summary  # of the ledger's summary: what a reflector takes by default
@@ -63,25 +64,32 @@ class RunConfig:
     name: str | None = None
     store: str | None = None  # embedded reflector's store; a temporary file if None
     reflector: str | None = None  # URL of a running reflector; embedded if None
-    workers: int = attrs.Factory(lambda: os.cpu_count() or 1)  # worker processes
-    bots: int = 16  # bots per worker process
+    processes: int = attrs.Factory(lambda: os.cpu_count() or 1)  # local worker processes
+    bots: int = 16  # bots (workers) per process
     detach: bool = True
     token: str | None = None
     cafile: str | None = None  # certificates to trust for wss:// besides the system's
     verify: int | str = 1  # distinct identities that must agree on a value, or "adaptive"
     max_copies: int | None = None  # identities a value may be asked of; None: 2 * verify + 1
     max_rejections: int = 3  # rejected results beyond which an identity gets no more work in the run
+    max_failures: int = 3  # failed attempts at a partition or step before the run fails
 
 
 @attrs.frozen
 class RunResult:
+    """A run's answer, and what this invocation did for it: ``computed`` partitions in
+    ``elapsed_s`` (none if the answer was ``stored`` already; fewer than ``partitions`` if
+    it ``resumed`` a run that had some done)."""
+
     name: str
     answer: Any
     partitions: int
     fanout: int
     elapsed_s: float
-    partitions_per_s: float
+    computed: int
+    partitions_per_s: float | None
     resumed: bool
+    stored: bool
     store: str | None
     credit: dict[str, dict[str, int]] = attrs.Factory(dict)  # the run's tally: identity -> counts
 
@@ -96,30 +104,58 @@ class RunState:
     store: str | None
     root: Session[View] | None = None
     progress: Session[View] | None = None
+    before: int = 0  # partitions done when this invocation joined the run
+    started: float = 0.0  # trio time when it joined
 
     @property
     def done(self) -> int:
         return self.progress.model.done if self.progress is not None else 0
 
     @property
-    def workers(self) -> int:
-        return sum(self.progress.model.bots.values()) if self.progress is not None else 0
+    def bots(self) -> int:
+        return self.progress.model.bots if self.progress is not None else 0
+
+    @property
+    def processes(self) -> int:
+        return self.progress.model.present if self.progress is not None else 0
 
     def by_child(self) -> dict[int, int]:
         return dict(self.progress.model.by_child) if self.progress is not None else {}
 
+    def figures(self) -> dict[str, Any]:
+        """Partitions done, the rate of this invocation (None in its first second), the
+        seconds left at that rate, and the bots and processes present."""
+        elapsed = trio.current_time() - self.started
+        rate = (self.done - self.before) / elapsed if elapsed >= 1 else None
+        left = self.partitions - self.done
+        return {
+            "run": self.name,
+            "completed": self.done,
+            "partitions": self.partitions,
+            "rate": None if rate is None else round(rate),
+            "eta_s": round(left / rate) if rate else None,
+            "bots": self.bots,
+            "processes": self.processes,
+        }
 
-async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = None) -> RunResult:
+
+async def run(
+    config: RunConfig,
+    *,
+    watch: Callable[[RunState], None] | None = None,
+    notify: Callable[[str], None] = log.warning,
+) -> RunResult:
     """Run the computation described by ``config`` to its answer.
 
-    ``watch`` is called with the run's state whenever it may have changed.
+    ``watch`` is called with the run's state whenever it may have changed; ``notify``
+    with what a person watching should know (no workers have come).
     """
     plugin = load_plugin(config.plugin)
+    await plugin.check_options(config.input, config.options)
     name = config.name or f"run-{secrets.token_hex(4)}"
     spec = _spec(plugin.name, plugin.version, config)
     async with _reflector_url(config) as (url, store):
         state = RunState(name, config.partitions, config.fanout, store)
-        started = trio.current_time()
         async with open_client(
             url, token=config.token, label="run", ssl_context=ssl_context(config.cafile)
         ) as client:
@@ -128,15 +164,25 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
                     spec = attrs.evolve(spec, trust=await _trust(client, name))
                 async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
-                    resumed = root.replica.seq > 1
+                    resumed, stored = root.replica.seq > 1, root.model.done
+                    started, state.before = trio.current_time(), progress.model.done
+                    state.started = started
+                    if root.model.retryable:  # a plugin's failure: resuming retries
+                        root.publish("retry", None)
+                        await root.wait_for(lambda model: not model.retryable)
                     if not root.model.ended:
                         await _tell_lobby(client, "post", lobby.post_event(name, spec))
-                        await _compute(config, url, name, state, watch)
+                        await _compute(config, url, name, state, watch, notify)
                     answer, elapsed = root.model.output, trio.current_time() - started
-                    await _tell_lobby(client, "done", {"name": name, "answer": answer})
+                    failed = root.model.failed
+                    if failed is not None:
+                        failure = {"name": name, "failure": failed[: lobby.MAX_FAILURE]}
+                        await _tell_lobby(client, "failed", failure)
+                    else:
+                        await _tell_lobby(client, "done", {"name": name, "answer": answer})
                     credit = await _record_credit(client, name, root.model.tally, spec.max_rejections)
-                    if root.model.failed is not None:
-                        raise RunError(f"run {name} failed: {root.model.failed}")
+                    if failed is not None:
+                        raise RunError(f"run {name} failed: {failed}")
             except JoinError as exc:
                 if exc.code == ErrorCode.MODEL_MISMATCH:
                     problem = f"a run named {name!r} with other settings exists in this store"
@@ -145,14 +191,18 @@ async def run(config: RunConfig, *, watch: Callable[[RunState], None] | None = N
     if store is not None and config.store is None:
         remove_store(store)
         store = None
+    computed = 0 if stored else spec.partitions - state.before
+    rate = None if stored or elapsed <= 0 else round(computed / elapsed, 1)
     return RunResult(
         name,
         answer,
         spec.partitions,
         spec.fanout,
         round(elapsed, 3),
-        round(spec.partitions / elapsed, 1),
+        computed,
+        rate,
         resumed,
+        stored,
         store,
         credit,
     )
@@ -163,10 +213,10 @@ async def open_run(
     client: Client, name: str, spec: Spec
 ) -> AsyncIterator[tuple[Session[View], Session[View]]]:
     """Create (or find) run ``name`` and observe it: its root session and its progress."""
-    progress_options = {"root": name, "partitions": spec.partitions}
+    options = progress_options(name, spec.partitions, spec.fanout)
     async with (
         join(client, name, Computation, View, options=spec.to_options()) as root,
-        join(client, progress_session(name), Progress, View, options=progress_options) as progress,
+        join(client, progress_session(name), Progress, View, options=options) as progress,
     ):
         yield root, progress
 
@@ -178,14 +228,19 @@ def _spec(plugin: str, version: str, config: RunConfig) -> Spec:
     verify = ADAPTIVE_VERIFY if adaptive else config.verify
     if type(verify) is not int:
         raise RunError(f"cannot run that: verify must be a whole number or {ADAPTIVE!r}, not {verify!r}")
-    checks: dict[str, Any] = {"verify": verify, "adaptive": adaptive, "max_rejections": config.max_rejections}
+    checks: dict[str, Any] = {
+        "verify": verify,
+        "adaptive": adaptive,
+        "max_rejections": config.max_rejections,
+        "max_failures": config.max_failures,
+    }
     if config.max_copies is not None:
         checks["max_copies"] = config.max_copies
     spec = Spec(plugin, version, config.input, config.partitions, config.fanout, config.options, **checks)
-    if config.reflector is None and 0 < config.workers < verify:
+    if config.reflector is None and 0 < config.processes < verify:
         raise RunError(
             f"cannot run that: --verify {config.verify} needs {verify} identities to agree, and each"
-            f" worker process is one: start at least {verify} (--workers {verify})"
+            f" worker process is one: start at least {verify} (--processes {verify})"
         )
     try:
         return Spec.from_options(spec.to_options())
@@ -213,7 +268,7 @@ async def _record_credit(
     client: Client, name: str, tally: dict[str, dict[str, int]], max_rejections: int
 ) -> dict[str, dict[str, int]]:
     """Record the run's tally in the ledger (once: a resumed run's again is ignored) and
-    summarize the ledger for the runs page; the tally, as the run's credit."""
+    summarize the ledger for the workers page; the tally, as the run's credit."""
     event = ledger.run_event(name, tally, max_rejections)
     async with join(client, ledger.LEDGER, ledger.Ledger, View) as session:
         session.publish("run", event)
@@ -237,11 +292,16 @@ async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
 
 
 async def _compute(
-    config: RunConfig, url: str, name: str, state: RunState, watch: Callable[[RunState], None] | None
+    config: RunConfig,
+    url: str,
+    name: str,
+    state: RunState,
+    watch: Callable[[RunState], None] | None,
+    notify: Callable[[str], None],
 ) -> None:
     root = state.root
     assert root is not None and state.progress is not None
-    commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.workers)]
+    commands = [worker_command(url, name, config.bots, detach=config.detach) for _ in range(config.processes)]
     env = worker_env(config.token, config.cafile)
     workers_ended = trio.Event()
 
@@ -252,6 +312,8 @@ async def _compute(
     async with tasks.open_nursery() as nursery:
         await nursery.start(workers)
         nursery.start_soon(report_progress, name, state.progress, root)
+        if not commands:
+            nursery.start_soon(_hint_without_workers, url, name, state.progress, notify)
         while not root.model.ended:
             if watch is not None:
                 watch(state)
@@ -262,6 +324,19 @@ async def _compute(
         if watch is not None:
             watch(state)
         nursery.cancel_scope.deadline = trio.current_time() + WORKERS_GRACE  # they stop by themselves
+
+
+async def _hint_without_workers(
+    url: str, name: str, progress: Session[View], notify: Callable[[str], None]
+) -> None:
+    """Say how to start workers if none has joined within ``NO_WORKERS_HINT`` s."""
+    with trio.move_on_after(NO_WORKERS_HINT):
+        await progress.wait_for(lambda model: model.bots > 0)
+        return
+    notify(
+        f"no workers have joined run {name} yet; start some with:"
+        f" million work --reflector {url} --run {name}  (or without --run: every run of the lobby)"
+    )
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ MAX_PARTITIONS = 10**15
 MAX_TEXT = 200  # characters of a plugin name or version
 MAX_VERIFY = 100  # identities that must agree on a value
 MAX_TRUSTED = 10_000  # identities a run's trust map names
+MAX_FAILURES = 100  # failed attempts a value may have before the run fails
 
 
 class SpecError(ValueError):
@@ -87,6 +88,7 @@ class Spec:
     adaptive: bool = False  # a trusted identity's value may be taken alone (BOINC's adaptive replication)
     max_copies: int = 0  # identities a value may be asked of before the run fails; 0: 2 * verify + 1
     max_rejections: int = 3  # rejected results of an identity beyond which it gets no more work
+    max_failures: int = 3  # failed attempts at a partition or step before the run fails
     trust: dict[str, int] = attrs.Factory(dict)  # identity -> consecutive valid results, from the ledger
     alone: str = ""  # the trusted identity this session was handed to alone (adaptive), if any
 
@@ -180,6 +182,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adaptive": (lambda value: type(value) is bool, "true or false"),
     "max_copies": (_whole(0, MAX_VERIFY * 4), f"an integer from 0 to {MAX_VERIFY * 4}"),
     "max_rejections": (_whole(0, 2**31), "a whole number"),
+    "max_failures": (_whole(1, MAX_FAILURES), f"an integer from 1 to {MAX_FAILURES}"),
     "trust": (_trust, f"an object of at most {MAX_TRUSTED:,} identities, each a whole number"),
     "alone": (_text, f"a string of at most {MAX_TEXT} characters"),
 }

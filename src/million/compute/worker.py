@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from million.compute.computation import Computation
-from million.compute.plugins import Plugin, PluginError, Result
+from million.compute.plugins import HookFailed, Plugin, PluginError, Result
 from million.compute.progress import SUMMARY_EVERY, summary
 from million.compute.tree import Spec, SpecError
 from million.replica.client import Client
@@ -38,7 +38,8 @@ class RunRefused(PluginError):
 
 
 class RunFailed(Exception):
-    """The run failed: its identities did not agree on a value (``Computation.failed``)."""
+    """The run failed: a hook failed too often, or identities did not agree on a value
+    (``Computation.failed``)."""
 
 
 def run_spec(name: str, options: Any) -> Spec:
@@ -56,10 +57,31 @@ class Context:
     client: Client
     plugin: Plugin
     detach: bool = True  # leave the root while working in its child
-    on_leaf_done: Callable[[str, int], None] | None = None  # (leaf session, partitions)
+    tracker: Tracker = attrs.Factory(lambda: Tracker())
     window: int = 16  # leaf partitions a worker holds before its pace is known
     pace: float | None = None  # s per partition, as this process's workers computed the last batch
     summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
+
+
+@attrs.define
+class Tracker:
+    """What this process's workers computed since the last ``take``: the leaves they
+    worked in (their models, read when taken) and how many partitions."""
+
+    leaves: dict[str, Computation] = attrs.Factory(dict)
+    computed: int = 0
+    total: int = 0  # partitions computed in all
+
+    def note(self, leaf: str, model: Computation, computed: int) -> None:
+        self.leaves[leaf] = model
+        self.computed += computed
+        self.total += computed
+
+    def take(self) -> tuple[dict[str, int], int]:
+        """Partitions done in each leaf noted, and partitions computed; then forget them."""
+        leaves = {name: model.count - model.remaining for name, model in self.leaves.items()}
+        computed, self.leaves, self.computed = self.computed, {}, 0
+        return leaves, computed
 
 
 @attrs.frozen
@@ -69,17 +91,18 @@ class Finished:
     output: Result | None = None
     tally: dict[str, dict[str, int]] = attrs.Factory(dict)
     failed: str | None = None
+    retryable: bool = False
 
     @classmethod
     def of(cls, model: Computation) -> Finished:
         if model.failed is not None:
-            return cls(failed=model.failed)
+            return cls(failed=model.failed, retryable=model.retryable)
         return cls(Result.of(model.output), {who: dict(counts) for who, counts in model.tally.items()})
 
     def report(self, index: int) -> dict[str, Any]:
         """The ``end`` event that reports this as partition ``index`` of the parent."""
         if self.failed is not None:
-            return {"index": index, "failed": self.failed}
+            return {"index": index, "failed": self.failed, "retryable": self.retryable}
         assert self.output is not None
         return {"index": index, "output": self.output.embed(), "tally": self.tally}
 
@@ -110,7 +133,7 @@ async def _work_in(ctx: Context, name: str, options: dict[str, Any] | None, dept
     """``work``: the session's end as its model holds it."""
     report = None
     while True:
-        view = partial(Worker, ctx=ctx, report=report, depth=depth)
+        view = partial(Worker, ctx=ctx, report=report, depth=depth, retry=options is not None)
         async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
             outcome = await session.view.outcome()
         if outcome.finished is not None:
@@ -130,11 +153,13 @@ class Worker(View):
         ctx: Context,
         report: tuple[int, Finished] | None = None,
         depth: int = 0,
+        retry: bool = False,
     ) -> None:
         super().__init__(session)
         self.ctx = ctx
         self.report = report  # a child's end, to report as a partition of this session
         self.depth = depth  # levels below the session ``work`` started in
+        self.retry = retry  # its parent handed it out: a plugin's failure here is retried
         self.spec = run_spec(session.name, session.options)
         self._asked = 0  # requests published, numbered from 1
         self._reported: set[int] = set()  # partitions this view has done or handed to a child
@@ -182,6 +207,10 @@ class Worker(View):
         its next request: a batch of partitions costs one event and no round trip."""
         self._asked, self._reported = 0, set()
         await self.session.wait_seen()  # the join may have made this view a preparer
+        if self.retry and self.model.retryable:
+            self.retry = False
+            self.publish("retry", None)
+            await self.session.wait_for(lambda m: not m.retryable)
         if self.report is not None:
             reported, finished = self.report
             self._reported.add(reported)
@@ -261,6 +290,7 @@ class Worker(View):
                 continue
             if held:
                 return held
+            self._summarize(idle=True)  # what it shows now may stay a while
             await self.session.wait_for(partial(self._news, self._answered(model)))
 
     def _news(self, answered: int, model: Any) -> bool:
@@ -296,22 +326,26 @@ class Worker(View):
         def over(model: Any) -> bool:
             return bool(finished(model)) or model.failed is not None
 
-        view, identity = self.view_id, self.identity
+        view, identity, epoch = self.view_id, self.identity, self.model.epoch
         if not self.model.doing(task, view) and self.model.needs(task, identity):
             self.publish("claim", task)
             await self.session.wait_for(
-                lambda m: over(m) or m.doing(task, view) or not m.needs(task, identity)
+                lambda m: over(m) or m.doing(task, view) or not m.needs(task, identity) or m.epoch != epoch
             )
         if over(self.model):
             return
         if self.model.doing(task, view):
             await action()
-        epoch = self.model.epoch
+            epoch = self.model.epoch
         await self.session.wait_for(lambda m: over(m) or m.epoch != epoch)
 
     async def _prepare(self) -> None:
         spec = self.spec
-        inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
+        try:
+            inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
+        except HookFailed as exc:
+            self._failed(exc.hook, exc.error, step="prepare")
+            return
         self.publish("inputs", {"inputs": inputs.embed(), "next": self._request(0)})
         self._log("prepared")
 
@@ -323,20 +357,32 @@ class Worker(View):
         while todo:
             started = trio.current_time()
             items = [(inputs[index], start + index) for index in todo]
-            outputs, ms = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
-            self.ctx.pace = (trio.current_time() - started) / len(outputs)
+            batch = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
+            outputs = batch.outputs
+            if outputs:
+                self.ctx.pace = (trio.current_time() - started) / len(outputs)
             done, todo = todo[: len(outputs)], todo[len(outputs) :]
-            self._log("computed", indexes=[start + index for index in done])
+            if done:
+                self._log("computed", indexes=[start + index for index in done])
             needed = set(self._needed(done))
             self._reported.update(done)
             results = [
                 {"index": index, "output": output, "ms": took}
-                for index, output, took in zip(done, outputs, ms, strict=True)
+                for index, output, took in zip(done, outputs, batch.ms, strict=True)
                 if index in needed
             ]
             if results:
                 self.publish("end", {"results": results, **self._refill()})
+            self.ctx.tracker.note(self.session.name, self.model, len(outputs))
+            if batch.error is not None:  # the next one failed: it goes back, to another worker first
+                failed, todo = todo[0], todo[1:]
+                self._failed("compute", batch.error, index=failed)
+                await self.session.wait_for(partial(self._released, failed))
             todo = self._needed(todo)
+
+    def _released(self, index: int, model: Computation) -> bool:
+        """Whether the model took this view's failed attempt at ``index`` (or no longer needs it)."""
+        return index not in model.workers.get(self.view_id, ()) or model.completed[index] or model.ended
 
     def _needed(self, indexes: list[int]) -> list[int]:
         """Those of ``indexes`` that still take this view's output; the others count as
@@ -348,20 +394,32 @@ class Worker(View):
 
     async def _collect(self) -> None:
         spec = self.spec
-        output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        try:
+            output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+        except HookFailed as exc:
+            self._failed(exc.hook, exc.error, step="collect")
+            return
         self.publish("output", output.embed())
         self._log("collected")
-        if spec.leaf and self.ctx.on_leaf_done is not None:
-            self.ctx.on_leaf_done(self.session.name, spec.partitions)
+        if spec.leaf:
+            self.ctx.tracker.note(self.session.name, self.model, 0)
 
-    def _summarize(self, *, force: bool = False) -> None:
+    def _failed(self, hook: str, error: str, *, index: int | None = None, step: str = "") -> None:
+        """Report a failed attempt at partition ``index`` or at ``step``; this worker goes on."""
+        where: dict[str, Any] = {"step": step} if index is None else {"index": index}
+        self.publish("failed", {**where, "error": error})
+        at = {} if index is None else {"index": self.spec.start + index}
+        self._log("failed", hook=hook, error=error, **at)
+
+    def _summarize(self, *, force: bool = False, idle: bool = False) -> None:
         """Summarize the session, at most every ``SUMMARY_EVERY`` s per process, unless
-        ``force``. Below the first level only the end is summarized: the web page counts
-        those sessions rather than showing them."""
+        ``force`` (its end), or ``idle`` (this view is about to wait). Below the first
+        level only the end is summarized: the web page counts those sessions rather than
+        showing them."""
         if self.depth > SUMMARY_DEPTH and not force:
             return
         now, name = trio.current_time(), self.session.name
-        if force or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
+        if force or idle or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
             if not force:  # only the first levels' sessions are remembered: a bounded number
                 self.ctx.summarized[name] = now
             self.session.summarize(summary(self.model))

@@ -77,7 +77,7 @@ class ReflectorConfig:
     max_queue_bytes: int = 64 << 20  # queued for one connection before it is dropped as too slow
     max_queue_total: int = 256 << 20  # queued for all connections; beyond, the largest queue is dropped
     max_messages_per_s: int = 200_000  # cost units per connection per second (a ping: 1)
-    max_summary: int = 4096  # bytes of one session summary
+    max_summary: int = 16384  # bytes of one session summary
     summaries: int = 100_000  # session summaries kept, the most recent
     idle_sessions: int = 1000  # sessions kept in memory after their last participant left
     leave_snapshot_after: int = 64  # events since the last snapshot that make a leave ask one (snapshots.py)
@@ -155,3 +155,4 @@ class ReflectorStatistics:
     errors: int
     throttled: int  # pauses of a connection that sent over max_messages_per_s
     refused: dict[str, int]  # refusals by limit (the ``limit`` field of docs/security.md)
+    queued_bytes: int = 0  # encoded bytes waiting to be sent, all connections together

@@ -140,7 +140,7 @@ class Reflector:
         return f"{scheme}://{self.config.host}:{self.http_port}/"
 
     def statistics(self) -> ReflectorStatistics:
-        return self.core.statistics()
+        return attrs.evolve(self.core.statistics(), queued_bytes=self._queues.total)
 
     def describe(self) -> dict[str, Any]:
         """What ``million status`` shows: the reflector and its occupied sessions."""

@@ -21,6 +21,7 @@ from million.wire import codec
 
 C = TypeVar("C", bound=Hashable)
 MAX_DIGESTS = 16  # digests waiting for their snapshot, per session
+RATE_WINDOW = 10.0  # s: a session's events per second are over the last 10 to 20 s
 
 
 class Phase(enum.Enum):
@@ -64,6 +65,7 @@ class RelaySession(Generic[C]):
     time_base: int = 0  # session time when it was last occupied
     occupied_since: float | None = None
     occupied_seq: int = 0  # seq when someone last came into the empty session
+    marks: list[tuple[float, int]] = attrs.Factory(list)  # (time, seq), ``RATE_WINDOW`` apart: the last two
     last_sent: float = 0.0  # when the latest event or tick was stamped
     snapshot_seq: int = 0
     snapshot_time: int = 0
@@ -107,6 +109,7 @@ class RelaySession(Generic[C]):
             self.time_base = self.time
             self.occupied_since = now
             self.occupied_seq = self.seq
+            self.marks = [(now, self.seq)]
             self.phase = Phase.OCCUPIED
         count = self.conns.get(conn, 0)
         self.conns[conn] = count + 1
@@ -200,9 +203,18 @@ class RelaySession(Generic[C]):
         self.keep_snapshot(candidate.seq, candidate.time, candidate.state, candidate.digest)
         return True
 
+    def events_per_s(self, now: float) -> float | None:
+        """Events per second over the last ``RATE_WINDOW`` to twice that (as far back as
+        someone has been present); None over less than a second."""
+        if not self.marks:
+            return None
+        if now - self.marks[-1][0] >= RATE_WINDOW:
+            self.marks = [self.marks[-1], (now, self.seq)]
+        since, seq = self.marks[0]
+        return round((self.seq - seq) / (now - since), 1) if now - since >= 1 else None
+
     def describe(self, now: float) -> dict[str, Any]:
         """The session as ``million status`` shows it."""
-        since = now - (self.occupied_since or now)
         return {
             "name": self.name,
             "model": self.model,
@@ -210,7 +222,7 @@ class RelaySession(Generic[C]):
             "connections": len(self.conns),
             "seq": self.seq,
             "time": self.time,
-            "events_per_s": round((self.seq - self.occupied_seq) / since, 1) if since > 0 else 0.0,
+            "events_per_s": self.events_per_s(now),
             "snapshot_seq": self.snapshot_seq,
             "events_since_snapshot": self.seq - self.snapshot_seq,
             "divergences": self.divergences,

@@ -2,34 +2,44 @@
 
 ``million reflector --http PORT`` serves, on the reflector's host:
 
-- ``/sessions``: the generic page (``sessions.html``): the reflector's statistics, its
+- ``/sessions``: the generic page (``sessions.html``): the reflector's load over time
+  (sampled here every ``SAMPLE_EVERY`` s, the last ``SAMPLES``), its statistics, its
   occupied sessions with their participants, and the latest summaries, as received;
 - ``/metrics``: the reflector's counters in Prometheus' text format;
-- every registered ``WebPage`` at its path, with its websocket at ``<path>/live``
-  (``/live`` for ``/``). Without a page at ``/``, ``/`` is the generic page.
+- ``/plotly.min.js``: plotly's offline bundle, which draws the pages' plots (read from
+  the installed plotly on the first request; the browser may cache it);
+- every registered ``WebPage`` at its path and at the paths of its views, each with its
+  websocket at ``<path>/live`` (``/live`` for ``/``). Without a page at ``/``, ``/`` is
+  the generic page.
 
 A page's websocket pushes what the page's ``live`` function returns every half second;
 whatever JSON the page sends back is handed to the next call. The relay knows nothing
-of what registered pages show (the computation registers its runs page).
+of what registered pages show (the computation registers its dashboard).
 
 The pages themselves are static HTML with no data in them: they are served to anyone,
-with a content security policy that lets only their own script and style run and
-their own websocket connect. What holds data, the websockets and ``/metrics``, needs
-the token or the view token when the reflector has a token (``?token=...`` or an
-``Authorization: Bearer`` header). A websocket opened by a browser page from an origin
-the reflector does not allow (``million.relay.origins``) is refused, token or not; at
-most ``max_live`` are open at once, each for ``live_lifetime`` seconds (the page then
-reconnects).
+with a content security policy that lets only their own inline script and style and
+the web port's own scripts run, and their own websocket connect. What holds data, the
+websockets and ``/metrics``, needs the token or the view token when the reflector has
+a token (``?token=...`` or an ``Authorization: Bearer`` header). A websocket opened by
+a browser page from an origin the reflector does not allow (``million.relay.origins``)
+is refused, token or not; at most ``max_live`` are open at once, each for
+``live_lifetime`` seconds (the page then reconnects).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
+import gzip
 import hashlib
 import hmac
 import logging
+import os
 import re
 import ssl
+import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any, Protocol
@@ -51,20 +61,28 @@ from million.relay.store import Store
 from million.wire import codec, tasks, transport
 from million.wire.transport import RECEIVE_BUFFER, SansIOChannel
 
-__all__ = ["Relay", "WebPage", "WebStatistics", "serve_web"]
+__all__ = ["Load", "Relay", "WebPage", "WebStatistics", "serve_web"]
 
 log = logging.getLogger(__name__)
 
 PUSH_EVERY = 0.5  # seconds between a page's updates
+SAMPLE_EVERY = 2.0  # seconds between samples of the reflector's load
+SAMPLES = 300  # samples of the load kept, the latest (ten minutes)
 RECENT_SUMMARIES = 200  # summaries shown on the generic page, the most recent
 LIFETIME_OVER = "the page's socket has lived its time: reconnect"
 REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
-#: Sent with every response: nothing is cached, no address leaks to another site.
+#: Sent with every response: no address leaks to another site, no type is guessed (so a
+#: page's ``script-src 'self'`` loads nothing but what is served as JavaScript).
 HEADERS = [
-    ("Cache-Control", "no-store"),
     ("Referrer-Policy", "no-referrer"),
     ("X-Content-Type-Options", "nosniff"),
 ]
+NO_STORE = "no-store"  # everything but the plotly bundle: pages and data are never cached
+PLOTLY = "/plotly.min.js"
+PLOTLY_CACHE = "public, max-age=86400"  # it changes only with the installed plotly
+#: plotly adds its stylesheet as an empty ``<style>`` and fills it through the CSSOM, which
+#: a policy does not govern: the hash of nothing lets it do that and no more.
+EMPTY_STYLE = "'sha256-{}'".format(base64.b64encode(hashlib.sha256(b"").digest()).decode())
 
 
 class Relay(Protocol):
@@ -82,22 +100,34 @@ class Relay(Protocol):
     def summaries(self, names: Iterable[str]) -> dict[str, bytes]: ...
 
 
+Live = Callable[[Relay, Any], dict[str, Any]]
+
+
 @attrs.frozen
 class WebPage:
     """A page of the web port: its HTML at ``path``, and what its websocket pushes.
 
     ``live(relay, choice)`` returns what to push, as a dict of JSON values (pushed with
     the reflector's version and statistics under ``reflector``); ``choice`` is the latest
-    JSON value the page sent (None until it sends one).
+    JSON value the page sent (None until it sends one). ``views`` are more paths that
+    serve the same HTML, each with its own ``live`` (the page tells them apart by its
+    address). With ``load``, each push also has the reflector's load samples that the
+    socket has not had yet, under ``load`` (all that are kept, on the first push).
     """
 
     path: str
     html: bytes
-    live: Callable[[Relay, Any], dict[str, Any]]
+    live: Live
+    views: tuple[tuple[str, Live], ...] = ()
+    load: bool = False
 
     @property
     def live_path(self) -> str:
         return self.path.rstrip("/") + "/live"
+
+    def expanded(self) -> list[WebPage]:
+        """This page and one page per view."""
+        return [self, *(WebPage(path, self.html, live, load=self.load) for path, live in self.views)]
 
 
 @attrs.define
@@ -118,19 +148,100 @@ class WebStatistics:
         }
 
 
+@attrs.define(eq=False)
+class Load:
+    """The reflector's load over time: a sample every ``SAMPLE_EVERY`` s, the latest
+    ``SAMPLES``, numbered from the first so that a page socket is sent each sample once.
+
+    A sample: ``at`` (the wall clock, in s since the epoch), ``connections``, ``sessions``
+    (with someone present), ``idle`` (in memory, nobody present), ``events_per_s``,
+    ``bytes_in_per_s`` and ``bytes_out_per_s`` since the previous sample (None for the
+    first), ``store_bytes`` (the SQLite file and its WAL; None for ``:memory:``) and
+    ``journal_bytes`` (journaled, not yet in SQLite) and ``queued_bytes`` (waiting to be
+    sent to clients).
+    """
+
+    samples: deque[dict[str, Any]] = attrs.Factory(lambda: deque(maxlen=SAMPLES))
+    taken: int = 0  # samples taken since the start
+    _previous: tuple[float, int, int, int] | None = None  # time, events, bytes in, bytes out
+
+    def sample(self, relay: Relay, now: float, wall: float) -> None:
+        """Take a sample at ``now`` (a monotonic clock) and ``wall`` (the wall clock)."""
+        stats = relay.statistics()
+        counters = (stats.events, stats.bytes_in, stats.bytes_out)
+        rates: list[float | None] = [None, None, None]
+        if self._previous is not None and now > self._previous[0]:
+            elapsed, before = now - self._previous[0], self._previous[1:]
+            rates = [round((new - old) / elapsed, 1) for new, old in zip(counters, before, strict=True)]
+        self._previous = (now, *counters)
+        self.samples.append(
+            {
+                "at": round(wall, 3),
+                "connections": stats.connections,
+                "sessions": stats.sessions,
+                "idle": stats.idle,
+                "events_per_s": rates[0],
+                "bytes_in_per_s": rates[1],
+                "bytes_out_per_s": rates[2],
+                "store_bytes": store_bytes(relay.store.path),
+                "journal_bytes": relay.store.pending_bytes,
+                "queued_bytes": stats.queued_bytes,
+            }
+        )
+        self.taken += 1
+
+    def since(self, taken: int) -> list[dict[str, Any]]:
+        """The samples kept that were taken after the first ``taken``."""
+        new = min(self.taken - taken, len(self.samples))
+        return list(self.samples)[len(self.samples) - new :] if new > 0 else []
+
+    async def keep_sampling(self, relay: Relay) -> None:
+        """Sample every ``SAMPLE_EVERY`` s until cancelled; a failure is logged, never raised."""
+        while True:
+            try:
+                self.sample(relay, trio.current_time(), time.time())
+            except Exception:
+                log.exception("sampling the reflector's load failed")
+            await trio.sleep(SAMPLE_EVERY)
+
+
+def store_bytes(path: str) -> int | None:
+    """The size of the store at ``path`` on disk: its file and its WAL (None in memory)."""
+    if path == ":memory:":
+        return None
+    total = 0
+    for name in (path, f"{path}-wal"):
+        with contextlib.suppress(OSError):  # not there (yet), or gone
+            total += os.stat(name).st_size
+    return total
+
+
 def content_policy(html: bytes) -> str:
     """A content security policy for ``html``: nothing loads or runs but its own inline
-    scripts and styles (by hash), and it connects only to its own server."""
+    scripts and styles (by hash) and the web port's scripts (``'self'``: only the plotly
+    bundle is served as JavaScript), images only as ``data:`` (plotly draws a heat map as
+    one), and it connects only to its own server."""
 
-    def hashes(tag: bytes) -> str:
+    def hashes(tag: bytes) -> list[str]:
         pattern = rb"<%s(?:\s[^>]*)?>(.*?)</%s>" % (tag, tag)
         found = [hashlib.sha256(body).digest() for body in re.findall(pattern, html, re.S)]
-        return " ".join(f"'sha256-{base64.b64encode(digest).decode()}'" for digest in found) or "'none'"
+        return [f"'sha256-{base64.b64encode(digest).decode()}'" for digest in found]
 
+    scripts = " ".join(["'self'", *hashes(b"script")])
+    styles = " ".join([*hashes(b"style"), EMPTY_STYLE])
     return (
-        f"default-src 'none'; script-src {hashes(b'script')}; style-src {hashes(b'style')}; "
+        f"default-src 'none'; script-src {scripts}; style-src {styles}; img-src data:; "
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     )
+
+
+@functools.cache
+def plotly_bundle() -> tuple[bytes, bytes]:
+    """plotly's offline bundle, as it is and gzipped (read once, on first use: it is 4.8 MB)."""
+    import plotly.offline  # type: ignore[import-untyped]  # only when asked for
+
+    bundle = plotly.offline.get_plotlyjs().encode()
+    return bundle, gzip.compress(bundle, 6)
 
 
 def sessions_view(relay: Relay, choice: Any) -> dict[str, Any]:
@@ -143,7 +254,10 @@ def sessions_view(relay: Relay, choice: Any) -> dict[str, Any]:
 
 
 SESSIONS_PAGE = WebPage(
-    "/sessions", resources.files("million.relay").joinpath("sessions.html").read_bytes(), sessions_view
+    "/sessions",
+    resources.files("million.relay").joinpath("sessions.html").read_bytes(),
+    sessions_view,
+    load=True,
 )
 
 
@@ -164,8 +278,10 @@ async def serve_web(
     listeners = await transport.listen(host, port, ssl_context)
     bound = transport.port_of(listeners[0])
     web = _Web(relay, _routes([SESSIONS_PAGE, *pages]), origin_check(relay.config, bound), statistics)
-    task_status.started(bound)
-    await trio.serve_listeners(web.handle, listeners)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(web.load.keep_sampling, relay)
+        task_status.started(bound)
+        await trio.serve_listeners(web.handle, listeners)
 
 
 class _Web:
@@ -186,6 +302,7 @@ class _Web:
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(relay, self.statistics))
         self.policies = {page.path: content_policy(page.html) for page, _ in routes.values()}
+        self.load = Load()
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         # Whatever happens here must never reach the server's nursery: the reflector goes on.
@@ -210,6 +327,8 @@ class _Web:
                 await _respond(stream, ws, 200, "text/plain; version=0.0.4", generate_latest(self.registry))
             else:
                 await _respond(stream, ws, 401, "text/plain", b"missing or wrong token\n")
+        elif target.path == PLOTLY:
+            await self.plotly(stream, ws, request)
         elif page is None:
             await _respond(stream, ws, 404, "text/plain", b"not found\n")
         elif not live:
@@ -220,9 +339,20 @@ class _Web:
         else:
             self.statistics.live += 1
             try:
-                await _live(self.relay, page, stream, ws, request)
+                await _live(self.relay, page, self.load, stream, ws, request)
             finally:
                 self.statistics.live -= 1
+
+    async def plotly(self, stream: trio.abc.Stream, ws: ServerProtocol, request: Request) -> None:
+        """The plotly bundle, gzipped if the browser takes that; it holds no data."""
+        plain, zipped = await trio.to_thread.run_sync(plotly_bundle)
+        headers = [("Vary", "Accept-Encoding")]
+        body = plain
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = zipped
+            headers.append(("Content-Encoding", "gzip"))
+        kind = "text/javascript; charset=utf-8"
+        await _respond(stream, ws, 200, kind, body, headers, cache=PLOTLY_CACHE)
 
     def refusal(self, request: Request, query: str) -> tuple[int, str, bytes] | None:
         """Why a page socket may not open (status, type, body), or None: it may."""
@@ -255,9 +385,9 @@ def _routes(pages: list[WebPage]) -> dict[str, tuple[WebPage, bool]]:
     """Path -> (page, whether it is the page's websocket); the generic page is also ``/``
     unless a registered page takes it."""
     routes = {"/": (pages[0], False), "/live": (pages[0], True)}
-    for page in pages:
-        routes[page.path] = (page, False)
-        routes[page.live_path] = (page, True)
+    for view in (view for page in pages for view in page.expanded()):
+        routes[view.path] = (view, False)
+        routes[view.live_path] = (view, True)
     return routes
 
 
@@ -281,14 +411,24 @@ async def _respond(
     kind: str,
     body: bytes,
     extra: Sequence[tuple[str, str]] = (),
+    *,
+    cache: str = NO_STORE,
 ) -> None:
-    headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))), *HEADERS, *extra])
+    headers = Headers(
+        [
+            ("Content-Type", kind),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", cache),
+            *HEADERS,
+            *extra,
+        ]
+    )
     ws.send_response(Response(status, REASONS[status], headers, body))
     await stream.send_all(b"".join(ws.data_to_send()))
 
 
 async def _live(
-    relay: Relay, page: WebPage, stream: trio.abc.Stream, ws: ServerProtocol, request: Request
+    relay: Relay, page: WebPage, load: Load, stream: trio.abc.Stream, ws: ServerProtocol, request: Request
 ) -> None:
     """Push what ``page`` shows until the page goes away or the socket's lifetime is over."""
     response = ws.accept(request)
@@ -298,12 +438,13 @@ async def _live(
         return
     channel = SansIOChannel(stream, ws, transport.peer_address(stream))
     with trio.move_on_after(relay.config.live_lifetime):
-        await _push(relay, page, channel)
+        await _push(relay, page, load, channel)
     await channel.close(transport.NORMAL, LIFETIME_OVER)
 
 
-async def _push(relay: Relay, page: WebPage, channel: SansIOChannel) -> None:
+async def _push(relay: Relay, page: WebPage, load: Load, channel: SansIOChannel) -> None:
     choice: list[Any] = [None]
+    sent = 0  # load samples this socket has had
 
     async def listen() -> None:
         while True:
@@ -311,12 +452,17 @@ async def _push(relay: Relay, page: WebPage, channel: SansIOChannel) -> None:
                 choice[0] = codec.loads(await channel.receive())
             except ValueError:
                 continue
+            except transport.Closed:
+                return  # the next push finds it closed too: one error, not a group of two
 
     async with tasks.open_nursery() as nursery:
         nursery.start_soon(listen)
         while True:
             reflector = {"version": __version__, "statistics": attrs.asdict(relay.statistics())}
             body = {**page.live(relay, choice[0]), "reflector": reflector}
+            if page.load:
+                body["load"] = {"every": SAMPLE_EVERY, "kept": SAMPLES, "samples": load.since(sent)}
+                sent = load.taken
             await channel.send(codec.dumps(body))
             await trio.sleep(PUSH_EVERY)
 
