@@ -194,7 +194,7 @@ def progress(partitions: int = 9, fanout: int = 3) -> Pair:
 
 
 def tell(pair: Pair, leaves: dict[str, Any], computed: int = 0, view: str = "v1") -> None:
-    pair.send("progress", {"leaves": leaves, "computed": computed}, view=view)
+    pair.send("progress", {"leaves": leaves, "computed": computed, "bots": 5}, view=view)
 
 
 def test_leaves_count_as_they_go_and_each_partition_once():
@@ -229,7 +229,7 @@ def test_a_copys_leaf_counts_the_partitions_of_its_original():
 def test_a_leaf_count_out_of_range_or_not_an_int_is_ignored(done):
     pair = progress()
     tell(pair, {"R-0": 2})
-    pair.send("progress", {"leaves": {"R-1": done}, "computed": 0})
+    pair.send("progress", {"leaves": {"R-1": done}, "computed": 0, "bots": 5})
     assert pair.model.done == 2 and pair.model.partial == {0: [3, 2, 0]}
     pair.check()
 
@@ -237,12 +237,15 @@ def test_a_leaf_count_out_of_range_or_not_an_int_is_ignored(done):
 @pytest.mark.parametrize(
     "data",
     [
-        {"leaves": {"R-1": 1}},
-        {"leaves": {"R-1": 1}, "computed": -1},
-        {"leaves": {"R-1": 1}, "computed": MAX64},
-        {"leaves": {"R-1": 1}, "computed": 1, "more": 1},
-        {"leaves": [["R-1", 1]], "computed": 1},
-        {"leaves": {f"R-{i}": 1 for i in range(1001)}, "computed": 1},
+        {"leaves": {"R-1": 1}, "bots": 5},
+        {"leaves": {"R-1": 1}, "computed": 1},
+        {"leaves": {"R-1": 1}, "computed": -1, "bots": 5},
+        {"leaves": {"R-1": 1}, "computed": MAX64, "bots": 5},
+        {"leaves": {"R-1": 1}, "computed": 1, "bots": -1},
+        {"leaves": {"R-1": 1}, "computed": 1, "bots": MAX64},
+        {"leaves": {"R-1": 1}, "computed": 1, "bots": 5, "more": 1},
+        {"leaves": [["R-1", 1]], "computed": 1, "bots": 5},
+        {"leaves": {f"R-{i}": 1 for i in range(1001)}, "computed": 1, "bots": 5},
         None,
         DEEP,
     ],
@@ -254,13 +257,17 @@ def test_a_malformed_progress_event_is_ignored_whole(data):
     pair.check()
 
 
-def test_only_a_process_that_said_its_bots_counts_and_only_while_present():
+def test_a_process_that_comes_back_under_a_new_view_is_counted_again():
     pair = progress()
-    tell(pair, {"R-1": 3}, view="stranger")
-    assert pair.model.done == 0
-    pair.send(VIEW_EXIT, "v1")
-    tell(pair, {"R-1": 3})
-    assert pair.model.done == 0 and pair.model.bots == 0 and not pair.model.processes["v1"]["present"]
+    tell(pair, {"R-0": 1}, computed=1)
+    pair.send(VIEW_EXIT, "v1")  # its connection broke; it came back as v2
+    assert pair.model.bots == 0 and not pair.model.processes["v1"]["present"]
+    tell(pair, {"R-0": 3}, computed=2, view="v2")
+    assert pair.model.done == 3 and pair.model.bots == 5
+    assert [(entry["done"], entry["present"]) for entry in pair.model.processes.values()] == [
+        (1, False),
+        (2, True),
+    ]
     pair.check()
 
 
@@ -327,7 +334,9 @@ def test_the_history_keeps_a_bounded_number_of_points():
     pair = progress(10**6, 100)
     for second in range(1, 200):
         pair.send(
-            "progress", {"leaves": {f"R-{second // 100}-{second % 100}": 100}, "computed": 0}, after=1000
+            "progress",
+            {"leaves": {f"R-{second // 100}-{second % 100}": 100}, "computed": 0, "bots": 5},
+            after=1000,
         )
     history = pair.model.history
     assert len(history) <= 61 and history[-1][1] <= pair.model.done == 199 * 100
@@ -533,7 +542,7 @@ def test_counts_beyond_64_bits_leave_progress_answering_digests():
     core = client()
     joined(core, Progress, {"root": "R", "partitions": 10, "fanout": 3})
     core.receive(raw_event(1, "bots", b"5"))
-    core.receive(raw_event(2, "progress", b'{"leaves":{"R-1":18446744073709551615},"computed":1}'))
+    core.receive(raw_event(2, "progress", b'{"leaves":{"R-1":18446744073709551615},"computed":1,"bots":5}'))
     core.receive(raw_event(3, "bots", b"18446744073709551615"))
     core.receive(codec.encode(DigestRequest("s", 3)))
     core.receive(codec.encode(SnapshotRequest("s", 3)))

@@ -137,14 +137,14 @@ async def test_counts_of_2_to_the_64_break_no_progress_model(served):
         raw(url) as hostile,
     ):
         view = await join_raw(hostile, "run:progress", Progress.model_name, None)
-        told = b'{"leaves":{"run-1":%d},"computed":%d}' % (MAX_2_64, MAX_2_64)
+        told = b'{"leaves":{"run-1":%d},"computed":%d,"bots":3}' % (MAX_2_64, MAX_2_64)
         for _ in range(2):
             await hostile.send(publish_raw("run:progress", view, "bots", b"%d" % MAX_2_64))
             await hostile.send(publish_raw("run:progress", view, "bots", b"3"))
             await hostile.send(publish_raw("run:progress", view, "progress", told))
         assert await errors_until_quiet(hostile) == []
         progress.publish("bots", 1)
-        progress.publish("progress", {"leaves": {"run-2": 10}, "computed": 10})
+        progress.publish("progress", {"leaves": {"run-2": 10}, "computed": 10, "bots": 1})
         await same_everywhere(served, "run:progress", Progress, progress)
         assert progress.model.done == 10
         codec.dumps(progress.replica.snapshot())  # still encodes: it can be snapshotted

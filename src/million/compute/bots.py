@@ -22,7 +22,14 @@ import trio
 from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, MAX_FAILURE, Lobby, bots_per_run
 from million.compute.plugins import Plugin, PluginError, load_plugin
-from million.compute.progress import MAX_LEAVES, Progress, progress_session, report_progress
+from million.compute.progress import (
+    MAX_LEAVES,
+    SUMMARY_EVERY,
+    Progress,
+    progress_session,
+    report_progress,
+    summary,
+)
 from million.compute.worker import Context, RunFailed, RunRefused, Tracker, run_spec, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, Session, join
@@ -33,6 +40,7 @@ __all__ = ["crew", "run_bots", "run_lobby_bots", "run_worker_processes", "worker
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.5  # s between a process's progress events
+HEARD_EVERY = 5.0  # s between them at most, even with nothing new
 TELL_EVERY = 60.0  # s between the lines that say how much a process computed
 Notify = Callable[[str], None]
 
@@ -84,7 +92,8 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True, noti
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(report_progress, run, progress, root)
-                    nursery.start_soon(share_progress, progress, root, ctx.tracker)
+                    nursery.start_soon(share_progress, progress, root, ctx.tracker, bots)
+                    nursery.start_soon(summarize_sessions, ctx, root)
                     nursery.start_soon(_tell_progress, run, progress, root, ctx.tracker, notify)
                     for _ in range(bots):
                         nursery.start_soon(work, ctx, run)
@@ -116,21 +125,41 @@ async def _tell_progress(
         told = tracker.total
 
 
-async def share_progress(progress: Session[View], root: Session[View], tracker: Tracker) -> None:
+async def share_progress(progress: Session[View], root: Session[View], tracker: Tracker, bots: int) -> None:
     """Publish what this process's workers computed, every ``PROGRESS_EVERY`` s and once
-    the run has ended: a bounded rate of events however fast they compute."""
+    the run has ended: a bounded rate of events however fast they compute. With nothing
+    new, every ``HEARD_EVERY`` s all the same: the run's pages show when it was last heard."""
+    told = trio.current_time()
     while True:
         with trio.move_on_after(PROGRESS_EVERY):
             await root.wait_for(lambda model: model.ended)
         leaves, computed = tracker.take()
-        names = list(leaves)
-        for at in range(0, len(names), MAX_LEAVES):
-            chunk = {name: leaves[name] for name in names[at : at + MAX_LEAVES]}
-            progress.publish("progress", {"leaves": chunk, "computed": computed if at == 0 else 0})
-        if computed and not names:
-            progress.publish("progress", {"leaves": {}, "computed": computed})
+        if leaves or computed or trio.current_time() - told >= HEARD_EVERY:
+            names = list(leaves)
+            for at in range(0, max(len(names), 1), MAX_LEAVES):  # at least one event
+                chunk = {name: leaves[name] for name in names[at : at + MAX_LEAVES]}
+                event = {"leaves": chunk, "computed": computed if at == 0 else 0, "bots": bots}
+                progress.publish("progress", event)
+            told = trio.current_time()
         if root.model.ended:
             return
+
+
+async def summarize_sessions(ctx: Context, root: Session[View]) -> None:
+    """Every ``SUMMARY_EVERY`` s until the run ends, summarize the sessions of the first
+    levels that this process's workers are in, those that changed: what the pages show
+    of each stays within half a second of its state, whatever its workers are doing."""
+    shown: dict[str, tuple[Any, ...]] = {}  # session -> what its last summary showed
+    while True:
+        with trio.move_on_after(SUMMARY_EVERY):
+            await root.wait_for(lambda model: model.ended)
+            return
+        for session in list(ctx.shown):
+            model = session.model
+            state = (model.epoch, model.remaining, model.inputs is None, model.done, len(model.workers))
+            if shown.get(session.name) != state:
+                shown[session.name] = state
+                session.summarize(summary(model))
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -232,10 +232,14 @@ class Progress(Model, name="million.progress.2"):
         return sum(1 for entry in self.processes.values() if entry["present"] and entry["bots"])
 
     def progress(self, data: Any) -> None:
-        """``{"leaves": {leaf session: partitions done in it}, "computed": n}``, from a
-        process that said how many bots it runs: ``n`` partitions computed since its last."""
+        """``{"leaves": {leaf session: partitions done in it}, "computed": n, "bots": b}``
+        from a process of ``b`` bots: ``n`` partitions computed since its last. Each says
+        its bots, so that a process that came back (a new view) is counted again."""
+        if not _is_progress(data):
+            return
+        self.count_bots(data["bots"])
         entry = self.processes.get(self.sender or "")
-        if not (_is_progress(data) and entry is not None and entry["present"]):
+        if entry is None:
             return
         entry["done"] = min(entry["done"] + data["computed"], MAX_PARTITIONS)
         entry["seen"] = self.now
@@ -353,10 +357,12 @@ class Progress(Model, name="million.progress.2"):
 
 
 def _is_progress(data: Any) -> bool:
-    if type(data) is not dict or len(data) != 2:
+    if type(data) is not dict or len(data) != 3:
         return False
-    leaves, computed = data.get("leaves"), data.get("computed")
+    leaves, computed, bots = data.get("leaves"), data.get("computed"), data.get("bots")
     if not (type(computed) is int and 0 <= computed <= MAX_PARTITIONS and type(leaves) is dict):
+        return False
+    if not (type(bots) is int and 0 <= bots <= MAX_BOTS):
         return False
     return len(leaves) <= MAX_LEAVES and all(type(done) is int and done >= 0 for done in leaves.values())
 

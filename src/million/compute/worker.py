@@ -19,7 +19,7 @@ import trio
 
 from million.compute.computation import Computation
 from million.compute.plugins import HookFailed, Plugin, PluginError, Result
-from million.compute.progress import SUMMARY_EVERY, summary
+from million.compute.progress import summary
 from million.compute.tree import Spec, SpecError
 from million.replica.client import Client
 from million.replica.session import Session, join
@@ -60,7 +60,7 @@ class Context:
     tracker: Tracker = attrs.Factory(lambda: Tracker())
     window: int = 16  # leaf partitions a worker holds before its pace is known
     pace: float | None = None  # s per partition, as this process's workers computed the last batch
-    summarized: dict[str, float] = attrs.Factory(dict)  # session -> when it was last summarized
+    shown: set[Session[Any]] = attrs.Factory(set)  # sessions of the first levels that views are in
 
 
 @attrs.define
@@ -183,9 +183,14 @@ class Worker(View):
         return self._outcome
 
     async def run(self) -> None:
-        while self._outcome is None:
-            with trio.CancelScope() as self._cycle:
-                self._outcome = await self._work()
+        if self.depth <= SUMMARY_DEPTH:  # below, only the end is summarized: the pages count those
+            self.ctx.shown.add(self.session)
+        try:
+            while self._outcome is None:
+                with trio.CancelScope() as self._cycle:
+                    self._outcome = await self._work()
+        finally:
+            self.ctx.shown.discard(self.session)
         self._finished.set()
 
     def resynced(self) -> None:
@@ -218,7 +223,8 @@ class Worker(View):
                 self.publish("end", {"results": [finished.report(reported)], "next": self._request(0)})
         while True:
             model = self.model
-            self._summarize(force=model.done)
+            if model.done:
+                self.session.summarize(summary(model))  # at every level: the pages count the ends
             if model.ended:
                 return Outcome(Finished.of(model))
             if model.inputs is None:
@@ -290,7 +296,6 @@ class Worker(View):
                 continue
             if held:
                 return held
-            self._summarize(idle=True)  # what it shows now may stay a while
             await self.session.wait_for(partial(self._news, self._answered(model)))
 
     def _news(self, answered: int, model: Any) -> bool:
@@ -410,19 +415,6 @@ class Worker(View):
         self.publish("failed", {**where, "error": error})
         at = {} if index is None else {"index": self.spec.start + index}
         self._log("failed", hook=hook, error=error, **at)
-
-    def _summarize(self, *, force: bool = False, idle: bool = False) -> None:
-        """Summarize the session, at most every ``SUMMARY_EVERY`` s per process, unless
-        ``force`` (its end), or ``idle`` (this view is about to wait). Below the first
-        level only the end is summarized: the web page counts those sessions rather than
-        showing them."""
-        if self.depth > SUMMARY_DEPTH and not force:
-            return
-        now, name = trio.current_time(), self.session.name
-        if force or idle or now - self.ctx.summarized.get(name, -math.inf) >= SUMMARY_EVERY:
-            if not force:  # only the first levels' sessions are remembered: a bounded number
-                self.ctx.summarized[name] = now
-            self.session.summarize(summary(self.model))
 
     def _log(self, event: str, **fields: Any) -> None:
         self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id, **fields})
