@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -14,10 +13,10 @@ from typing import Any
 import attrs
 import million_testplugin
 import orjson
-import pytest
 import trio
 from playwright.sync_api import Page, expect, sync_playwright
 
+from browser import CHROMIUM, CHROMIUM_FLAGS, RECORD_VIOLATIONS, needs_chromium, violations
 from helpers import Process, start_reflector
 from million.compute import pages
 from million.compute.ledger import LEDGER
@@ -25,21 +24,6 @@ from million.compute.pages import RUNS_PAGE, run_view, runs_view, workers_view
 
 TOKEN = "dashboard-secret-0123456789"
 VIEW_TOKEN = "dashboard-view-0123456789"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Flags for a headless Chromium on a machine without a network beyond loopback.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-needs_chromium = pytest.mark.skipif(
-    not shutil.which(CHROMIUM), reason="needs Chromium (apt install chromium)"
-)
 
 
 @attrs.define
@@ -190,21 +174,6 @@ def test_the_dashboard_is_one_page_at_three_addresses():
 
 
 # --- a real run, held in its middle, in a real browser -----------------------------------
-
-#: Collects the page's content policy violations (a test's script runs whatever the policy).
-RECORD_VIOLATIONS = """
-window.violations = [];
-document.addEventListener("securitypolicyviolation", (e) => window.violations.push(
-    {directive: e.violatedDirective, source: e.sourceFile, blocked: e.blockedURI}));
-"""
-
-
-def violations(page: Page) -> list[dict[str, str]]:
-    """What the policy refused on ``page`` that is not plotly styling itself: plotly (from
-    its own file) adds a stylesheet for maps, unused here, and some empty style attributes."""
-    seen: list[dict[str, str]] = page.evaluate("window.violations ?? []")
-    plotly = ("style-src-elem", "style-src-attr")
-    return [v for v in seen if not (v["directive"] in plotly and v["source"].endswith("/plotly.min.js"))]
 
 
 def texts(page: Page, selector: str) -> list[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import shutil
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -18,9 +17,10 @@ import attrs
 import orjson
 import pytest
 import trio
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import expect, sync_playwright
 
 import million
+from browser import CHROMIUM, CHROMIUM_FLAGS, RECORD_VIOLATIONS, needs_chromium, violations
 from million.compute import ledger
 from million.compute.pages import RUNS_PAGE, workers_view
 from million.relay import web
@@ -31,19 +31,6 @@ from models import Ledger
 
 TOKEN = "web-secret-0123456789"
 VIEW_TOKEN = "view-secret-0123456789"
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Flags for a headless Chromium on a machine without a network beyond loopback.
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 UPGRADE = (
@@ -128,22 +115,6 @@ async def web_port(
 
 def headers_of(head: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in head.splitlines()[1:])
-
-
-#: Collects the page's content policy violations (a test's script runs whatever the policy).
-RECORD_VIOLATIONS = """
-window.violations = [];
-document.addEventListener("securitypolicyviolation", (e) => window.violations.push(
-    {directive: e.violatedDirective, source: e.sourceFile, blocked: e.blockedURI}));
-"""
-
-
-def violations(page: Page) -> list[dict[str, str]]:
-    """What the policy refused on ``page`` that is not plotly styling itself: plotly (from
-    its own file) adds a stylesheet for maps, unused here, and some empty style attributes."""
-    seen: list[dict[str, str]] = page.evaluate("window.violations ?? []")
-    plotly = ("style-src-elem", "style-src-attr")
-    return [v for v in seen if not (v["directive"] in plotly and v["source"].endswith("/plotly.min.js"))]
 
 
 async def test_metrics_count_what_the_reflector_did():
@@ -544,7 +515,7 @@ def view_absurd_summaries(url: str) -> dict[str, Any]:
             browser.close()
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Chromium (apt-get install chromium)")
+@needs_chromium
 async def test_the_pages_draw_absurd_summaries_within_bounds_and_keep_the_token_out_of_the_address():
     relay = FakeRelay(ReflectorConfig(token=TOKEN, view_token=VIEW_TOKEN))
     async with web_port(relay, page=ABSURD_PAGE) as port:
@@ -610,7 +581,7 @@ def view_ledger(url: str) -> dict[str, Any]:
             browser.close()
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Chromium (apt-get install chromium)")
+@needs_chromium
 async def test_the_workers_page_shows_the_ledger_flagged_identities_marked_and_1000_rows_at_most():
     rows = [FLAGGED, *([*ROW[:-2], f"run-{i}", False] for i in range(1500))]
     async with web_port(ledger_relay(rows, 5000)) as port:
