@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import attrs
 import pytest
 import trio
@@ -331,6 +333,46 @@ async def test_a_join_given_up_on_the_way_leaves_no_participant_behind(reflector
         await client.ping()  # and the reflector has handled that leave
         info = await client.status()
     assert "ghost" not in [session["name"] for session in info["sessions"]]
+
+
+class GivesUp(million.View):
+    """A view that gives up a join in flight (``scope``) when a reconnect resyncs it."""
+
+    def __init__(self, session: million.Session, scope: trio.CancelScope) -> None:
+        super().__init__(session)
+        self.scope = scope
+
+    def resynced(self) -> None:
+        self.scope.cancel()
+
+
+async def test_a_join_given_up_after_its_sync_came_leaves_no_participant_behind(tmp_path):
+    # After a reflector restart, the joins again of a process's memberships and its joins
+    # in flight are answered in one frame: the resync of one view gives up another join
+    # (as a worker gives up the child it was joining), whose sync is then applied before
+    # the joiner sees its cancellation. That membership must be left, or it stays a ghost
+    # (a child's preparer that never prepares, and the run never ends).
+    store = str(tmp_path / "store.db")
+    reflector, url = await start_reflector(store)
+    try:
+        async with million.open_client(url) as client:
+            scope = trio.CancelScope()
+            async with million.join(client, "parent", Ledger, partial(GivesUp, scope=scope)):
+                reflector.kill()
+                with trio.fail_after(10):
+                    while client.connected:  # noqa: ASYNC110
+                        await trio.sleep(0.01)  # nothing wakes a waiter when the connection drops
+                reflector, _ = await start_reflector(store, int(url.rsplit(":", 1)[1]))
+                with trio.fail_after(10), scope:
+                    async with million.join(client, "child", Ledger):  # sent once reconnected
+                        raise AssertionError("the join was given up")
+                assert scope.cancelled_caught
+                await client.ping()  # the client has sent a leave for the child
+                await client.ping()  # and the reflector has handled that leave
+                info = await client.status()
+        assert [session["name"] for session in info["sessions"]] == ["parent"]
+    finally:
+        reflector.stop()
 
 
 async def test_a_participant_sending_big_events_while_their_echoes_come_back_does_not_stall(reflector):

@@ -86,8 +86,8 @@ class Client:
         try:
             while member.state is State.JOINING:
                 await self.wait_changed(name)
-        except BaseException:
-            self.core.forget(member)
+        except BaseException:  # given up, e.g. cancelled: its sync may have come meanwhile
+            self.core.leave(member)  # then the reflector holds it: leave, or it stays a ghost
             raise
         if member.error is not None:
             self.core.forget(member)
