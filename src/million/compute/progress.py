@@ -51,9 +51,9 @@ _BELOW_ROOT = re.compile(rf"(-{_NUMBER}(c[1-9][0-9]{{0,3}})?)+")
 _INDEX = re.compile(r"-([0-9]+)")
 
 
-def summary(model: Computation, *, done: bool = False, output: Result | None = None) -> dict[str, Any]:
+def summary(model: Computation) -> dict[str, Any]:
     """What a session of the tree is doing, for ``million status`` and the web page."""
-    done = done or model.done
+    done = model.done
     if done:
         state = "done"
     elif model.failed is not None:
@@ -68,20 +68,20 @@ def summary(model: Computation, *, done: bool = False, output: Result | None = N
         "state": state,
         "leaf": model.leaf,
         "count": model.count,
-        "completed": model.count if done else model.count - model.remaining,
+        "completed": model.count - model.remaining,
         "working": _working(model),
         "failures": sum(map(len, model.attempts.values())) + sum(map(len, model.step_attempts.values())),
         "failed": None if model.failed is None else model.failed[:MAX_SUMMARY_FAILURE],
     }
     if model.count <= SUMMARY_WORKERS:
-        data["completed_at"] = [i for i, completed in enumerate(model.completed) if completed or done]
+        data["completed_at"] = [i for i, completed in enumerate(model.completed) if completed]
         load: dict[int, int] = {}
         for held in model.workers.values():
             for index in held:
                 load[index] = load.get(index, 0) + 1
         data["workers"] = load
     if done:
-        data["output"] = short(model.output if model.done else output)
+        data["output"] = short(model.output)
     return data
 
 
