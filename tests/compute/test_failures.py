@@ -127,6 +127,15 @@ def test_under_verification_one_identity_cannot_fail_a_partition_alone():
     assert leaf.model.failed is not None and "4 times on 4 workers" in leaf.model.failed
 
 
+def test_a_copy_worked_alone_under_verification_fails_on_its_one_identity():
+    leaf = prepared(1, "a1", verify=2, alone="worker:a")  # a child's copy, as --verify 2 makes
+    for _ in range(3):
+        assert leaf.ask("a1") == [0]
+        leaf.fail("a1", 0)
+        leaf.send("a1", "ping", after=RETRY_AFTER)
+    assert leaf.model.failed is not None and "failed in compute 3 times" in leaf.model.failed
+
+
 def test_a_failed_step_passes_to_another_view_and_fails_the_session_in_the_end():
     leaf = Leaf(2, max_failures=2)
     leaf.join("a1", "b1")  # the first to join a child prepares it

@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     display = ProgressDisplay(console) if console.is_terminal and not args.json else None
     states: list[RunState] = []
-    lines = _ProgressLines(json=args.json) if args.progress or (display is None and not args.json) else None
+    wanted = args.progress if args.json else display is None  # JSON lines if asked; text lines in a log
+    lines = _ProgressLines(json=args.json) if wanted else None
 
     def watch(state: RunState) -> None:
         states[:] = [state]

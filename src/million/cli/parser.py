@@ -229,8 +229,8 @@ def _run(parser: argparse.ArgumentParser) -> None:
         type=_failures,
         default=RUN.max_failures,
         metavar="N",
-        help="failed attempts at a partition (its hook raised), each on another worker where one is"
-        " there, before the run fails (default: %(default)s)",
+        help="failed attempts at a partition, or at a session's prepare or collect step (its hook"
+        " raised), before the run fails; another worker tries first (default: %(default)s)",
     )
     _no_detach(parser)
     _verification(parser)
@@ -238,7 +238,7 @@ def _run(parser: argparse.ArgumentParser) -> None:
     add(
         "--progress",
         action="store_true",
-        help="with --json, also a JSON line of progress every second, before the result",
+        help="with --json, also a JSON line of progress every second on stdout, before the result",
     )
     _client(parser)
 

@@ -16,8 +16,9 @@ once ``verify`` distinct identities agree on it (``million.compute.votes``); on
 disagreement it is asked of more identities, up to ``max_copies``, and then the run
 fails, naming the partition and who disagreed. A plugin's hook that raises is a failed
 attempt, reported by its worker (``failed``): the partition or step goes to another
-worker, and after ``max_failures`` attempts (from at least ``verify`` identities) the
-session fails, saying where, and can be retried (``retry``) when the run resumes.
+worker first, and after ``max_failures`` attempts (from at least ``verify`` identities,
+or the one a session is worked by alone) the session fails, saying where, and can be
+retried (``retry``) when the run resumes.
 With ``adaptive``, a trusted identity's
 value may be taken alone (BOINC's adaptive replication), decided with the model's
 seeded random: the same on every replica. The ``tally`` of every identity's reports
@@ -221,16 +222,9 @@ class Computation(Model, name="million.computation.5"):
         return [index for index in indexes if not self._resting(self.attempts.get(index), view)]
 
     def _resting(self, attempts: list[list[Any]] | None, view: str) -> bool:
-        """Whether ``view`` failed what ``attempts`` are of, and another view that asks for
-        work has not tried it, or ``view`` failed it less than ``RETRY_AFTER`` ms ago: a
-        failed partition or step goes to another worker first, and waits for one a while."""
-        if not attempts:
-            return False
-        tried = {who for who, _, _ in attempts}
-        if view not in tried:
-            return False
-        last = max(at for who, _, at in attempts if who == view)
-        return self.now < last + RETRY_AFTER or any(other not in tried for other in self.answers)
+        """Whether ``view`` failed what ``attempts`` are of less than ``RETRY_AFTER`` ms ago:
+        meanwhile it goes to another worker, if one asks."""
+        return any(who == view and self.now < at + RETRY_AFTER for who, _, at in attempts or ())
 
     def rested(self) -> None:
         """``RETRY_AFTER`` ms after a failed attempt: whoever made it may ask again."""
@@ -378,14 +372,19 @@ class Computation(Model, name="million.computation.5"):
         """A hook failed: ``{"index": i, "error": text}`` at partition ``i`` of a leaf, held by
         the sender; ``{"step": "prepare" | "collect", "error": text}`` at a step it holds
         (``reports.is_failure``). The partition or step is free again, for another view
-        first; at ``max_failures`` attempts, from ``verify`` identities or more, the
-        session fails. An attempt at what the sender no longer holds is ignored."""
+        first; at ``max_failures`` attempts, from ``verify`` identities or more (one in a
+        session worked alone), the session fails. An attempt at what the sender no longer
+        holds, or has reported, is ignored."""
         if self.ended or not is_failure(data, self.count, self.leaf):
             return
         view, identity = self.sender or "", self.identity
         if "index" in data:
             index = data["index"]
-            if index not in self.workers.get(view, ()) or self.completed[index]:
+            if (
+                index not in self.workers.get(view, ())
+                or self.completed[index]
+                or self.voted(index, identity)
+            ):
                 return
             self._release({index}, [view])
             if not any(
@@ -393,7 +392,10 @@ class Computation(Model, name="million.computation.5"):
             ):
                 self.assignees[index] = [who for who in self.assignees[index] if who != identity]
             attempts = self.attempts.setdefault(index, [])
-            what, hook = f"partition {self.start + index} ({self._where(index)})", "compute"
+            what, hook = (
+                f"partition {self.start + index} (index {index} of {self.where or 'the root'})",
+                "compute",
+            )
         else:
             step = data["step"]
             task = self.tasks[step]
@@ -408,16 +410,11 @@ class Computation(Model, name="million.computation.5"):
         self.epoch += 1
         self.future(RETRY_AFTER, self.rested)
         workers = len({who for who, _, _ in attempts})
-        if len(attempts) >= self.max_failures and len({who for _, who, _ in attempts}) >= self.verify:
+        identities = 1 if self.solo else self.verify  # a copy of a child is worked by one identity
+        if len(attempts) >= self.max_failures and len({who for _, who, _ in attempts}) >= identities:
             times = f"{len(attempts)} times" + (f" on {workers} workers" if workers > 1 else "")
             self.failed = f"{what} failed in {hook} {times}; the last time:\n{data['error']}"
             self.retryable = True
-
-    def _views_of(self, identity: str) -> list[str]:
-        return [view for view, who in self.views.items() if who == identity]
-
-    def _where(self, index: int) -> str:
-        return f"index {index} of {self.where}" if self.where else f"index {index} of the root"
 
     def retry(self, data: Any) -> None:
         """Start over where a plugin's failure failed the session: its attempts are
