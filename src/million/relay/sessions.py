@@ -101,6 +101,7 @@ class RelaySession(Generic[C]):
         self.last_sent = now
         self.tail.append(raw)
         self.tail_bytes += len(raw)
+        self._mark(now)
         return raw
 
     def enter(self, conn: C, view: str, now: float) -> None:
@@ -204,14 +205,19 @@ class RelaySession(Generic[C]):
         return True
 
     def events_per_s(self, now: float) -> float | None:
-        """Events per second over the last ``RATE_WINDOW`` to twice that (as far back as
-        someone has been present); None over less than a second."""
+        """Events per second over the last ``RATE_WINDOW`` to twice that, as far back as
+        someone has been present (longer if nothing happened since: then fewer per second
+        than there were); None over less than a second."""
         if not self.marks:
             return None
-        if now - self.marks[-1][0] >= RATE_WINDOW:
-            self.marks = [self.marks[-1], (now, self.seq)]
+        self._mark(now)
         since, seq = self.marks[0]
         return round((self.seq - seq) / (now - since), 1) if now - since >= 1 else None
+
+    def _mark(self, now: float) -> None:
+        """A new mark once ``RATE_WINDOW`` has passed since the last: two are kept."""
+        if self.marks and now - self.marks[-1][0] >= RATE_WINDOW:
+            self.marks = [self.marks[-1], (now, self.seq)]
 
     def describe(self, now: float) -> dict[str, Any]:
         """The session as ``million status`` shows it."""
