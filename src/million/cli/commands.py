@@ -252,12 +252,11 @@ class _ProgressLines:
     a sentence on stderr every ``every`` s when there is no terminal for the live display."""
 
     json: bool
-    every: float = 10.0
     last: float = attrs.field(factory=time.monotonic)
 
-    def __attrs_post_init__(self) -> None:
-        if self.json:
-            self.every = 1.0
+    @property
+    def every(self) -> float:
+        return 1.0 if self.json else 10.0
 
     def update(self, state: RunState) -> None:
         now = time.monotonic()

@@ -56,10 +56,9 @@ class ProgressDisplay:
         if self._total is None:
             self._start(state)
         assert self._total is not None
-        task = self._progress.tasks[self._total]
-        elapsed = task.elapsed or 0.0
-        rate = f"{(state.done - state.before) / elapsed:,.0f}/s" if elapsed > 0.5 else ""
-        workers = f"{state.bots} bots in {state.processes} process" + ("" if state.processes == 1 else "es")
+        figures = state.figures()
+        rate = "" if figures["rate"] is None else f"{figures['rate']:,}/s"
+        workers = bots_in(figures["bots"], figures["processes"])
         self._progress.update(self._total, completed=state.done, rate=rate, workers=workers)
         for index, done in state.by_child().items():
             if index in self._children:
@@ -81,8 +80,16 @@ def progress_line(figures: dict[str, Any]) -> str:
         line += f", {figures['rate']:,}/s"
     if figures["eta_s"] is not None:
         line += f", {_duration(figures['eta_s'])} left"
-    processes = figures["processes"]
-    return line + f"; {figures['bots']} bots in {processes} process" + ("" if processes == 1 else "es")
+    return f"{line}; {bots_in(figures['bots'], figures['processes'])}"
+
+
+def bots_in(bots: Any, processes: Any) -> str:
+    """``N bots in P processes``, of counts that may come from anyone's summary."""
+
+    def count(value: Any) -> str:
+        return f"{value:,}" if type(value) is int else str(value)
+
+    return f"{count(bots)} bots in {count(processes)} process" + ("" if processes == 1 else "es")
 
 
 def result_lines(result: RunResult) -> list[str]:
@@ -187,12 +194,7 @@ def _run_line(run: dict[str, Any]) -> str:
         return line + (f"  {failure.splitlines()[0]}" if type(failure) is str and failure else "")
     eta = run.get("eta_s")
     left = f"  {_duration(eta)} left" if type(eta) is int else ""
-    processes = run.get("processes")
-    return (
-        line
-        + f"  {count('rate')}/s{left}  {count('bots')} bots in {count('processes')} "
-        + ("process" if processes == 1 else "processes")
-    )
+    return line + f"  {count('rate')}/s{left}  {bots_in(run.get('bots', 0), run.get('processes', 0))}"
 
 
 def _duration(seconds: int) -> str:

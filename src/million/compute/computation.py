@@ -18,10 +18,9 @@ fails, naming the partition and who disagreed. A plugin's hook that raises is a 
 attempt, reported by its worker (``failed``): the partition or step goes to another
 worker first, and after ``max_failures`` attempts (from at least ``verify`` identities,
 or the one a session is worked by alone) the session fails, saying where, and can be
-retried (``retry``) when the run resumes.
-With ``adaptive``, a trusted identity's
-value may be taken alone (BOINC's adaptive replication), decided with the model's
-seeded random: the same on every replica. The ``tally`` of every identity's reports
+retried (``retry``) when the run resumes. With ``adaptive``, a trusted identity's value
+may be taken alone (BOINC's adaptive replication), decided with the model's seeded
+random: the same on every replica. The ``tally`` of every identity's reports
 travels upward with each child's output, so that the root's is the run's.
 """
 
@@ -44,7 +43,7 @@ __all__ = ["CLAIMS", "Computation"]
 log = logging.getLogger(__name__)
 
 CLAIMS = ("prepare", "collect")  # the tasks a worker claims before doing them
-RETRY_AFTER = 1000  # ms before a worker may try again what it failed, if nobody else has
+RETRY_AFTER = 1000  # ms before a worker may try again what it failed: meanwhile others may
 
 
 @attrs.define
@@ -497,7 +496,8 @@ class Computation(Model, name="million.computation.5"):
 
     @property
     def ended(self) -> bool:
-        """Whether the session has its output, or has failed for want of agreement."""
+        """Whether the session has its output, or has failed (a hook too often, or for want
+        of agreement)."""
         return self.done or self.failed is not None
 
     def doing(self, task: str, view: str) -> bool:
