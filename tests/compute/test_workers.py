@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 from typing import Any
 
 import attrs
@@ -28,28 +27,36 @@ async def post_run(client: million.Client, name: str, spec: Spec) -> None:
 
 
 async def finished_everywhere(
-    client: million.Client, name: str, options: dict[str, Any] | None = None, workers: set[str] | None = None
+    client: million.Client, name: str, options: dict[str, Any] | None = None
 ) -> int:
     """Check that session ``name`` and every session below it are done and hold one output
-    per partition; returns how many sessions were checked. ``workers`` collects the views
-    that computed partitions."""
-    create = options is not None
-    async with million.join(client, name, Computation, options=options, create=create) as session:
+    per partition; returns how many parts of the tree were checked: sessions, and leaves
+    computed whole without one (their parent holds their output)."""
+    try:
+        children = await _finished(client, name, options)
+    except million.JoinError as exc:
+        assert exc.code == "not-found" and options and Spec.from_options(options).leaf, f"{name}: {exc}"
+        return 1
+    checked = 1
+    for child, child_options in children:
+        checked += await finished_everywhere(client, child, child_options)
+    return checked
+
+
+async def _finished(
+    client: million.Client, name: str, options: dict[str, Any] | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """Check that session ``name`` is done and holds one output per partition; its children."""
+    async with million.join(client, name, Computation, options=options, create=False) as session:
         model = session.model
         spec = Spec.from_options(session.options)
         assert model.done, f"{name} is not finished"
         assert all(model.completed) and len(model.outputs) == spec.count
-        if spec.leaf:
-            inputs = model.inputs
-            assert model.outputs == [f"{inputs[i]}@{spec.start + i}" for i in range(spec.count)]
-            if workers is not None:
-                workers.update(f"{name}/{view}" for view in model.done_by)
-            return 1
-        children = [spec.child(name, i, model.inputs[i]) for i in range(spec.count)]
-    checked = 1
-    for child, options in children:
-        checked += await finished_everywhere(client, child, options, workers)
-    return checked
+        if not spec.leaf:
+            return [spec.child(name, i, model.inputs[i]) for i in range(spec.count)]
+        inputs = model.inputs
+        assert model.outputs == [f"{inputs[i]}@{spec.start + i}" for i in range(spec.count)]
+        return []
 
 
 async def test_lobby_workers_share_themselves_among_runs_and_pick_up_new_ones(reflector, tmp_path):
@@ -227,7 +234,7 @@ async def test_a_late_joiner_of_a_big_leaf_takes_work_at_once(reflector, tmp_pat
 
 async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsive(reflector, tmp_path):
     # The last partition of every leaf waits for a go, so that the run lasts until the
-    # whole herd has found its way into the leaves, however fast the machine.
+    # whole herd has found its way into the run, however fast the machine.
     held = [leaf * 100 + 99 for leaf in range(100)]
     spec = ordered_spec("herd", 10_000, 100, slow=held, marker_dir=str(tmp_path))
     async with (
@@ -236,22 +243,24 @@ async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsiv
         million.open_client(reflector.url) as watcher,
     ):
         herd = [start_worker(reflector.url, "herd", 100) for _ in range(2)]
-        in_leaves = 0
+        bots, working = 0, 0
         try:
             with trio.fail_after(180):
                 while not root.model.done:
                     with trio.fail_after(1):
-                        status = await watcher.status()
-                    leaves = [s for s in status["sessions"] if re.fullmatch(r"herd-\d+", s["name"])]
-                    in_leaves = max(in_leaves, sum(s["participants"] for s in leaves))
-                    if in_leaves >= 200:
+                        status = await watcher.status()  # the reflector answers at once
+                    (listed,) = [s for s in status["sessions"] if s["name"] == "herd"]
+                    bots = max(bots, listed["participants"] - 1)  # all but this test's client
+                    working = max(working, len(root.model.workers))
+                    if bots >= 200:
                         (tmp_path / "go").touch()
                     with trio.move_on_after(0.1):
                         await root.wait_for(lambda model: model.done)
         finally:
             for worker in herd:
                 worker.stop()
-        assert in_leaves >= 200  # every bot was put to work in a leaf
+        assert bots >= 200  # every bot joined the run
+        assert working == 200  # every bot was handed a leaf (those second to one wait on its first)
         assert root.model.output == million_testplugin.expected("herd", 10_000, 100)
         assert await finished_everywhere(client, "herd") == 101
         for worker in herd:

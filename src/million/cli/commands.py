@@ -24,6 +24,7 @@ import trio
 from rich.console import Console
 
 from million._version import __version__
+from million.cli.clock import PreciseClock
 from million.cli.display import (
     ProgressDisplay,
     credit_lines,
@@ -235,7 +236,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with display or contextlib.nullcontext():
-            result = trio.run(until_stopped, runner.run(config, watch=watch, notify=notify))
+            result = trio.run(
+                until_stopped, runner.run(config, watch=watch, notify=notify), clock=PreciseClock()
+            )
     except (PluginError, StoreError) as exc:
         raise Failure(str(exc), 2) from None
     except (RunError, ClientError) as exc:
@@ -303,7 +306,7 @@ def work(args: argparse.Namespace) -> int:
         job = bots.run_bots(args.reflector, args.run, args.bots, **settings)
     parent = os.getppid() if args.exit_with_parent else None
     try:
-        answer = trio.run(partial(until_stopped, job, parent=parent))
+        answer = trio.run(partial(until_stopped, job, parent=parent), clock=PreciseClock())  # hooks run here
     except PluginError as exc:
         raise Failure(str(exc), 3) from None
     except ClientError as exc:

@@ -297,7 +297,8 @@ def _no_detach(parser: argparse.ArgumentParser) -> None:
         dest="detach",
         action="store_false",
         default=RUN.detach,
-        help="coordinators stay in the root while they work below it (they stay in other parents anyway)",
+        help="coordinators stay in the root while they work an interior child below it (they stay"
+        " in other parents, and for leaves, anyway)",
     )
 
 

@@ -116,24 +116,24 @@ class Plugin:
         return self._encode(inputs, hook, each=True)
 
     async def compute(self, input: Any, index: int, options: dict[str, Any]) -> Result:
-        batch = await self.compute_some([(input, index)], options, 0)
+        batch = await self.compute_some([(input, index)], options, Batch(0))
         if batch.error is not None:
             raise HookFailed("compute", batch.error)
         return Result.of(batch.outputs[0])
 
     async def compute_some(
-        self, items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
+        self, items: list[tuple[Any, int]], options: dict[str, Any], batch: Batch
     ) -> Batch:
-        """The outputs of the first of ``items`` (input, global index), in order, and the
-        ms each took: no more than are done within ``seconds``, and at least one unless
-        the first fails. If an item fails (its hook raised, or returned what ``_encode``
-        refuses), the batch ends before it with its ``error``. A synchronous hook computes
-        the lot in one thread hop (``_sync``)."""
+        """``batch``, holding the outputs of the first of ``items`` (input, global index), in
+        order, and the ms each took: no more than are done by its deadline, and at least one
+        unless the first fails. If an item fails (its hook raised, or returned what
+        ``_encode`` refuses), the batch ends before it with its ``error``. A synchronous
+        hook computes the lot in one thread hop (``_sync``); meanwhile ``batch.outputs``
+        grows as they are done."""
         hook, asynchronous = self._hooks.get("compute") or self._hook("compute")
         if not asynchronous:
-            batch = await self._sync(partial(_compute_sync, hook, items, options, seconds))
+            await self._sync(partial(_compute_sync, hook, items, options, batch))
         else:
-            batch = Batch(seconds)
             for input, index in items:
                 try:
                     output = await hook(input=input, index=index, options=options)
@@ -234,6 +234,13 @@ class Batch:
         self.deadline = (last := time.perf_counter()) + seconds
         self.last = last
 
+    @classmethod
+    def of(cls, outputs: list[Any], ms: list[int]) -> Batch:
+        """A batch of outputs computed before."""
+        batch = cls(0)
+        batch.outputs, batch.ms = outputs, ms
+        return batch
+
     def cut(self, position: int, error: str) -> None:
         """The batch ends before output ``position``, which failed with ``error``."""
         del self.outputs[position:], self.ms[position:]
@@ -249,9 +256,8 @@ class Batch:
 
 
 def _compute_sync(
-    hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], seconds: float
-) -> Batch:
-    batch = Batch(seconds)
+    hook: Callable[..., Any], items: list[tuple[Any, int]], options: dict[str, Any], batch: Batch
+) -> None:
     for input, index in items:
         try:
             output = hook(input=input, index=index, options=options)
@@ -260,7 +266,6 @@ def _compute_sync(
             break
         if not batch.add(output):
             break
-    return batch
 
 
 def describe(exc: BaseException) -> str:

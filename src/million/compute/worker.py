@@ -2,15 +2,23 @@
 
 ``work`` walks the tree: in a leaf session it computes partitions with the plugin; in an
 interior one it takes a child, works in it and reports the child's output upward. With
-``detach`` a coordinator leaves the root while it works below it, so that the root stays
-small; below the root it stays in the parent, where leaving and joining again for each
-child would cost more than its membership (a million partitions: 17.9 s against 21.6 s).
+``detach`` a coordinator leaves the root while it works an interior child, so that the root
+stays small; below the root, and for a leaf, it stays in the parent, where leaving and
+joining again for each child would cost more than its membership (a million partitions:
+17.9 s against 21.6 s).
+
+A leaf child that its coordinator can compute whole in ``Context.hold`` s gets no session
+(``Worker._whole``): a session costs more than a hundred quick partitions. Whatever stops
+it (a slower pace than that, a hook that fails) hands the leaf to a session of its own,
+with what was computed as its ``HeadStart``: the session's rules, for failures and for
+sharing the leaf among workers, take over from there, and nothing is computed twice.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -18,18 +26,21 @@ import attrs
 import trio
 
 from million.compute.computation import Computation
-from million.compute.plugins import HookFailed, Plugin, PluginError, Result
+from million.compute.plugins import Batch, HookFailed, Plugin, PluginError, Result
 from million.compute.progress import summary
-from million.compute.tree import Spec, SpecError
+from million.compute.tree import Spec, SpecError, share
+from million.compute.votes import COUNTS
 from million.replica.client import Client
+from million.replica.membership import JoinError
 from million.replica.session import Session, join
 from million.replica.view import View
+from million.wire.protocol import ErrorCode
 
 __all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker", "run_spec", "work"]
 
 SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
 REPORT_EVERY = 0.25  # s: a leaf worker reports what it computed together, at least this often
-HOLD = 1.0  # s of computing that a leaf worker holds once its pace is known
+HOLD = 1.0  # s of computing that a leaf worker holds once its pace is known, or computes whole
 
 
 class RunRefused(PluginError):
@@ -59,29 +70,72 @@ class Context:
     detach: bool = True  # leave the root while working in its child
     tracker: Tracker = attrs.Factory(lambda: Tracker())
     window: int = 16  # leaf partitions a worker holds before its pace is known
+    hold: float = HOLD  # s of computing a leaf worker holds, or a coordinator computes a leaf in
     pace: float | None = None  # s per partition, as this process's workers computed the last batch
     shown: set[Session[Any]] = attrs.Factory(set)  # sessions of the first levels that views are in
+    head_starts: dict[str, HeadStart] = attrs.Factory(dict)  # leaf session -> what was computed of it
+    begun: set[str] = attrs.Factory(set)  # leaf sessions begun here: worked in them, never whole
 
 
 @attrs.define
 class Tracker:
     """What this process's workers computed since the last ``take``: the leaves they
-    worked in (their models, read when taken) and how many partitions."""
+    worked in (their models, read when taken, or how many were done in a leaf computed
+    whole), the batches they are computing, and how many partitions."""
 
-    leaves: dict[str, Computation] = attrs.Factory(dict)
+    leaves: dict[str, Computation | int] = attrs.Factory(dict)
+    batches: dict[str, tuple[int, Batch]] = attrs.Factory(dict)  # leaf -> done before the batch, the batch
     computed: int = 0
     total: int = 0  # partitions computed in all
 
-    def note(self, leaf: str, model: Computation, computed: int) -> None:
+    def note(self, leaf: str, model: Computation | int, computed: int) -> None:
         self.leaves[leaf] = model
         self.computed += computed
         self.total += computed
 
+    @contextmanager
+    def computing(self, leaf: str, done: int, batch: Batch) -> Iterator[None]:
+        """While ``batch`` is computed in ``leaf``, after ``done`` of its partitions: a
+        hook that takes long, or waits, does not hide what the batch did before it."""
+        self.batches[leaf] = (done, batch)
+        try:
+            yield
+        finally:
+            if self.batches.get(leaf, (0, None))[1] is batch:
+                del self.batches[leaf]
+
     def take(self) -> tuple[dict[str, int], int]:
-        """Partitions done in each leaf noted, and partitions computed; then forget them."""
-        leaves = {name: model.count - model.remaining for name, model in self.leaves.items()}
+        """Partitions done in each leaf noted or being computed, and partitions computed;
+        then forget those noted."""
+        leaves = {
+            name: model if isinstance(model, int) else model.count - model.remaining
+            for name, model in self.leaves.items()
+        }
+        for name, (done, batch) in self.batches.items():
+            leaves[name] = max(leaves.get(name, 0), done + len(batch.outputs))
         computed, self.leaves, self.computed = self.computed, {}, 0
         return leaves, computed
+
+
+@attrs.define
+class HeadStart:
+    """What a coordinator computed of a leaf before handing it to a session: its inputs
+    and the outputs of its first partitions, which the session's worker in this process
+    takes instead of calling the hooks again (while the session's inputs are these)."""
+
+    inputs: Result
+    values: list[Any]  # the inputs decoded
+    outputs: list[Any] = attrs.Factory(list)
+    ms: list[int] = attrs.Factory(list)
+
+    def batch(self, todo: list[int]) -> Batch | None:
+        """The outputs known of the first of ``todo`` (leading, in order); None if none is."""
+        known = 0
+        while known < len(todo) and todo[known] < len(self.outputs):
+            known += 1
+        if not known:
+            return None
+        return Batch.of([self.outputs[i] for i in todo[:known]], [self.ms[i] for i in todo[:known]])
 
 
 @attrs.frozen
@@ -129,14 +183,19 @@ async def work(ctx: Context, name: str, options: dict[str, Any] | None = None) -
     return finished.output.value()
 
 
-async def _work_in(ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0) -> Finished:
-    """``work``: the session's end as its model holds it."""
+async def _work_in(
+    ctx: Context, name: str, options: dict[str, Any] | None, depth: int = 0, *, create: bool = True
+) -> Finished:
+    """``work``: the session's end as its model holds it. ``JoinError`` (``not-found``)
+    without ``create`` if the session was not begun."""
     report = None
     while True:
         view = partial(Worker, ctx=ctx, report=report, depth=depth, retry=options is not None)
-        async with join(ctx.client, name, Computation, view, options, create=options is not None) as session:
+        made = create and options is not None
+        async with join(ctx.client, name, Computation, view, options, create=made) as session:
             outcome = await session.view.outcome()
         if outcome.finished is not None:
+            ctx.head_starts.pop(name, None)
             return outcome.finished
         report = (outcome.index, await _work_in(ctx, outcome.child, outcome.child_options, depth + 1))
 
@@ -198,12 +257,12 @@ class Worker(View):
 
     @property
     def _window(self) -> int:
-        """Partitions this view may hold: in a leaf, about ``HOLD`` s of computing at its
+        """Partitions this view may hold: in a leaf, about ``hold`` s of computing at its
         process's pace (at least two, at most the leaf); in an interior session, one child."""
         if not self.spec.leaf:
             return 1
         pace = self.ctx.pace
-        hold = self.ctx.window if pace is None else math.ceil(HOLD / max(pace, 1e-6))
+        hold = self.ctx.window if pace is None else math.ceil(self.ctx.hold / max(pace, 1e-6))
         return max(2, min(self.spec.count, hold))
 
     async def _work(self) -> Outcome:
@@ -237,14 +296,59 @@ class Worker(View):
             if self.spec.leaf:
                 await self._compute(held, model.inputs)
                 continue
-            index = held[0]
-            self._reported.add(index)
-            if self.ctx.detach and self.spec.parent is None:
-                return self._child_outcome(index)
-            child, options = self._child(index)
-            report = (await _work_in(self.ctx, child, options, self.depth + 1)).report(index)
-            if self._unreported(index):
-                self.publish("end", {"results": [report], **self._refill()})
+            outcome = await self._coordinate(held[0])
+            if outcome is not None:
+                return outcome
+
+    async def _coordinate(self, index: int) -> Outcome | None:
+        """Work child ``index`` and report its end; or the outcome that leaves the root to
+        work it there. A leaf's coordinator stays: it is back soon, and joining again
+        costs more than staying."""
+        self._reported.add(index)
+        child, options = self._child(index)
+        leaf = share(self.spec.partitions, self.spec.fanout, index)[1] <= self.spec.fanout
+        end = await self._leaf(index, child, options) if leaf else None
+        if end is None and (self.model.ended or not self._unreported(index)):
+            return None  # reported meanwhile by the view that held it
+        if end is None and not leaf and self.ctx.detach and self.spec.parent is None:
+            return Outcome(index=index, child=child, child_options=options)
+        if end is None:
+            if leaf:
+                self.ctx.begun.add(child)
+            end = await _work_in(self.ctx, child, options, self.depth + 1)
+        if self._unreported(index):
+            self.publish("end", {"results": [end.report(index)], **self._refill()})
+        return None
+
+    async def _leaf(self, index: int, name: str, options: dict[str, Any]) -> Finished | None:
+        """Leaf child ``index``, by the first of the views holding it: computed whole, if it
+        was handed to this identity alone and this process never began its session. The
+        others help in the session it begins, or wait while it computes the leaf whole.
+        None when the leaf is for a session of its own (computing it whole stopped, or it
+        is not this identity's alone), or was reported meanwhile: a leaf session is begun
+        only by a view that works it to its end (or by its process, when cancelled)."""
+        while True:
+            model = self.model
+            if model.ended or model.completed[index]:
+                return None
+            if self._first_holder(index, model):
+                whole = model.assignees[index] == [self.identity] and name not in self.ctx.begun
+                return await self._whole(name, options) if whole else None
+            try:
+                return await _work_in(self.ctx, name, options, self.depth + 1, create=False)
+            except JoinError as exc:
+                if exc.code != ErrorCode.NOT_FOUND:
+                    raise
+            await self.session.wait_for(partial(self._let_go, index))
+
+    def _let_go(self, index: int, model: Computation) -> bool:
+        """Whether child ``index`` was reported, or this view is now the first holding it."""
+        return model.ended or model.completed[index] or self._first_holder(index, model)
+
+    def _first_holder(self, index: int, model: Computation) -> bool:
+        """Whether this view comes first among those holding child ``index`` (in the order
+        the model keeps them, the same for all)."""
+        return next((view for view, held in model.workers.items() if index in held), None) == self.view_id
 
     def _unreported(self, index: int) -> bool:
         """Whether partition ``index`` still takes a report from this view's identity."""
@@ -262,9 +366,66 @@ class Worker(View):
         copy = model.assignees[index].index(identity)
         return self.spec.child(self.session.name, index, inputs[index], identity, copy)
 
-    def _child_outcome(self, index: int) -> Outcome:
-        child, options = self._child(index)
-        return Outcome(index=index, child=child, child_options=options)
+    async def _whole(self, name: str, options: dict[str, Any]) -> Finished | None:
+        """Leaf child ``name`` computed whole by this view, without a session, as its
+        session's only worker would: its end, tallied to this identity. None once it looks
+        like taking more than ``hold`` s of computing, or a hook fails: a session of its
+        own then goes on from there, from the leaf's ``HeadStart``."""
+        spec, plugin = Spec.from_options(options), self.ctx.plugin
+        if self._too_long(spec.count, 0.0):
+            return None
+        try:
+            inputs = await plugin.prepare_inputs(spec.input, spec.count, spec.options)
+        except HookFailed as exc:
+            self._log("failed", session=name, hook=exc.hook, error=exc.error)
+            return None
+        self._log("prepared", session=name)
+        head = HeadStart(inputs, inputs.value())
+        try:
+            if await self._compute_whole(name, spec, head):
+                output = await plugin.collect_results(head.outputs, spec.options)
+                self._log("collected", session=name)
+                ms = sum(head.ms)
+                counts = dict.fromkeys(COUNTS, 0) | {"submitted": spec.count + 2, "validated": spec.count + 2}
+                return Finished(output, {self.identity: counts | {"claimed_ms": ms, "credit_ms": ms}})
+        except HookFailed as exc:
+            self._log("failed", session=name, hook=exc.hook, error=exc.error)
+        self.ctx.head_starts[name] = head
+        return None
+
+    async def _compute_whole(self, name: str, spec: Spec, head: HeadStart) -> bool:
+        """Compute the leaf's partitions into ``head``, in batches; whether all were, before
+        a hook failed or the rest looked like taking too long. Its first partition alone
+        when the pace is not known yet."""
+        ctx, spent = self.ctx, 0.0
+        items = [(value, spec.start + i) for i, value in enumerate(head.values)]
+        while len(head.outputs) < spec.count:
+            if self._too_long(spec.count - len(head.outputs), spent):
+                return False
+            todo = items[len(head.outputs) :]
+            started = trio.current_time()
+            batch = Batch(REPORT_EVERY if ctx.pace else 0)
+            with ctx.tracker.computing(name, len(head.outputs), batch):
+                await ctx.plugin.compute_some(todo, spec.options, batch)
+            spent += trio.current_time() - started
+            head.outputs += batch.outputs
+            head.ms += batch.ms
+            if batch.outputs:
+                ctx.pace = spent / len(head.outputs)
+                self._log(
+                    "computed", session=name, indexes=[index for _, index in todo[: len(batch.outputs)]]
+                )
+            ctx.tracker.note(name, len(head.outputs), len(batch.outputs))
+            if batch.error is not None:
+                index = spec.start + len(head.outputs)
+                self._log("failed", session=name, hook="compute", error=batch.error, index=index)
+                return False
+        return True
+
+    def _too_long(self, left: int, spent: float) -> bool:
+        """Whether computing ``left`` more partitions at this process's pace would take a
+        leaf computed whole beyond ``hold`` s."""
+        return self.ctx.pace is not None and spent + left * self.ctx.pace > self.ctx.hold
 
     def _request(self, held: int) -> dict[str, int]:
         self._asked += 1
@@ -345,7 +506,10 @@ class Worker(View):
         await self.session.wait_for(lambda m: over(m) or m.epoch != epoch)
 
     async def _prepare(self) -> None:
-        spec = self.spec
+        spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
+        if head is not None:  # prepared before the leaf had a session
+            self.publish("inputs", {"inputs": head.inputs.embed(), "next": self._request(0)})
+            return
         try:
             inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
         except HookFailed as exc:
@@ -356,19 +520,13 @@ class Worker(View):
 
     async def _compute(self, held: list[int], inputs: list[Any]) -> None:
         """Compute the partitions held that still need this view's output, in order, and
-        report them together every ``REPORT_EVERY`` s and once they are all done."""
-        start, options = self.spec.start, self.spec.options
+        report them together every ``REPORT_EVERY`` s and once they are all done (those
+        of the leaf's head start at once)."""
         todo = self._needed(held)
         while todo:
-            started = trio.current_time()
-            items = [(inputs[index], start + index) for index in todo]
-            batch = await self.ctx.plugin.compute_some(items, options, REPORT_EVERY)
+            batch = self._head_start(todo, inputs) or await self._compute_some(todo, inputs)
             outputs = batch.outputs
-            if outputs:
-                self.ctx.pace = (trio.current_time() - started) / len(outputs)
             done, todo = todo[: len(outputs)], todo[len(outputs) :]
-            if done:
-                self._log("computed", indexes=[start + index for index in done])
             needed = set(self._needed(done))
             self._reported.update(done)
             results = [
@@ -378,12 +536,31 @@ class Worker(View):
             ]
             if results:
                 self.publish("end", {"results": results, **self._refill()})
-            self.ctx.tracker.note(self.session.name, self.model, len(outputs))
             if batch.error is not None:  # the next one failed: it goes back, to another worker first
                 failed, todo = todo[0], todo[1:]
                 self._failed("compute", batch.error, index=failed)
                 await self.session.wait_for(partial(self._released, failed))
             todo = self._needed(todo)
+
+    def _head_start(self, todo: list[int], inputs: list[Any]) -> Batch | None:
+        """The outputs that this process computed before the leaf had a session, of the
+        first of ``todo``; none unless the session's inputs are the ones they came from."""
+        head = self.ctx.head_starts.get(self.session.name)
+        return head.batch(todo) if head is not None and head.values == inputs else None
+
+    async def _compute_some(self, todo: list[int], inputs: list[Any]) -> Batch:
+        """The plugin's outputs of the first of ``todo``, for ``REPORT_EVERY`` s at most."""
+        start, options = self.spec.start, self.spec.options
+        started = trio.current_time()
+        items = [(inputs[index], start + index) for index in todo]
+        batch, model = Batch(REPORT_EVERY), self.model
+        with self.ctx.tracker.computing(self.session.name, model.count - model.remaining, batch):
+            await self.ctx.plugin.compute_some(items, options, batch)
+        if batch.outputs:
+            self.ctx.pace = (trio.current_time() - started) / len(batch.outputs)
+            self._log("computed", indexes=[start + index for index in todo[: len(batch.outputs)]])
+        self.ctx.tracker.note(self.session.name, self.model, len(batch.outputs))
+        return batch
 
     def _released(self, index: int, model: Computation) -> bool:
         """Whether the model took this view's failed attempt at ``index`` (or no longer needs it)."""
@@ -417,4 +594,4 @@ class Worker(View):
         self._log("failed", hook=hook, error=error, **at)
 
     def _log(self, event: str, **fields: Any) -> None:
-        self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id, **fields})
+        self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id} | fields)
