@@ -1,0 +1,44 @@
+"""The commands' trio clock: the poll waits whole milliseconds, and the rest is spun."""
+
+from __future__ import annotations
+
+import math
+
+import trio
+
+from million.cli.clock import PreciseClock
+
+
+def started() -> PreciseClock:
+    clock = PreciseClock()
+    clock.start_clock()
+    return clock
+
+
+def test_the_poll_waits_the_whole_milliseconds_left_and_never_more():
+    clock = started()
+    for left in [0.0743, 0.075, 1.0009, 0.0015]:
+        wait = clock.deadline_to_sleep_time(clock.current_time() + left)
+        ms = (wait + 1e-6) * 1000  # CPython rounds a poll's timeout up to whole ms
+        assert abs(ms - round(ms)) < 1e-6 and round(ms) >= 1
+        assert 0 < left - wait < 0.0011  # a millisecond short at most, spun
+
+
+def test_under_a_millisecond_left_the_loop_polls_without_waiting():
+    clock = started()
+    assert clock.deadline_to_sleep_time(clock.current_time() + 0.0009) == 0.0
+    assert clock.deadline_to_sleep_time(clock.current_time() - 1) == 0.0  # past
+
+
+def test_no_deadline_waits_as_long_as_trio_likes():
+    clock = started()
+    assert clock.deadline_to_sleep_time(math.inf) == math.inf
+
+
+def test_sleeps_end_no_earlier_than_asked():
+    async def sleep() -> float:
+        start = trio.current_time()
+        await trio.sleep(0.0123)
+        return trio.current_time() - start
+
+    assert trio.run(sleep, clock=PreciseClock()) >= 0.0123
