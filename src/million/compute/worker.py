@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -41,6 +41,7 @@ __all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker"
 SUMMARY_DEPTH = 1  # levels below the root whose progress is summarized, not only their end
 REPORT_EVERY = 0.25  # s: a leaf worker reports what it computed together, at least this often
 HOLD = 1.0  # s of computing that a leaf worker holds once its pace is known, or computes whole
+RESCUE = 3  # a leaf computed whole that takes this many times HOLD is stalled: others begin its session
 
 
 class RunRefused(PluginError):
@@ -119,23 +120,37 @@ class Tracker:
 
 @attrs.define
 class HeadStart:
-    """What a coordinator computed of a leaf before handing it to a session: its inputs
-    and the outputs of its first partitions, which the session's worker in this process
-    takes instead of calling the hooks again (while the session's inputs are these)."""
+    """What a coordinator did of a leaf before handing it to a session: its inputs, the
+    outputs of its first partitions, and the hook's failure that stopped it (at the
+    step, or the partition after those outputs). The session's worker in this process
+    takes the outputs instead of calling the hooks again (while the session's inputs
+    are these), and reports the failure as the session's first failed attempt there."""
 
-    inputs: Result
-    values: list[Any]  # the inputs decoded
+    inputs: Result | None  # None: preparing failed
+    values: list[Any] | None  # the inputs decoded
     outputs: list[Any] = attrs.Factory(list)
     ms: list[int] = attrs.Factory(list)
+    failure: tuple[str, str] | None = None  # (hook, error), reported once
 
     def batch(self, todo: list[int]) -> Batch | None:
-        """The outputs known of the first of ``todo`` (leading, in order); None if none is."""
+        """The outputs known of the first of ``todo`` (leading, in order), ending with the
+        failure if the next one is where it happened; None if there is neither."""
         known = 0
         while known < len(todo) and todo[known] < len(self.outputs):
             known += 1
-        if not known:
+        failed = known < len(todo) and todo[known] == len(self.outputs) and self.failure is not None
+        if not known and not failed:
             return None
-        return Batch.of([self.outputs[i] for i in todo[:known]], [self.ms[i] for i in todo[:known]])
+        batch = Batch.of([self.outputs[i] for i in todo[:known]], [self.ms[i] for i in todo[:known]])
+        if failed:
+            batch.error = self.take_failure()[1]
+        return batch
+
+    def take_failure(self) -> tuple[str, str]:
+        """The failure, to report once."""
+        assert self.failure is not None
+        failure, self.failure = self.failure, None
+        return failure
 
 
 @attrs.frozen
@@ -309,7 +324,8 @@ class Worker(View):
         leaf = share(self.spec.partitions, self.spec.fanout, index)[1] <= self.spec.fanout
         end = await self._leaf(index, child, options) if leaf else None
         if end is None and (self.model.ended or not self._unreported(index)):
-            return None  # reported meanwhile by the view that held it
+            self.ctx.head_starts.pop(child, None)
+            return None  # reported meanwhile
         if end is None and not leaf and self.ctx.detach and self.spec.parent is None:
             return Outcome(index=index, child=child, child_options=options)
         if end is None:
@@ -321,34 +337,49 @@ class Worker(View):
         return None
 
     async def _leaf(self, index: int, name: str, options: dict[str, Any]) -> Finished | None:
-        """Leaf child ``index``, by the first of the views holding it: computed whole, if it
-        was handed to this identity alone and this process never began its session. The
-        others help in the session it begins, or wait while it computes the leaf whole.
-        None when the leaf is for a session of its own (computing it whole stopped, or it
-        is not this identity's alone), or was reported meanwhile: a leaf session is begun
-        only by a view that works it to its end (or by its process, when cancelled)."""
+        """Leaf child ``index``, decided by the first of the views holding this copy of it:
+        computed whole, unless it was handed to another identity too (verification aside)
+        or this process began its session. The others help in the session it begins, or
+        wait while it computes the leaf whole, for up to ``RESCUE`` times ``hold`` s: then
+        it is stalled, and they begin the session themselves. None when the leaf is for a
+        session (begun by whoever works it to its end), or was reported meanwhile."""
+        waited_since = trio.current_time()
         while True:
             model = self.model
-            if model.ended or model.completed[index]:
+            if model.ended or not self._unreported(index):
                 return None
             if self._first_holder(index, model):
-                whole = model.assignees[index] == [self.identity] and name not in self.ctx.begun
+                shared = bool(model.alone[index]) or model.verify == 1  # else this identity's copy
+                whole = name not in self.ctx.begun and (
+                    model.assignees[index] == [self.identity] or not shared
+                )
                 return await self._whole(name, options) if whole else None
             try:
                 return await _work_in(self.ctx, name, options, self.depth + 1, create=False)
             except JoinError as exc:
                 if exc.code != ErrorCode.NOT_FOUND:
                     raise
-            await self.session.wait_for(partial(self._let_go, index))
+            if trio.current_time() - waited_since > RESCUE * self.ctx.hold:
+                return None
+            with trio.move_on_after(self.ctx.hold):  # then look for its session again
+                await self.session.wait_for(partial(self._let_go, index))
 
     def _let_go(self, index: int, model: Computation) -> bool:
-        """Whether child ``index`` was reported, or this view is now the first holding it."""
-        return model.ended or model.completed[index] or self._first_holder(index, model)
+        """Whether child ``index`` needs nothing more of this view, or it is now the first
+        holding this copy."""
+        return model.ended or not self._unreported(index) or self._first_holder(index, model)
 
     def _first_holder(self, index: int, model: Computation) -> bool:
-        """Whether this view comes first among those holding child ``index`` (in the order
-        the model keeps them, the same for all)."""
-        return next((view for view, held in model.workers.items() if index in held), None) == self.view_id
+        """Whether this view comes first, in the order the model keeps them (the same for
+        all), among those holding child ``index`` to work the same session: under
+        verification, each identity works a copy of its own."""
+        shared = bool(model.alone[index]) or model.verify == 1
+        holders = (
+            view
+            for view, held in model.workers.items()
+            if index in held and (shared or model.views.get(view) == self.identity)
+        )
+        return next(holders, None) == self.view_id
 
     def _unreported(self, index: int) -> bool:
         """Whether partition ``index`` still takes a report from this view's identity."""
@@ -374,31 +405,29 @@ class Worker(View):
         spec, plugin = Spec.from_options(options), self.ctx.plugin
         if self._too_long(spec.count, 0.0):
             return None
+        head = self.ctx.head_starts[name] = HeadStart(None, None)
         try:
-            inputs = await plugin.prepare_inputs(spec.input, spec.count, spec.options)
+            head.inputs = await plugin.prepare_inputs(spec.input, spec.count, spec.options)
+            head.values = head.inputs.value()
+            self._log("prepared", session=name)
+            if not await self._compute_whole(name, spec, head):
+                return None
+            output = await plugin.collect_results(head.outputs, spec.options)
         except HookFailed as exc:
-            self._log("failed", session=name, hook=exc.hook, error=exc.error)
+            head.failure = (exc.hook, exc.error)
             return None
-        self._log("prepared", session=name)
-        head = HeadStart(inputs, inputs.value())
-        try:
-            if await self._compute_whole(name, spec, head):
-                output = await plugin.collect_results(head.outputs, spec.options)
-                self._log("collected", session=name)
-                ms = sum(head.ms)
-                counts = dict.fromkeys(COUNTS, 0) | {"submitted": spec.count + 2, "validated": spec.count + 2}
-                return Finished(output, {self.identity: counts | {"claimed_ms": ms, "credit_ms": ms}})
-        except HookFailed as exc:
-            self._log("failed", session=name, hook=exc.hook, error=exc.error)
-        self.ctx.head_starts[name] = head
-        return None
+        self._log("collected", session=name)
+        self.ctx.head_starts.pop(name, None)
+        ms = sum(head.ms)
+        counts = dict.fromkeys(COUNTS, 0) | {"submitted": spec.count + 2, "validated": spec.count + 2}
+        return Finished(output, {self.identity: counts | {"claimed_ms": ms, "credit_ms": ms}})
 
     async def _compute_whole(self, name: str, spec: Spec, head: HeadStart) -> bool:
         """Compute the leaf's partitions into ``head``, in batches; whether all were, before
         a hook failed or the rest looked like taking too long. Its first partition alone
         when the pace is not known yet."""
         ctx, spent = self.ctx, 0.0
-        items = [(value, spec.start + i) for i, value in enumerate(head.values)]
+        items = [(value, spec.start + i) for i, value in enumerate(head.values or ())]
         while len(head.outputs) < spec.count:
             if self._too_long(spec.count - len(head.outputs), spent):
                 return False
@@ -417,8 +446,7 @@ class Worker(View):
                 )
             ctx.tracker.note(name, len(head.outputs), len(batch.outputs))
             if batch.error is not None:
-                index = spec.start + len(head.outputs)
-                self._log("failed", session=name, hook="compute", error=batch.error, index=index)
+                head.failure = ("compute", batch.error)
                 return False
         return True
 
@@ -507,8 +535,11 @@ class Worker(View):
 
     async def _prepare(self) -> None:
         spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
-        if head is not None:  # prepared before the leaf had a session
+        if head is not None and head.inputs is not None:  # prepared before the leaf had a session
             self.publish("inputs", {"inputs": head.inputs.embed(), "next": self._request(0)})
+            return
+        if head is not None and head.failure is not None:  # preparing failed before
+            self._failed(*head.take_failure(), step="prepare")
             return
         try:
             inputs = await self.ctx.plugin.prepare_inputs(spec.input, spec.count, spec.options)
@@ -554,7 +585,10 @@ class Worker(View):
         started = trio.current_time()
         items = [(inputs[index], start + index) for index in todo]
         batch, model = Batch(REPORT_EVERY), self.model
-        with self.ctx.tracker.computing(self.session.name, model.count - model.remaining, batch):
+        # Under verification an output is done once identities agree, not when computed.
+        shown = model.verify == 1 or model.solo == self.identity
+        tracked = self.ctx.tracker.computing(self.session.name, model.count - model.remaining, batch)
+        with tracked if shown else nullcontext():
             await self.ctx.plugin.compute_some(items, options, batch)
         if batch.outputs:
             self.ctx.pace = (trio.current_time() - started) / len(batch.outputs)
@@ -575,7 +609,10 @@ class Worker(View):
         return needed
 
     async def _collect(self) -> None:
-        spec = self.spec
+        spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
+        if head is not None and head.failure is not None and len(head.outputs) == spec.count:
+            self._failed(*head.take_failure(), step="collect")  # collecting failed before
+            return
         try:
             output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
         except HookFailed as exc:
