@@ -253,3 +253,23 @@ async def test_chaos_under_verification_keeps_the_answer_and_the_ledger(tmp_path
 async def test_an_embedded_run_with_fewer_worker_processes_than_verify_is_refused_at_once():
     with pytest.raises(RunError, match=r"--verify 3 needs 3 identities .* \(--processes 3\)"):
         await run(RunConfig("ordered", processes=2, verify=3))
+
+
+async def test_two_identities_compute_their_copies_of_quick_leaves_whole_and_agree(reflector):
+    # The root's children are leaves: each identity's bots share out its copies, stealing
+    # from each other at the end, and compute them whole.
+    job = Run(reflector.url, "copies", 2_000, 50, verify=2)
+    workers = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(job.go)
+            await job.started.wait()
+            workers = [start_worker(reflector.url, "copies", 6) for _ in range(2)]
+            await job.wait(60)
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert job.error is None and job.result is not None
+    assert job.result.answer == million_testplugin.expected("copies", 2_000, 50)
+    leaves = [name for name in await reflector.store.names() if name.startswith("copies-")]
+    assert len(leaves) < 40  # of the 80 copies, most were computed whole
