@@ -349,10 +349,8 @@ class Worker(View):
             if model.ended or not self._unreported(index):
                 return None
             if self._first_holder(index, model):
-                shared = bool(model.alone[index]) or model.verify == 1  # else this identity's copy
-                whole = name not in self.ctx.begun and (
-                    model.assignees[index] == [self.identity] or not shared
-                )
+                alone = model.assignees[index] == [self.identity] or not _shared(index, model)
+                whole = alone and name not in self.ctx.begun
                 return await self._whole(name, options) if whole else None
             try:
                 return await _work_in(self.ctx, name, options, self.depth + 1, create=False)
@@ -373,7 +371,7 @@ class Worker(View):
         """Whether this view comes first, in the order the model keeps them (the same for
         all), among those holding child ``index`` to work the same session: under
         verification, each identity works a copy of its own."""
-        shared = bool(model.alone[index]) or model.verify == 1
+        shared = _shared(index, model)
         holders = (
             view
             for view, held in model.workers.items()
@@ -392,7 +390,7 @@ class Worker(View):
         model, identity = self.model, self.identity
         inputs = model.inputs
         assert inputs is not None  # a partition is given out only once there are inputs
-        if model.alone[index] or model.verify == 1:
+        if _shared(index, model):
             return self.spec.child(self.session.name, index, inputs[index], model.alone[index])
         copy = model.assignees[index].index(identity)
         return self.spec.child(self.session.name, index, inputs[index], identity, copy)
@@ -632,3 +630,9 @@ class Worker(View):
 
     def _log(self, event: str, **fields: Any) -> None:
         self.ctx.plugin.log({"event": event, "session": self.session.name, "view": self.view_id} | fields)
+
+
+def _shared(index: int, model: Computation) -> bool:
+    """Whether every identity handed child ``index`` works the same session of it; under
+    verification, unless it was handed alone, each works a copy of its own."""
+    return bool(model.alone[index]) or model.verify == 1
