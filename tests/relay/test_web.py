@@ -314,7 +314,7 @@ def directive(policy: str, name: str) -> list[str]:
 def test_the_content_policy_names_each_inline_script_by_hash_and_lets_only_the_port_s_scripts_load():
     policy = web.content_policy(b"<style>a{}</style><script>go()</script><script type=module>x</script>")
     first, *scripts = directive(policy, "script-src")
-    assert first == "'self'"  # the plotly bundle: nothing else on the port is served as JavaScript
+    assert first == "'self'"  # the plotly bundle and token.js: nothing else is served as JavaScript
     assert len(scripts) == 2 and all(source.startswith("'sha256-") for source in scripts)
     assert directive(web.content_policy(b"<p>no script</p>"), "script-src") == ["'self'"]
     style, empty = directive(policy, "style-src")

@@ -8,6 +8,7 @@
 - ``/metrics``: the reflector's counters in Prometheus' text format;
 - ``/plotly.min.js``: plotly's offline bundle, which draws the pages' plots (read from
   the installed plotly on the first request; the browser may cache it);
+- ``/token.js``: how every page takes the token from its address (``token.js``);
 - every registered ``WebPage`` at its path and at the paths of its views, each with its
   websocket at ``<path>/live`` (``/live`` for ``/``). Without a page at ``/``, ``/`` is
   the generic page.
@@ -80,6 +81,8 @@ HEADERS = [
 NO_STORE = "no-store"  # everything but the plotly bundle: pages and data are never cached
 PLOTLY = "/plotly.min.js"
 PLOTLY_CACHE = "public, max-age=86400"  # it changes only with the installed plotly
+TOKEN_SCRIPT = "/token.js"
+JAVASCRIPT = "text/javascript; charset=utf-8"
 #: plotly adds its stylesheet as an empty ``<style>`` and fills it through the CSSOM, which
 #: a policy does not govern: the hash of nothing lets it do that and no more.
 EMPTY_STYLE = "'sha256-{}'".format(base64.b64encode(hashlib.sha256(b"").digest()).decode())
@@ -219,8 +222,8 @@ def store_bytes(path: str) -> int | None:
 def content_policy(html: bytes) -> str:
     """A content security policy for ``html``: nothing loads or runs but its own inline
     scripts and styles (by hash) and the web port's scripts (``'self'``: only the plotly
-    bundle is served as JavaScript), images only as ``data:`` (plotly draws a heat map as
-    one), and it connects only to its own server."""
+    bundle and the token script are served as JavaScript), images only as ``data:``
+    (plotly draws a heat map as one), and it connects only to its own server."""
 
     def hashes(tag: bytes) -> list[str]:
         pattern = rb"<%s(?:\s[^>]*)?>(.*?)</%s>" % (tag, tag)
@@ -253,6 +256,7 @@ def sessions_view(relay: Relay, choice: Any) -> dict[str, Any]:
     return info
 
 
+TOKEN_JS = resources.files("million.relay").joinpath("token.js").read_bytes()
 SESSIONS_PAGE = WebPage(
     "/sessions",
     resources.files("million.relay").joinpath("sessions.html").read_bytes(),
@@ -329,6 +333,8 @@ class _Web:
                 await _respond(stream, ws, 401, "text/plain", b"missing or wrong token\n")
         elif target.path == PLOTLY:
             await self.plotly(stream, ws, request)
+        elif target.path == TOKEN_SCRIPT:
+            await _respond(stream, ws, 200, JAVASCRIPT, TOKEN_JS)
         elif page is None:
             await _respond(stream, ws, 404, "text/plain", b"not found\n")
         elif not live:
@@ -351,8 +357,7 @@ class _Web:
         if "gzip" in request.headers.get("Accept-Encoding", ""):
             body = zipped
             headers.append(("Content-Encoding", "gzip"))
-        kind = "text/javascript; charset=utf-8"
-        await _respond(stream, ws, 200, kind, body, headers, cache=PLOTLY_CACHE)
+        await _respond(stream, ws, 200, JAVASCRIPT, body, headers, cache=PLOTLY_CACHE)
 
     def refusal(self, request: Request, query: str) -> tuple[int, str, bytes] | None:
         """Why a page socket may not open (status, type, body), or None: it may."""
