@@ -85,11 +85,12 @@ def progress_line(figures: dict[str, Any]) -> str:
 
 def bots_in(bots: Any, processes: Any) -> str:
     """``N bots in P processes``, of counts that may come from anyone's summary."""
+    return f"{_count(bots)} bots in {_count(processes)} process" + ("" if processes == 1 else "es")
 
-    def count(value: Any) -> str:
-        return f"{value:,}" if type(value) is int else str(value)
 
-    return f"{count(bots)} bots in {count(processes)} process" + ("" if processes == 1 else "es")
+def _count(value: Any) -> str:
+    """A count from anyone's summary: with thousands separators if it is an integer."""
+    return f"{value:,}" if type(value) is int else str(value)
 
 
 def result_lines(result: RunResult) -> list[str]:
@@ -179,14 +180,10 @@ def _rate(value: float | None) -> str:
 def _run_line(run: dict[str, Any]) -> str:
     """One run of the lobby; its fields come from participants, so nothing is assumed."""
 
-    def count(key: str) -> str:
-        value = run.get(key, 0)
-        return f"{value:,}" if type(value) is int else str(value)
-
     plugin = f"{run.get('plugin', '?')} {run.get('version', '')}".strip()
     state = run.get("state")
     line = f"  {run['name']:20} {plugin}  {state!s:6}"
-    line += f"  {count('completed')} of {count('partitions')} partitions"
+    line += f"  {_count(run.get('completed', 0))} of {_count(run.get('partitions', 0))} partitions"
     if state == "done":
         return line + f"  answer {json.dumps(run.get('answer'))}"
     if state == "failed":
@@ -194,7 +191,10 @@ def _run_line(run: dict[str, Any]) -> str:
         return line + (f"  {failure.splitlines()[0]}" if type(failure) is str and failure else "")
     eta = run.get("eta_s")
     left = f"  {_duration(eta)} left" if type(eta) is int else ""
-    return line + f"  {count('rate')}/s{left}  {bots_in(run.get('bots', 0), run.get('processes', 0))}"
+    return (
+        line
+        + f"  {_count(run.get('rate', 0))}/s{left}  {bots_in(run.get('bots', 0), run.get('processes', 0))}"
+    )
 
 
 def _duration(seconds: int) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from million.compute.computation import Computation
-from million.compute.lobby import LOBBY, MAX_FAILURE, Lobby, bots_per_run
+from million.compute.lobby import LOBBY, Lobby, bots_per_run, failed_event
 from million.compute.plugins import Plugin, PluginError, load_plugin
 from million.compute.progress import (
     MAX_LEAVES,
@@ -113,10 +113,7 @@ async def _tell_progress(
     """Every ``TELL_EVERY`` s until the run ends, say how many partitions this process
     computed for ``run``."""
     told = 0
-    while True:
-        with trio.move_on_after(TELL_EVERY):
-            await root.wait_for(lambda model: model.ended)
-            return
+    while not await _ended_within(root, TELL_EVERY):
         model = progress.model
         notify(
             f"run {run}: this process computed {tracker.total - told:,} partitions in the last minute"
@@ -129,10 +126,9 @@ async def share_progress(progress: Session[View], root: Session[View], tracker: 
     """Publish what this process's workers computed, every ``PROGRESS_EVERY`` s and once
     the run has ended: a bounded rate of events however fast they compute. With nothing
     new, every ``HEARD_EVERY`` s all the same: the run's pages show when it was last heard."""
-    told = trio.current_time()
-    while True:
-        with trio.move_on_after(PROGRESS_EVERY):
-            await root.wait_for(lambda model: model.ended)
+    told, ended = trio.current_time(), False
+    while not ended:
+        ended = await _ended_within(root, PROGRESS_EVERY)
         leaves, computed = tracker.take()
         if leaves or computed or trio.current_time() - told >= HEARD_EVERY:
             names = list(leaves)
@@ -141,8 +137,6 @@ async def share_progress(progress: Session[View], root: Session[View], tracker: 
                 event = {"leaves": chunk, "computed": computed if at == 0 else 0, "bots": bots}
                 progress.publish("progress", event)
             told = trio.current_time()
-        if root.model.ended:
-            return
 
 
 async def summarize_sessions(ctx: Context, root: Session[View]) -> None:
@@ -150,16 +144,20 @@ async def summarize_sessions(ctx: Context, root: Session[View]) -> None:
     levels that this process's workers are in, those that changed: what the pages show
     of each stays within half a second of its state, whatever its workers are doing."""
     shown: dict[str, tuple[Any, ...]] = {}  # session -> what its last summary showed
-    while True:
-        with trio.move_on_after(SUMMARY_EVERY):
-            await root.wait_for(lambda model: model.ended)
-            return
+    while not await _ended_within(root, SUMMARY_EVERY):
         for session in list(ctx.shown):
             model = session.model
             state = (model.epoch, model.remaining, model.inputs is None, model.done, len(model.workers))
             if shown.get(session.name) != state:
                 shown[session.name] = state
                 session.summarize(summary(model))
+
+
+async def _ended_within(root: Session[View], seconds: float) -> bool:
+    """Whether the run ``root`` is of ended within ``seconds``."""
+    with trio.move_on_after(seconds):
+        await root.wait_for(lambda model: model.ended)
+    return bool(root.model.ended)
 
 
 def _first(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -209,7 +207,7 @@ async def run_lobby_bots(
             try:
                 answer = await crew(client, run, count, detach=detach, notify=notify)
             except RunFailed as exc:  # the lobby lists it as failed, until it is resumed
-                lobby.publish("failed", {"name": run, "failure": str(exc)[:MAX_FAILURE]})
+                lobby.publish("failed", failed_event(run, str(exc)))
                 return
             except (PluginError, RunRefused, JoinError) as exc:
                 log.warning("skipping run %s: %s", run, exc)

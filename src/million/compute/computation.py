@@ -400,17 +400,15 @@ class Computation(Model, name="million.computation.5"):
             task = self.tasks[step]
             if view not in task.holders:
                 return
-            task.holders.remove(view)
-            if all(self.views.get(other) != identity for other in task.holders):
-                task.claimants = [who for who in task.claimants if who != identity]
+            task.drop(view, identity, self.views)
             attempts = self.step_attempts.setdefault(step, [])
             what, hook = f"the {step} step of {self.where or 'the root'}", STEPS[step]
         attempts.append([view, identity, self.now])
         self.epoch += 1
         self.future(RETRY_AFTER, self.rested)
-        workers = len({who for who, _, _ in attempts})
         identities = 1 if self.solo else self.verify  # a copy of a child is worked by one identity
         if len(attempts) >= self.max_failures and len({who for _, who, _ in attempts}) >= identities:
+            workers = len({who for who, _, _ in attempts})
             times = f"{len(attempts)} times" + (f" on {workers} workers" if workers > 1 else "")
             self.failed = f"{what} failed in {hook} {times}; the last time:\n{data['error']}"
             self.retryable = True

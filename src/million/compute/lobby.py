@@ -16,7 +16,7 @@ from million.replica.model import Model
 from million.replica.state import is_json
 from million.wire.protocol import SESSION_NAME
 
-__all__ = ["LOBBY", "Lobby", "bots_per_run", "post_event"]
+__all__ = ["LOBBY", "Lobby", "bots_per_run", "failed_event", "post_event"]
 
 LOBBY = "million-lobby"
 KEEP_FINISHED = 200  # finished runs the lobby remembers
@@ -122,3 +122,9 @@ def bots_per_run(bots: int, runs: list[str]) -> dict[str, int]:
     runs = runs[:bots]
     base, extra = divmod(bots, len(runs))
     return {run: base + (1 if i < extra else 0) for i, run in enumerate(runs)}
+
+
+def failed_event(name: str, why: str) -> dict[str, Any]:
+    """The ``failed`` event that marks run ``name`` failed, saying ``why`` (cut to what the
+    lobby keeps)."""
+    return {"name": name, "failure": why[:MAX_FAILURE]}

@@ -53,7 +53,8 @@ def run_view(relay: Relay, choice: Any) -> dict[str, Any]:
     run = choice.get("run") if isinstance(choice, dict) else None
     if not isinstance(run, str):
         return {"run": None, "tree": None}
-    summary = _decoded(relay, [progress_session(run)]).get(progress_session(run))
+    progress = progress_session(run)
+    summary = _decoded(relay, [progress]).get(progress)
     row = run_row(run, summary, processes=True) if is_run_summary(summary) else None
     return {"run": row, "tree": tree(relay, run)}
 

@@ -14,7 +14,7 @@ import trio
 
 from million.compute.computation import Computation
 from million.compute.plugins import Result
-from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, branches, share
+from million.compute.tree import MAX_FANOUT, MAX_PARTITIONS, branches, share_among
 from million.replica.model import Model
 from million.replica.session import Session
 from million.wire.protocol import SESSION_NAME, VIEW_EXIT
@@ -153,9 +153,10 @@ def run_summary(run: str, progress: Progress, root: Computation, rate: int | Non
         + [[round((now - start) / 1000, 1), completed]],
         "workers": _processes(progress, now),
     }
-    children = min(branches(progress.partitions, progress.fanout), SUMMARY_CHILDREN)
+    first_level = branches(progress.partitions, progress.fanout)
+    children = min(first_level, SUMMARY_CHILDREN)
     if children:
-        sizes = [share(progress.partitions, progress.fanout, i)[1] for i in range(children)]
+        sizes = [share_among(progress.partitions, first_level, i)[1] for i in range(children)]
         done = [size if root.done else progress.by_child.get(i, 0) for i, size in enumerate(sizes)]
         data["children"] = [list(pair) for pair in zip(done, sizes, strict=True)]
     return data
@@ -319,7 +320,7 @@ class Progress(Model, name="million.progress.2"):
             position = int(index)  # at most six digits: no setting of Python matters
             if position >= children:
                 return None
-            offset, size = share(size, self.fanout, position)
+            offset, size = share_among(size, children, position)
             start += offset
             child = position if level == 0 else child
         return (start, size, child) if size <= self.fanout else None

@@ -165,19 +165,17 @@ async def run(
                 async with open_run(client, name, spec) as (root, progress):
                     state.root, state.progress = root, progress
                     resumed, stored = root.replica.seq > 1, root.model.done
-                    started, state.before = trio.current_time(), progress.model.done
-                    state.started = started
+                    state.started, state.before = trio.current_time(), progress.model.done
                     if root.model.retryable:  # a plugin's failure: resuming retries
                         root.publish("retry", None)
                         await root.wait_for(lambda model: not model.retryable)
                     if not root.model.ended:
                         await _tell_lobby(client, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch, notify)
-                    answer, elapsed = root.model.output, trio.current_time() - started
+                    answer, elapsed = root.model.output, trio.current_time() - state.started
                     failed = root.model.failed
                     if failed is not None:
-                        failure = {"name": name, "failure": failed[: lobby.MAX_FAILURE]}
-                        await _tell_lobby(client, "failed", failure)
+                        await _tell_lobby(client, "failed", lobby.failed_event(name, failed))
                     else:
                         await _tell_lobby(client, "done", {"name": name, "answer": answer})
                     credit = await _record_credit(client, name, root.model.tally, spec.max_rejections)

@@ -18,7 +18,17 @@ import attrs
 from million.replica.state import MAX_DEPTH, describe, is_json
 from million.wire.protocol import SESSION_NAME
 
-__all__ = ["MAX_FANOUT", "MAX_PARTITIONS", "Spec", "SpecError", "branches", "depth", "share", "split"]
+__all__ = [
+    "MAX_FANOUT",
+    "MAX_PARTITIONS",
+    "Spec",
+    "SpecError",
+    "branches",
+    "depth",
+    "share",
+    "share_among",
+    "split",
+]
 
 #: A session keeps several lists of ``min(partitions, fanout)`` entries: at most this many.
 MAX_FANOUT = 1_000_000
@@ -50,15 +60,17 @@ def split(total: int, fanout: int) -> list[tuple[int, int]]:
     """``(start, size)`` of each child of a session of ``total`` partitions (none for a
     leaf). Sizes differ by at most one, the larger first; integer arithmetic only."""
     children = branches(total, fanout)
-    return [_share(total, children, index) for index in range(children)]
+    return [share_among(total, children, index) for index in range(children)]
 
 
 def share(total: int, fanout: int, index: int) -> tuple[int, int]:
     """``(start, size)`` of child ``index`` in ``split(total, fanout)``."""
-    return _share(total, branches(total, fanout), index)
+    return share_among(total, branches(total, fanout), index)
 
 
-def _share(total: int, children: int, index: int) -> tuple[int, int]:
+def share_among(total: int, children: int, index: int) -> tuple[int, int]:
+    """``(start, size)`` of child ``index`` when ``total`` is shared among ``children``
+    (``share``, with the number of children known)."""
     base, extra = divmod(total, children)
     return index * base + min(index, extra), base + (1 if index < extra else 0)
 

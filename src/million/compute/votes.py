@@ -113,6 +113,13 @@ class Task:
         if gone and identity in self.claimants:
             self.claimants.remove(identity)
 
+    def drop(self, view: str, identity: str, views: dict[str, str]) -> None:
+        """``view`` (of ``identity``), which holds the step, failed it: it holds it no more,
+        and its identity's place goes unless another of its views holds the step."""
+        self.holders.remove(view)
+        if all(views.get(other) != identity for other in self.holders):
+            self.claimants = [who for who in self.claimants if who != identity]
+
     def reported(self, identity: str, views: dict[str, str]) -> None:
         """``identity`` reported: none of its views does the step any more."""
         self.holders = [view for view in self.holders if views.get(view) != identity]

@@ -64,7 +64,6 @@ class RelaySession(Generic[C]):
     time: int = 0  # session time (ms) of the latest event or tick
     time_base: int = 0  # session time when it was last occupied
     occupied_since: float | None = None
-    occupied_seq: int = 0  # seq when someone last came into the empty session
     marks: list[tuple[float, int]] = attrs.Factory(list)  # (time, seq), ``RATE_WINDOW`` apart: the last two
     last_sent: float = 0.0  # when the latest event or tick was stamped
     snapshot_seq: int = 0
@@ -109,7 +108,6 @@ class RelaySession(Generic[C]):
         if not self.conns:
             self.time_base = self.time
             self.occupied_since = now
-            self.occupied_seq = self.seq
             self.marks = [(now, self.seq)]
             self.phase = Phase.OCCUPIED
         count = self.conns.get(conn, 0)
