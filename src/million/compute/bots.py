@@ -10,6 +10,7 @@ the first kind and ``million work --processes N`` starts N of either.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import ssl
 import subprocess
@@ -82,7 +83,9 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True, noti
         spec = run_spec(run, root.options)
         plugin = _plugin_for(run, spec.plugin, spec.version)
         await plugin.check_options(spec.input, spec.options)
-        plugin.threads = trio.CapacityLimiter(max(1, bots))  # a bot waits for no other bot's hook
+        # Each bot runs one hook at a time: none waits for another's thread, in this run or in
+        # another run of this process, even behind a hook abandoned in its thread.
+        plugin.threads = trio.CapacityLimiter(math.inf)
         async with join(client, progress_session(run), Progress, View, create=False) as progress:
             progress.publish("bots", bots)
             ctx = Context(client, plugin, detach)

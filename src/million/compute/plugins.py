@@ -86,7 +86,7 @@ class Plugin:
         self.version = version
         self.manager = manager
         self._hooks: dict[str, tuple[Callable[..., Any], bool]] = {}  # name -> (hook, all async)
-        #: Synchronous hooks running at once, in worker threads: one per bot of the process
+        #: Synchronous hooks running at once, in worker threads: as many as bots call them
         #: (``crew``), else trio's default limit.
         self.threads: trio.CapacityLimiter | None = None
 
