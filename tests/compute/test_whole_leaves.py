@@ -95,6 +95,34 @@ async def test_a_leaf_slower_than_a_leaf_computed_whole_may_be_goes_on_in_a_sess
     assert sum(hooks.prepared.values()) == 3, "a leaf was prepared twice"
 
 
+async def test_a_first_partition_too_slow_for_a_leaf_computed_whole_is_taken_on_by_its_session(reflector):
+    hooks = Counting(held=0)  # the first partition, computed to learn the pace, waits for go
+    spec = Spec("counting", "0", "in", 20, 10)
+    async with million.open_client(reflector.url) as client, open_run(client, "R", spec) as (root, _):
+        ctx = Context(client, plugin_from_object("counting", hooks), hold=HOLD)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(work, ctx, "R")
+            assert await trio.to_thread.run_sync(lambda: hooks.entered.acquire(timeout=30))
+            with trio.fail_after(30):  # begun while the partition is still being computed
+                while not await _begun(client, "R-0"):
+                    await trio.sleep(0.01)
+            hooks.go.set()
+        names = {name for name in await reflector.store.names() if ":" not in name}
+    assert root.model.output == million_testplugin.expected("in", 20, 10)
+    assert names == {"R", "R-0"}  # leaf 1, at the pace of leaf 0's session, was computed whole
+    assert hooks.computed == Counter(range(20)), "a partition was computed twice"
+    assert sum(hooks.prepared.values()) == 3, "a leaf was prepared twice"
+
+
+async def _begun(client: million.Client, name: str) -> bool:
+    """Whether session ``name`` exists and has its inputs."""
+    try:
+        async with million.join(client, name, Computation, create=False) as session:
+            return session.model.inputs is not None
+    except million.JoinError:
+        return False
+
+
 async def test_a_hook_failing_in_a_leaf_computed_whole_is_retried_in_its_session(reflector):
     hooks = Counting(flaky=5)
     answer, _, names = await run_alone(reflector, hooks, 20, 10)

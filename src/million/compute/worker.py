@@ -131,6 +131,13 @@ class HeadStart:
     outputs: list[Any] = attrs.Factory(list)
     ms: list[int] = attrs.Factory(list)
     failure: tuple[str, str] | None = None  # (hook, error), reported once
+    spent: float = 0.0  # s of computing the outputs took
+    probe: trio.Event | None = None  # while the first partition is computed to learn the pace: unset
+
+    async def settled(self) -> None:
+        """Wait until the first partition, if it is being computed, is."""
+        if self.probe is not None:
+            await self.probe.wait()
 
     def batch(self, todo: list[int]) -> Batch | None:
         """The outputs known of the first of ``todo`` (leading, in order), ending with the
@@ -322,21 +329,25 @@ class Worker(View):
         self._reported.add(index)
         child, options = self._child(index)
         leaf = share(self.spec.partitions, self.spec.fanout, index)[1] <= self.spec.fanout
-        end = await self._leaf(index, child, options) if leaf else None
-        if end is None and (self.model.ended or not self._unreported(index)):
-            self.ctx.head_starts.pop(child, None)
-            return None  # reported meanwhile
-        if end is None and not leaf and self.ctx.detach and self.spec.parent is None:
-            return Outcome(index=index, child=child, child_options=options)
-        if end is None:
-            if leaf:
-                self.ctx.begun.add(child)
-            end = await _work_in(self.ctx, child, options, self.depth + 1)
+        async with trio.open_nursery() as probes:  # a leaf's first partition, computed meanwhile
+            end = await self._leaf(index, child, options, probes) if leaf else None
+            if end is None and (self.model.ended or not self._unreported(index)):
+                probes.cancel_scope.cancel()
+                self.ctx.head_starts.pop(child, None)
+                return None  # reported meanwhile
+            if end is None and not leaf and self.ctx.detach and self.spec.parent is None:
+                return Outcome(index=index, child=child, child_options=options)
+            if end is None:
+                if leaf:
+                    self.ctx.begun.add(child)
+                end = await _work_in(self.ctx, child, options, self.depth + 1)
         if self._unreported(index):
             self.publish("end", {"results": [end.report(index)], **self._refill()})
         return None
 
-    async def _leaf(self, index: int, name: str, options: dict[str, Any]) -> Finished | None:
+    async def _leaf(
+        self, index: int, name: str, options: dict[str, Any], probes: trio.Nursery
+    ) -> Finished | None:
         """Leaf child ``index``, decided by the first of the views holding this copy of it:
         computed whole, unless it was handed to another identity too (verification aside)
         or this process began its session. The others help in the session it begins, or
@@ -351,7 +362,7 @@ class Worker(View):
             if self._first_holder(index, model):
                 alone = model.assignees[index] == [self.identity] or not _shared(index, model)
                 whole = alone and name not in self.ctx.begun
-                return await self._whole(name, options) if whole else None
+                return await self._whole(name, options, probes) if whole else None
             try:
                 return await _work_in(self.ctx, name, options, self.depth + 1, create=False)
             except JoinError as exc:
@@ -395,11 +406,12 @@ class Worker(View):
         copy = model.assignees[index].index(identity)
         return self.spec.child(self.session.name, index, inputs[index], identity, copy)
 
-    async def _whole(self, name: str, options: dict[str, Any]) -> Finished | None:
+    async def _whole(self, name: str, options: dict[str, Any], probes: trio.Nursery) -> Finished | None:
         """Leaf child ``name`` computed whole by this view, without a session, as its
         session's only worker would: its end, tallied to this identity. None once it looks
         like taking more than ``hold`` s of computing, or a hook fails: a session of its
-        own then goes on from there, from the leaf's ``HeadStart``."""
+        own then goes on from there, from the leaf's ``HeadStart`` (with the first
+        partition still computed in ``probes`` when that is what showed it)."""
         spec, plugin = Spec.from_options(options), self.ctx.plugin
         if self._too_long(spec.count, 0.0):
             return None
@@ -408,7 +420,7 @@ class Worker(View):
             head.inputs = await plugin.prepare_inputs(spec.input, spec.count, spec.options)
             head.values = head.inputs.value()
             self._log("prepared", session=name)
-            if not await self._compute_whole(name, spec, head):
+            if not await self._compute_whole(name, spec, head, probes):
                 return None
             output = await plugin.collect_results(head.outputs, spec.options)
         except HookFailed as exc:
@@ -420,33 +432,58 @@ class Worker(View):
         counts = dict.fromkeys(COUNTS, 0) | {"submitted": spec.count + 2, "validated": spec.count + 2}
         return Finished(output, {self.identity: counts | {"claimed_ms": ms, "credit_ms": ms}})
 
-    async def _compute_whole(self, name: str, spec: Spec, head: HeadStart) -> bool:
+    async def _compute_whole(self, name: str, spec: Spec, head: HeadStart, probes: trio.Nursery) -> bool:
         """Compute the leaf's partitions into ``head``, in batches; whether all were, before
-        a hook failed or the rest looked like taking too long. Its first partition alone
-        when the pace is not known yet."""
-        ctx, spent = self.ctx, 0.0
+        a hook failed or the rest looked like taking too long. When the pace is not known
+        yet, its first partition alone, in a task of ``probes``: if that takes longer than
+        the pace allows (``hold`` s over the leaf), the leaf's session begins meanwhile."""
         items = [(value, spec.start + i) for i, value in enumerate(head.values or ())]
         while len(head.outputs) < spec.count:
-            if self._too_long(spec.count - len(head.outputs), spent):
+            if self._too_long(spec.count - len(head.outputs), head.spent):
                 return False
             todo = items[len(head.outputs) :]
-            started = trio.current_time()
-            batch = Batch(REPORT_EVERY if ctx.pace else 0)
+            if self.ctx.pace is None:
+                head.probe = trio.Event()
+                await probes.start(self._compute_batch, name, todo[:1], head, spec.options)
+                with trio.move_on_after(self.ctx.hold / spec.count):  # from the hook's call on
+                    await head.probe.wait()
+                if not head.probe.is_set():
+                    return False
+            else:
+                await self._compute_batch(name, todo, head, spec.options)
+            if head.failure is not None:
+                return False
+        return True
+
+    async def _compute_batch(
+        self,
+        name: str,
+        todo: list[tuple[Any, int]],
+        head: HeadStart,
+        options: dict[str, Any],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """A batch of the leaf's partitions, from the first of ``todo``, into ``head``."""
+        ctx = self.ctx
+        try:
+            started, batch = trio.current_time(), Batch(REPORT_EVERY)
+            task_status.started()
             with ctx.tracker.computing(name, len(head.outputs), batch):
-                await ctx.plugin.compute_some(todo, spec.options, batch)
-            spent += trio.current_time() - started
+                await ctx.plugin.compute_some(todo, options, batch)
+            head.spent += trio.current_time() - started
             head.outputs += batch.outputs
             head.ms += batch.ms
             if batch.outputs:
-                ctx.pace = spent / len(head.outputs)
-                self._log(
-                    "computed", session=name, indexes=[index for _, index in todo[: len(batch.outputs)]]
-                )
+                ctx.pace = head.spent / len(head.outputs)
+                indexes = [index for _, index in todo[: len(batch.outputs)]]
+                self._log("computed", session=name, indexes=indexes)
             ctx.tracker.note(name, len(head.outputs), len(batch.outputs))
             if batch.error is not None:
                 head.failure = ("compute", batch.error)
-                return False
-        return True
+        finally:
+            if head.probe is not None:
+                head.probe.set()
 
     def _too_long(self, left: int, spent: float) -> bool:
         """Whether computing ``left`` more partitions at this process's pace would take a
@@ -553,7 +590,7 @@ class Worker(View):
         of the leaf's head start at once)."""
         todo = self._needed(held)
         while todo:
-            batch = self._head_start(todo, inputs) or await self._compute_some(todo, inputs)
+            batch = await self._head_start(todo, inputs) or await self._compute_some(todo, inputs)
             outputs = batch.outputs
             done, todo = todo[: len(outputs)], todo[len(outputs) :]
             needed = set(self._needed(done))
@@ -571,11 +608,15 @@ class Worker(View):
                 await self.session.wait_for(partial(self._released, failed))
             todo = self._needed(todo)
 
-    def _head_start(self, todo: list[int], inputs: list[Any]) -> Batch | None:
+    async def _head_start(self, todo: list[int], inputs: list[Any]) -> Batch | None:
         """The outputs that this process computed before the leaf had a session, of the
-        first of ``todo``; none unless the session's inputs are the ones they came from."""
+        first of ``todo`` (once the first partition is, if it is being computed); none
+        unless the session's inputs are the ones they came from."""
         head = self.ctx.head_starts.get(self.session.name)
-        return head.batch(todo) if head is not None and head.values == inputs else None
+        if head is None or head.values != inputs:
+            return None
+        await head.settled()
+        return head.batch(todo)
 
     async def _compute_some(self, todo: list[int], inputs: list[Any]) -> Batch:
         """The plugin's outputs of the first of ``todo``, for ``REPORT_EVERY`` s at most."""
