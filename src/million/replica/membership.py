@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 
 from million.replica.model import Model, Replica
+from million.replica.state import prime
 from million.wire.protocol import Event, Sync
 
 __all__ = ["Group", "Groups", "JoinError", "Membership", "State", "Unusable"]
@@ -199,6 +200,7 @@ class Groups:
         group = self._live.get(name)
         if group is None:
             kept = self._kept.pop(name, None)
+            prime(model_cls)
             group = kept if kept is not None and kept.model_cls is model_cls else Group(name, model_cls)
             self._live[name] = group
         return group

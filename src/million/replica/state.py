@@ -33,6 +33,7 @@ __all__ = [
     "digest_of",
     "dump_state",
     "is_json",
+    "prime",
     "structure_model",
 ]
 
@@ -167,6 +168,24 @@ def _is_handler(name: Any, names: frozenset[str]) -> bool:
 
 def _whole(value: Any, low: int, high: int) -> bool:
     return type(value) is int and low <= value <= high
+
+
+_primed: set[type] = set()
+
+
+def prime(model_cls: type) -> None:
+    """Make the converter's hooks for ``model_cls`` now, once per process: for a large
+    model that takes tens of milliseconds, which its first snapshot or restore would
+    otherwise pay when sessions end, many at once. A model they cannot be made for fails
+    as it would have, at its first snapshot."""
+    if model_cls in _primed:
+        return
+    _primed.add(model_cls)
+    try:
+        converter.get_unstructure_hook(model_cls)
+        converter.get_structure_hook(model_cls)
+    except Exception:  # the same error comes again where the hook is used
+        pass
 
 
 def structure_model(model_cls: type[M], data: Any, session: str) -> M:
