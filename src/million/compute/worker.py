@@ -34,6 +34,7 @@ from million.replica.client import Client
 from million.replica.membership import JoinError
 from million.replica.session import Session, join
 from million.replica.view import View
+from million.wire import tasks
 from million.wire.protocol import ErrorCode
 
 __all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker", "run_spec", "work"]
@@ -134,10 +135,10 @@ class HeadStart:
     spent: float = 0.0  # s of computing the outputs took
     probe: trio.Event | None = None  # while the first partition is computed to learn the pace: unset
 
-    async def settled(self) -> None:
-        """Wait until the first partition, if it is being computed, is."""
-        if self.probe is not None:
-            await self.probe.wait()
+    @property
+    def probing(self) -> bool:
+        """Whether the first partition is still being computed."""
+        return self.probe is not None and not self.probe.is_set()
 
     def batch(self, todo: list[int]) -> Batch | None:
         """The outputs known of the first of ``todo`` (leading, in order), ending with the
@@ -329,12 +330,11 @@ class Worker(View):
         self._reported.add(index)
         child, options = self._child(index)
         leaf = share(self.spec.partitions, self.spec.fanout, index)[1] <= self.spec.fanout
-        async with trio.open_nursery() as probes:  # a leaf's first partition, computed meanwhile
+        async with tasks.open_nursery() as probes:  # a leaf's first partition, computed meanwhile
             end = await self._leaf(index, child, options, probes) if leaf else None
             if end is None and (self.model.ended or not self._unreported(index)):
-                probes.cancel_scope.cancel()
                 self.ctx.head_starts.pop(child, None)
-                return None  # reported meanwhile
+                return None  # reported meanwhile (a first partition still computed ends first)
             if end is None and not leaf and self.ctx.detach and self.spec.parent is None:
                 return Outcome(index=index, child=child, child_options=options)
             if end is None:
@@ -490,9 +490,10 @@ class Worker(View):
         leaf computed whole beyond ``hold`` s."""
         return self.ctx.pace is not None and spent + left * self.ctx.pace > self.ctx.hold
 
-    def _request(self, held: int) -> dict[str, int]:
+    def _request(self, held: int, most: int | None = None) -> dict[str, int]:
         self._asked += 1
-        return {"id": self._asked, "want": max(1, self._window - held)}
+        window = self._window if most is None else min(most, self._window)
+        return {"id": self._asked, "want": max(1, window - held)}
 
     def _held(self) -> list[int]:
         """The partitions this view holds and has not done, oldest first."""
@@ -571,7 +572,9 @@ class Worker(View):
     async def _prepare(self) -> None:
         spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
         if head is not None and head.inputs is not None:  # prepared before the leaf had a session
-            self.publish("inputs", {"inputs": head.inputs.embed(), "next": self._request(0)})
+            # Its first partition, still computed, is too slow for the leaf: a small window till then.
+            request = self._request(0, most=2 if head.probing else None)
+            self.publish("inputs", {"inputs": head.inputs.embed(), "next": request})
             return
         if head is not None and head.failure is not None:  # preparing failed before
             self._failed(*head.take_failure(), step="prepare")
@@ -615,7 +618,8 @@ class Worker(View):
         head = self.ctx.head_starts.get(self.session.name)
         if head is None or head.values != inputs:
             return None
-        await head.settled()
+        if head.probe is not None and todo[0] == len(head.outputs):  # the one being computed: wait for it
+            await head.probe.wait()
         return head.batch(todo)
 
     async def _compute_some(self, todo: list[int], inputs: list[Any]) -> Batch:
