@@ -140,6 +140,12 @@ class HeadStart:
         """Whether the first partition is still being computed."""
         return self.probe is not None and not self.probe.is_set()
 
+    async def settled(self) -> None:
+        """Wait until the first partition, if it is still being computed, is."""
+        probe = self.probe
+        if probe is not None and not probe.is_set():
+            await probe.wait()
+
     def batch(self, todo: list[int]) -> Batch | None:
         """The outputs known of the first of ``todo`` (leading, in order), ending with the
         failure if the next one is where it happened; None if there is neither."""
@@ -330,7 +336,10 @@ class Worker(View):
         self._reported.add(index)
         child, options = self._child(index)
         leaf = share(self.spec.partitions, self.spec.fanout, index)[1] <= self.spec.fanout
-        async with tasks.open_nursery() as probes:  # a leaf's first partition, computed meanwhile
+        # Until the pace is known, a leaf's first partition may go on computing in ``probes``
+        # while its session begins (``_compute_whole``); once known, no child needs them.
+        probing = leaf and self.ctx.pace is None
+        async with tasks.open_nursery() if probing else nullcontext() as probes:
             end = await self._leaf(index, child, options, probes) if leaf else None
             if end is None and (self.model.ended or not self._unreported(index)):
                 self.ctx.head_starts.pop(child, None)
@@ -346,7 +355,7 @@ class Worker(View):
         return None
 
     async def _leaf(
-        self, index: int, name: str, options: dict[str, Any], probes: trio.Nursery
+        self, index: int, name: str, options: dict[str, Any], probes: trio.Nursery | None
     ) -> Finished | None:
         """Leaf child ``index``, decided by the first of the views holding this copy of it:
         computed whole, unless it was handed to another identity too (verification aside)
@@ -406,7 +415,9 @@ class Worker(View):
         copy = model.assignees[index].index(identity)
         return self.spec.child(self.session.name, index, inputs[index], identity, copy)
 
-    async def _whole(self, name: str, options: dict[str, Any], probes: trio.Nursery) -> Finished | None:
+    async def _whole(
+        self, name: str, options: dict[str, Any], probes: trio.Nursery | None
+    ) -> Finished | None:
         """Leaf child ``name`` computed whole by this view, without a session, as its
         session's only worker would: its end, tallied to this identity. None once it looks
         like taking more than ``hold`` s of computing, or a hook fails: a session of its
@@ -432,7 +443,9 @@ class Worker(View):
         counts = dict.fromkeys(COUNTS, 0) | {"submitted": spec.count + 2, "validated": spec.count + 2}
         return Finished(output, {self.identity: counts | {"claimed_ms": ms, "credit_ms": ms}})
 
-    async def _compute_whole(self, name: str, spec: Spec, head: HeadStart, probes: trio.Nursery) -> bool:
+    async def _compute_whole(
+        self, name: str, spec: Spec, head: HeadStart, probes: trio.Nursery | None
+    ) -> bool:
         """Compute the leaf's partitions into ``head``, in batches; whether all were, before
         a hook failed or the rest looked like taking too long. When the pace is not known
         yet, its first partition alone, in a task of ``probes``: if that takes longer than
@@ -443,6 +456,7 @@ class Worker(View):
                 return False
             todo = items[len(head.outputs) :]
             if self.ctx.pace is None:
+                assert probes is not None  # the pace, once known, stays known: unknown in _coordinate too
                 head.probe = trio.Event()
                 await probes.start(self._compute_batch, name, todo[:1], head, spec.options)
                 with trio.move_on_after(self.ctx.hold / spec.count):  # from the hook's call on
@@ -618,8 +632,8 @@ class Worker(View):
         head = self.ctx.head_starts.get(self.session.name)
         if head is None or head.values != inputs:
             return None
-        if head.probe is not None and todo[0] == len(head.outputs):  # the one being computed: wait for it
-            await head.probe.wait()
+        if todo[0] == len(head.outputs):  # perhaps the one being computed
+            await head.settled()
         return head.batch(todo)
 
     async def _compute_some(self, todo: list[int], inputs: list[Any]) -> Batch:
