@@ -120,6 +120,18 @@ def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     assert stream.given("b") == [3] and stream.given("c") == [2]
 
 
+def test_a_collector_that_left_passes_the_step_to_whoever_claims_it_next():
+    stream = Stream(2)
+    stream.send("watch", VIEW_JOIN, "watch", "admin:w")  # the process's own view, never working
+    stream.prepare("a", ["x", "y"], want=2, identity="admin:w")
+    report = {"results": [{"index": 0, "output": "x"}, {"index": 1, "output": "y"}]}
+    assert stream.send("a", "end", report, "admin:w").doing("collect", "a")  # the last reporter
+    model = stream.send("a", VIEW_EXIT, "a", "admin:w")
+    assert model.tasks["collect"].holders == [] and model.needs("collect", "admin:w")
+    assert stream.send("b", "claim", "collect", "admin:v").doing("collect", "b")
+    assert stream.send("b", "output", "xy", "admin:v").output == "xy"
+
+
 @pytest.mark.parametrize(
     ("topic", "data"),
     [

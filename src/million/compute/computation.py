@@ -47,7 +47,7 @@ RETRY_AFTER = 1000  # ms before a worker may try again what it failed: meanwhile
 
 
 @attrs.define
-class Computation(Model, name="million.computation.5"):
+class Computation(Model, name="million.computation.6"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker

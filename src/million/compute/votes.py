@@ -102,16 +102,11 @@ class Task:
         return len(self.claimants) < self.wanted
 
     def release(self, view: str, identity: str, views: dict[str, str]) -> None:
-        """``view`` of ``identity`` left (``views`` no longer has it): the step passes to
-        another view of its identity, or its identity's place goes if it has not reported."""
+        """``view`` of ``identity`` left (``views`` no longer has it): as if it failed the step,
+        the next view to claim it takes it. It does not pass to another view of the identity,
+        which may not be working the session at all (a process's own view of a run's root)."""
         if view in self.holders:
-            self.holders.remove(view)
-            heirs = [other for other, who in views.items() if who == identity]
-            if heirs:
-                self.holders.append(heirs[0])
-        gone = identity not in views.values() and identity not in self.ballot.votes
-        if gone and identity in self.claimants:
-            self.claimants.remove(identity)
+            self.drop(view, identity, views)
 
     def drop(self, view: str, identity: str, views: dict[str, str]) -> None:
         """``view`` (of ``identity``), which holds the step, failed it: it holds it no more,
