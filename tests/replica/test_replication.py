@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import attrs
 import pytest
@@ -381,3 +382,41 @@ async def test_a_participant_sending_big_events_while_their_echoes_come_back_doe
             session.publish("blob", "y" * 200_000)  # both ways' socket buffers fill at once
         with trio.fail_after(20):
             await session.wait_for(lambda model: model.count == 20)
+
+
+async def test_waits_for_conditions_end_as_each_holds_raise_in_their_task_and_stop_when_given_up(client):
+    seen: dict[int, int] = {}
+    calls: list[int] = []
+
+    def broken(model: Any) -> bool:
+        if model.count >= 3:
+            raise ValueError("three")
+        return False
+
+    def abandoned(model: Any) -> bool:
+        calls.append(model.count)
+        return False
+
+    async with million.join(client, "waits", Tally) as session:
+
+        async def until(at_least: int) -> None:
+            await session.wait_for(lambda model: model.count >= at_least)
+            seen[at_least] = session.model.count
+
+        async def fails() -> None:
+            with pytest.raises(ValueError, match="three"):
+                await session.wait_for(broken)
+            seen[0] = session.model.count
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                for at_least in range(1, 11):
+                    nursery.start_soon(until, at_least)
+                nursery.start_soon(fails)
+                with trio.CancelScope() as given_up:
+                    given_up.cancel()  # cancelled at its first wait
+                    await session.wait_for(abandoned)
+                for _ in range(10):
+                    session.publish("blob")
+        assert sorted(seen) == list(range(11)) and all(count >= at_least for at_least, count in seen.items())
+        assert seen[0] >= 3 and set(calls) == {0}  # the wait given up is not checked again

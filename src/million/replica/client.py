@@ -12,7 +12,7 @@ import logging
 import secrets
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -49,6 +49,7 @@ class Client:
         self.core = ClientCore(token=token, label=f"{label or 'client'}-{secrets.token_hex(4)}")
         self.core.on_output = self._wake_writer
         self._waiting: dict[str, trio.Event] = {}  # session -> set when its group changes
+        self._watching: dict[str, list[Watch]] = {}  # session -> conditions awaited on it
         self._replies: dict[int, trio.MemorySendChannel[Pong | Status]] = {}
         self._moved: trio.Event | None = None  # set when a frame was handled or the connection dropped
         self._wake = trio.Event()
@@ -105,11 +106,40 @@ class Client:
             event = self._waiting[name] = trio.Event()
         await event.wait()
 
+    async def wait_until(self, name: str, ready: Callable[[], bool]) -> None:
+        """Wait until ``ready()`` holds, checked here whenever session ``name`` changes: a
+        task waiting for its own condition is woken once it holds (or raises), not at each
+        change. Many views of one session each waiting for theirs cost a call each per change."""
+        if ready():
+            return
+        watch = Watch(ready)
+        self._watching.setdefault(name, []).append(watch)
+        try:
+            await watch.event.wait()
+        finally:
+            if not watch.event.is_set():  # cancelled
+                self._unwatch(name, watch)
+
+    def _unwatch(self, name: str, watch: Watch) -> None:
+        watching = self._watching.get(name, [])
+        if watch in watching:
+            watching.remove(watch)
+        if not watching:
+            self._watching.pop(name, None)
+
     def changed(self, name: str) -> None:
-        """Wake whoever waits on session ``name`` (``wait_changed``)."""
+        """Wake whoever waits on session ``name`` (``wait_changed``), and whoever waits
+        until a condition that now holds (``wait_until``)."""
         event = self._waiting.pop(name, None)
         if event is not None:
             event.set()
+        watching = self._watching.get(name)
+        if watching:
+            waiting = [watch for watch in watching if not watch.check()]
+            if waiting:
+                self._watching[name] = waiting
+            else:
+                del self._watching[name]
 
     async def settle(self) -> None:
         """Wait until every leave is confirmed and everything queued is sent."""
@@ -240,6 +270,27 @@ class Client:
                 if send is not None:
                     send.send_nowait(reply)
             self._moving()
+
+
+class Watch:
+    """A condition awaited on a session (``Client.wait_until``)."""
+
+    __slots__ = ("event", "ready")
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self.ready = ready
+        self.event = trio.Event()
+
+    def check(self) -> bool:
+        """Whether the wait is over: the condition holds, or raised (its task then calls it
+        again, and raises there); then its task is woken."""
+        try:
+            if not self.ready():
+                return False
+        except Exception:
+            pass
+        self.event.set()
+        return True
 
 
 def ssl_context(cafile: str | None) -> ssl.SSLContext | None:

@@ -99,9 +99,15 @@ class Session(Generic[V]):
         await self.client.wait_changed(self.name)
 
     async def wait_for(self, predicate: Callable[[Any], bool]) -> None:
-        """Wait until ``predicate(model)`` holds after an applied event or timer."""
-        while not (self.member.group.replica is not None and predicate(self.model)):
-            await self.client.wait_changed(self.name)
+        """Wait until ``predicate(model)`` holds after an applied event or timer (checked
+        as each is applied: the task is woken once it holds)."""
+
+        def ready() -> bool:
+            replica = self.member.group.replica
+            return replica is not None and predicate(replica.model)
+
+        while not ready():  # once woken, it may no longer hold
+            await self.client.wait_until(self.name, ready)
 
     def _resynced(self, view: View) -> None:
         self.view_id = self.member.view_id
