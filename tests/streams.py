@@ -11,13 +11,19 @@ from million.wire.protocol import VIEW_JOIN, Event
 
 
 class Stream:
-    """A ``Computation`` replica of a leaf of ``partitions`` (``spec`` sets other Spec
-    fields) fed events of views; view ``v`` is identity ``admin:v`` unless told."""
+    """A ``Computation`` replica of a session of ``partitions`` (a leaf, unless ``fanout``
+    is smaller; ``spec`` sets other Spec fields) fed events of views, a millisecond of
+    session time apart unless ``wait`` says; view ``v`` is identity ``admin:v`` unless told."""
 
-    def __init__(self, partitions: int, **spec: Any) -> None:
-        self.options = Spec("p", "1", 0, partitions, partitions, **spec).to_options()
+    def __init__(self, partitions: int, fanout: int | None = None, **spec: Any) -> None:
+        self.options = Spec("p", "1", 0, partitions, fanout or partitions, **spec).to_options()
         self.replica = Replica.create(Computation, "L", self.options)
         self.seq = 0
+        self.time = 0
+
+    def wait(self, ms: int) -> None:
+        """Let ``ms`` of session time pass before the next event."""
+        self.time += ms
 
     @property
     def model(self) -> Computation:
@@ -34,7 +40,8 @@ class Stream:
 
     def _apply(self, view: str, topic: str, data: Any, identity: str) -> None:
         self.seq += 1
-        self.replica.apply(Event("L", self.seq, self.seq, view, topic, data, identity=identity))
+        self.time += 1
+        self.replica.apply(Event("L", self.seq, self.time, view, topic, data, identity=identity))
 
     def prepare(
         self, view: str, inputs: list[Any], want: int | None = None, identity: str | None = None

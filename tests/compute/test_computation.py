@@ -120,6 +120,35 @@ def test_a_worker_that_left_gives_its_partitions_back_from_the_last():
     assert stream.given("b") == [3] and stream.given("c") == [2]
 
 
+def child_done(index: int, output: Any = 1) -> dict[str, Any]:
+    return {"index": index, "output": output, "tally": {}}
+
+
+def test_workers_beyond_the_leaf_children_take_them_on_before_any_is_done():
+    stream = Stream(20, fanout=10)
+    stream.prepare("a", ["x", "y"], want=1)
+    stream.send("b", "request", {"id": 1, "want": 1})
+    stream.send("c", "request", {"id": 1, "want": 1})
+    assert [stream.given(view) for view in "abc"] == [[0], [1], [1]]
+
+
+def test_once_a_leaf_child_is_done_another_is_taken_on_only_when_overdue():
+    stream = Stream(30, fanout=10)
+    stream.prepare("a", ["x", "y", "z"], want=1)
+    stream.send("b", "request", {"id": 1, "want": 1})
+    stream.send("c", "request", {"id": 1, "want": 1})
+    stream.wait(100)
+    stream.send("b", "end", {"results": [child_done(1)], "next": {"id": 2, "want": 1}})
+    assert stream.given("b") == [] and stream.model.longest == 103
+    stream.wait(40)  # 0 and 2 held for 146 and 142 ms: not yet half as long again as 103
+    stream.send("b", "request", {"id": 3, "want": 1})
+    assert stream.given("b") == []
+    stream.wait(20)  # the model's timer lets those that asked in vain ask again
+    epoch = stream.model.epoch
+    stream.send("a", "request", {"id": 2, "want": 1})
+    assert stream.model.epoch == epoch + 1 and stream.given("a") == [2]
+
+
 def test_a_collector_that_left_passes_the_step_to_whoever_claims_it_next():
     stream = Stream(2)
     stream.send("watch", VIEW_JOIN, "watch", "admin:w")  # the process's own view, never working

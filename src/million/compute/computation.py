@@ -32,7 +32,7 @@ from typing import Any
 import attrs
 
 from million.compute.reports import STEPS, is_batch, is_failure, is_inputs, is_request, voted_value
-from million.compute.tree import Spec, SpecError
+from million.compute.tree import Spec, SpecError, depth
 from million.compute.votes import TRUSTED, Ballot, Tally, Task
 from million.replica.model import Model
 from million.replica.state import is_json
@@ -47,7 +47,7 @@ RETRY_AFTER = 1000  # ms before a worker may try again what it failed: meanwhile
 
 
 @attrs.define
-class Computation(Model, name="million.computation.6"):
+class Computation(Model, name="million.computation.7"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker
@@ -91,6 +91,10 @@ class Computation(Model, name="million.computation.6"):
     failed: str | None = None
     retryable: bool = False  # the failure is a plugin's: a ``retry`` starts over where it failed
     failing: int = -1  # the child whose failure failed this session
+    leaf_children: bool = False  # an interior session one level above the leaves
+    handed: list[int] = attrs.Factory(list)  # session ms each child was last handed out at
+    longest: int = -1  # ms the slowest child done took from its hand-out (-1: none done yet)
+    waking: int = -1  # session ms at which asking in vain ends (-1: not set)
 
     def init(self, options: Any) -> None:
         try:
@@ -110,6 +114,8 @@ class Computation(Model, name="million.computation.6"):
         self.tasks = {task: Task(1 if self.solo else self.verify) for task in CLAIMS}
         self.assignees = [[] for _ in range(self.count)]
         self.remaining = self.count
+        self.leaf_children = not spec.leaf and depth(spec.partitions, spec.fanout) == 2
+        self.handed = [0] * self.count if self.leaf_children else []
         for topic, handler in (
             ("request", self.request),
             ("end", self.end),
@@ -169,6 +175,8 @@ class Computation(Model, name="million.computation.6"):
         if given:
             self.workers.setdefault(view, []).extend(given)
             for index in given:
+                if self.leaf_children:
+                    self.handed[index] = self.now
                 if not self.assignees[index] and (identity == self.solo or self._trusted(identity)):
                     self.alone[index], self.wanted[index] = identity, 1
                 if identity not in self.assignees[index]:
@@ -211,8 +219,34 @@ class Computation(Model, name="million.computation.6"):
             for i in range(self.count)
             if not self.completed[i] and i not in mine and not self.voted(i, identity)
         ]
-        steal = min(self._untried(open_, view), key=lambda index: (load[index], -index), default=None)
+        open_ = self._untried(open_, view)
+        if self.leaf_children:  # a leaf child somebody holds only once it is overdue
+            unripe = [i for i in open_ if load[i] and not self._overdue(i)]
+            open_ = [i for i in open_ if not load[i] or self._overdue(i)]
+            if unripe and not open_:
+                self._wake(min(self.handed[i] + 3 * self.longest // 2 + 1 for i in unripe))
+        steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
+
+    def _overdue(self, index: int) -> bool:
+        """Whether another worker may take on leaf child ``index`` too: before any child is
+        done (more workers than children share them), or once it has been held half as long
+        again as the slowest child done took. Workers that run out of children all at
+        once, as a run ends, would only slow the last leaves by joining them; a holder that
+        stalls, or is slow, gets help."""
+        return self.longest < 0 or 2 * (self.now - self.handed[index]) > 3 * self.longest
+
+    def _wake(self, at: int) -> None:
+        """At session time ``at``, let the workers that asked in vain ask again (``epoch``)."""
+        if 0 <= self.waking <= at:
+            return
+        self.waking = at
+        self.future(at - self.now, self.woken)
+
+    def woken(self) -> None:
+        if self.now >= self.waking:
+            self.waking = -1
+        self.epoch += 1
 
     def _untried(self, indexes: list[int], view: str) -> list[int]:
         """``indexes`` but those that ``view`` failed and may not try again yet (``_resting``)."""
@@ -360,10 +394,11 @@ class Computation(Model, name="million.computation.6"):
                 self.epoch += 1
                 return
             value = value["output"]
-        self.completed[index] = True
+            if self.leaf_children:
+                self.longest = max(self.longest, self.now - self.handed[index])
+        self.completed[index] = True  # nobody asking gets more for it: ``epoch`` stays
         self.outputs[index] = value
         self.remaining -= 1
-        self.epoch += 1
 
     # --- failed attempts --------------------------------------------------------------------
 
