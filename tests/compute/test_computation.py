@@ -420,6 +420,17 @@ async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches()
     assert len(ends) <= 3 and len(asks) <= 3 and max(ask["want"] for ask in asks) > 16
 
 
+async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root():
+    config = ReflectorConfig(port=0, leave_snapshot_after=1000)  # keep every event
+    async with million.open_reflector(config) as reflector:
+        answer = await compute_run(reflector.url, "herd", ordered_spec("herd", 60, 10), 12)
+        assert answer == million_testplugin.expected("herd", 60, 10)
+        events = [codec.loads(raw) for raw in (await reflector.store.load("herd")).events]
+    claims = [event for event in events if event["topic"] == "claim"]
+    joins = [event for event in events if event["topic"] == "view-join"]
+    assert len(joins) > 12 and [claim["data"] for claim in claims] == ["prepare"]
+
+
 async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):
     spec = ordered_spec("stay", 50, 3)
     answer = await compute_run(reflector.url, "stay", spec, 4, detach=False)

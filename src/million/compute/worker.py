@@ -77,6 +77,7 @@ class Context:
     shown: set[Session[Any]] = attrs.Factory(set)  # sessions of the first levels that views are in
     head_starts: dict[str, HeadStart] = attrs.Factory(dict)  # leaf session -> what was computed of it
     begun: set[str] = attrs.Factory(set)  # leaf sessions begun here: worked in them, never whole
+    claims: dict[tuple[str, str], str] = attrs.Factory(dict)  # (session, task) -> the view here that asked
 
 
 @attrs.define
@@ -571,7 +572,8 @@ class Worker(View):
             return bool(finished(model)) or model.failed is not None
 
         view, identity, epoch = self.view_id, self.identity, self.model.epoch
-        if not self.model.doing(task, view) and self.model.needs(task, identity):
+        asks = not self.model.doing(task, view) and self.model.needs(task, identity)
+        if asks and self._first_to_claim(task):
             self.publish("claim", task)
             await self.session.wait_for(
                 lambda m: over(m) or m.doing(task, view) or not m.needs(task, identity) or m.epoch != epoch
@@ -579,9 +581,21 @@ class Worker(View):
         if over(self.model):
             return
         if self.model.doing(task, view):
+            self.ctx.claims.pop((self.session.name, task), None)  # should it fail, another asks
             await action()
             epoch = self.model.epoch
         await self.session.wait_for(lambda m: over(m) or m.epoch != epoch)
+
+    def _first_to_claim(self, task: str) -> bool:
+        """Whether this view asks for ``task``: no other view of this process (of one
+        identity: one of them gets it) asked and is still here. A run's bots all reach its
+        root's prepare at once."""
+        key = (self.session.name, task)
+        asker = self.ctx.claims.get(key)
+        if asker is not None and asker != self.view_id and asker in self.model.views:
+            return False
+        self.ctx.claims[key] = self.view_id
+        return True
 
     async def _prepare(self) -> None:
         spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
