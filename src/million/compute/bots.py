@@ -86,28 +86,35 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True, noti
         # Each bot runs one hook at a time: none waits for another's thread, in this run or in
         # another run of this process, even behind a hook abandoned in its thread.
         plugin.threads = trio.CapacityLimiter(math.inf)
-        async with join(client, progress_session(run), Progress, View, create=False) as progress:
-            progress.publish("bots", bots)
-            ctx = Context(client, plugin, detach)
-            what = f"{spec.plugin} {spec.version}, {spec.partitions:,} partitions"
-            notify(f"joined run {run} ({what}) with {bots} bots")
-            refused: BaseException | None = None
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(report_progress, run, progress, root)
-                    nursery.start_soon(share_progress, progress, root, ctx.tracker, bots)
-                    nursery.start_soon(summarize_sessions, ctx, root)
-                    nursery.start_soon(_tell_progress, run, progress, root, ctx.tracker, notify)
-                    for _ in range(bots):
-                        nursery.start_soon(work, ctx, run)
-            except* (PluginError, JoinError, RunFailed) as group:  # e.g. a child made with other options
-                refused = _first(group)
-            computed = f"this process computed {ctx.tracker.total:,} partitions"
-            if refused is not None:
-                notify(f"left run {run}: {str(refused).splitlines()[0]}; {computed}")
-                raise refused
+        ctx = Context(client, plugin, detach)
+        what = f"{spec.plugin} {spec.version}, {spec.partitions:,} partitions"
+        notify(f"joined run {run} ({what}) with {bots} bots")
+        refused: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(bots):
+                    nursery.start_soon(work, ctx, run)
+                nursery.start_soon(_tell, ctx, run, root, bots, notify)  # joins the progress meanwhile
+        except* (PluginError, JoinError, RunFailed) as group:  # e.g. a child made with other options
+            refused = _first(group)
+        computed = f"this process computed {ctx.tracker.total:,} partitions"
+        if refused is not None:
+            notify(f"left run {run}: {str(refused).splitlines()[0]}; {computed}")
+            raise refused
         notify(f"run {run} is done; {computed}")
         return root.model.output
+
+
+async def _tell(ctx: Context, run: str, root: Session[View], bots: int, notify: Notify) -> None:
+    """Until the run ends, tell its progress session what this process's bots compute,
+    the sessions' summaries what they are at, and ``notify`` a line a minute."""
+    async with join(ctx.client, progress_session(run), Progress, View, create=False) as progress:
+        progress.publish("bots", bots)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report_progress, run, progress, root)
+            nursery.start_soon(share_progress, progress, root, ctx.tracker, bots)
+            nursery.start_soon(summarize_sessions, ctx, root)
+            nursery.start_soon(_tell_progress, run, progress, root, ctx.tracker, notify)
 
 
 async def _tell_progress(
