@@ -259,6 +259,10 @@ class Computation(Model, name="million.computation.7"):
         meanwhile it goes to another worker, if one asks."""
         return any(who == view and self.now < at + RETRY_AFTER for who, _, at in attempts or ())
 
+    def resting(self, task: str, view: str) -> bool:
+        """Whether ``view`` failed step ``task`` too recently to be given it (``_resting``)."""
+        return self._resting(self.step_attempts.get(task), view)
+
     def rested(self) -> None:
         """``RETRY_AFTER`` ms after a failed attempt: whoever made it may ask again."""
         self.epoch += 1

@@ -590,9 +590,11 @@ class Worker(View):
         """Whether this view asks for ``task``: no other view of this process (of one
         identity: one of them gets it) asked and is still here. A run's bots all reach its
         root's prepare at once."""
-        key = (self.session.name, task)
+        key, model = (self.session.name, task), self.model
+        if model.resting(task, self.view_id):  # it failed the step: another asks first
+            return False
         asker = self.ctx.claims.get(key)
-        if asker is not None and asker != self.view_id and asker in self.model.views:
+        if asker not in (None, self.view_id) and asker in model.views and not model.resting(task, asker):
             return False
         self.ctx.claims[key] = self.view_id
         return True
