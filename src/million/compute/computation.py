@@ -26,6 +26,7 @@ travels upward with each child's output, so that the root's is the run's.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
@@ -47,7 +48,7 @@ RETRY_AFTER = 1000  # ms before a worker may try again what it failed: meanwhile
 
 
 @attrs.define
-class Computation(Model, name="million.computation.7"):
+class Computation(Model, name="million.computation.8"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker
@@ -93,7 +94,7 @@ class Computation(Model, name="million.computation.7"):
     failing: int = -1  # the child whose failure failed this session
     leaf_children: bool = False  # an interior session one level above the leaves
     handed: list[int] = attrs.Factory(list)  # session ms each child was last handed out at
-    longest: int = -1  # ms the slowest child done took from its hand-out (-1: none done yet)
+    took: list[int] = attrs.Factory(list)  # ms each child done took from its hand-out, sorted
     waking: int = -1  # session ms at which asking in vain ends (-1: not set)
 
     def init(self, options: Any) -> None:
@@ -224,17 +225,21 @@ class Computation(Model, name="million.computation.7"):
             unripe = [i for i in open_ if load[i] and not self._overdue(i)]
             open_ = [i for i in open_ if not load[i] or self._overdue(i)]
             if unripe and not open_:
-                self._wake(min(self.handed[i] + 3 * self.longest // 2 + 1 for i in unripe))
+                self._wake(min(self.handed[i] + 3 * self._typical() // 2 + 1 for i in unripe))
         steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
 
     def _overdue(self, index: int) -> bool:
         """Whether another worker may take on leaf child ``index`` too: before any child is
         done (more workers than children share them), or once it has been held half as long
-        again as the slowest child done took. Workers that run out of children all at
-        once, as a run ends, would only slow the last leaves by joining them; a holder that
-        stalls, or is slow, gets help."""
-        return self.longest < 0 or 2 * (self.now - self.handed[index]) > 3 * self.longest
+        again as a child done typically took (the median: one slow or hostile holder does
+        not set it). Workers that run out of children all at once, as a run ends, would
+        only slow the last leaves by joining them; a holder that stalls, or is slow, gets
+        help."""
+        return not self.took or 2 * (self.now - self.handed[index]) > 3 * self._typical()
+
+    def _typical(self) -> int:
+        return self.took[len(self.took) // 2]
 
     def _wake(self, at: int) -> None:
         """At session time ``at``, let the workers that asked in vain ask again (``epoch``)."""
@@ -399,7 +404,10 @@ class Computation(Model, name="million.computation.7"):
                 return
             value = value["output"]
             if self.leaf_children:
-                self.longest = max(self.longest, self.now - self.handed[index])
+                before = self._typical() if self.took else None
+                bisect.insort(self.took, self.now - self.handed[index])
+                if self.waking >= 0 and before is not None and self._typical() < before:
+                    self.epoch += 1  # overdue sooner than those who asked in vain were told
         self.completed[index] = True  # nobody asking gets more for it: ``epoch`` stays
         self.outputs[index] = value
         self.remaining -= 1
