@@ -422,12 +422,18 @@ async def test_answers_are_right_for_any_shape(reflector, partitions, fanout, bo
     assert answer == million_testplugin.expected("in", partitions, fanout)
 
 
-async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches():
-    config = ReflectorConfig(port=0, leave_snapshot_after=1000)  # keep every event
+async def run_keeping_events(name: str, spec: Spec, bots: int) -> tuple[Any, list[dict[str, Any]]]:
+    """``compute_run`` on a reflector that keeps every event of the run's root: the
+    answer, and those events."""
+    config = ReflectorConfig(port=0, leave_snapshot_after=1000)
     async with million.open_reflector(config) as reflector:
-        answer = await compute_run(reflector.url, "batch", ordered_spec("batch", 100, 100), 1)
-        assert answer == million_testplugin.expected("batch", 100, 100)
-        events = [codec.loads(raw) for raw in (await reflector.store.load("batch")).events]
+        answer = await compute_run(reflector.url, name, spec, bots)
+        return answer, [codec.loads(raw) for raw in (await reflector.store.load(name)).events]
+
+
+async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches():
+    answer, events = await run_keeping_events("batch", ordered_spec("batch", 100, 100), 1)
+    assert answer == million_testplugin.expected("batch", 100, 100)
     asks = [event["data"] for event in events if event["topic"] == "request"]
     asks += [event["data"]["next"] for event in events if "next" in (event["data"] or {})]
     ends = [event["data"]["results"] for event in events if event["topic"] == "end"]
@@ -437,11 +443,8 @@ async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches()
 
 
 async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root():
-    config = ReflectorConfig(port=0, leave_snapshot_after=1000)  # keep every event
-    async with million.open_reflector(config) as reflector:
-        answer = await compute_run(reflector.url, "herd", ordered_spec("herd", 60, 10), 12)
-        assert answer == million_testplugin.expected("herd", 60, 10)
-        events = [codec.loads(raw) for raw in (await reflector.store.load("herd")).events]
+    answer, events = await run_keeping_events("herd", ordered_spec("herd", 60, 10), 12)
+    assert answer == million_testplugin.expected("herd", 60, 10)
     claims = [event for event in events if event["topic"] == "claim"]
     joins = [event for event in events if event["topic"] == "view-join"]
     assert len(joins) > 12 and [claim["data"] for claim in claims] == ["prepare"]

@@ -222,10 +222,10 @@ class Computation(Model, name="million.computation.8"):
         ]
         open_ = self._untried(open_, view)
         if self.leaf_children:  # a leaf child somebody holds only once it is overdue
-            unripe = [i for i in open_ if load[i] and not self._overdue(i)]
-            open_ = [i for i in open_ if not load[i] or self._overdue(i)]
-            if unripe and not open_:
-                self._wake(min(self.handed[i] + 3 * self._typical() // 2 + 1 for i in unripe))
+            ripe = [i for i in open_ if not load[i] or self._overdue(i)]
+            if open_ and not ripe:  # all held, none overdue yet
+                self._wake(min(self.handed[i] for i in open_) + 3 * self._typical() // 2 + 1)
+            open_ = ripe
         steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
 
