@@ -162,7 +162,10 @@ async def run(
             try:
                 if spec.adaptive:
                     spec = attrs.evolve(spec, trust=await _trust(client, name))
-                async with open_run(client, name, spec) as (root, progress):
+                async with (
+                    open_run(client, name, spec) as (root, progress),
+                    join(client, lobby.LOBBY, lobby.Lobby, View) as board,
+                ):
                     state.root, state.progress = root, progress
                     resumed, stored = root.replica.seq > 1, root.model.done
                     state.started, state.before = trio.current_time(), progress.model.done
@@ -170,14 +173,14 @@ async def run(
                         root.publish("retry", None)
                         await root.wait_for(lambda model: not model.retryable)
                     if not root.model.ended:
-                        await _tell_lobby(client, "post", lobby.post_event(name, spec))
+                        await _tell_lobby(board, "post", lobby.post_event(name, spec))
                         await _compute(config, url, name, state, watch, notify)
                     answer, elapsed = root.model.output, trio.current_time() - state.started
                     failed = root.model.failed
                     if failed is not None:
-                        await _tell_lobby(client, "failed", lobby.failed_event(name, failed))
+                        await _tell_lobby(board, "failed", lobby.failed_event(name, failed))
                     else:
-                        await _tell_lobby(client, "done", {"name": name, "answer": answer})
+                        await _tell_lobby(board, "done", {"name": name, "answer": answer})
                     credit = await _record_credit(client, name, root.model.tally, spec.max_rejections)
                     if failed is not None:
                         raise RunError(f"run {name} failed: {failed}")
@@ -278,15 +281,14 @@ async def _record_credit(
     return {identity: dict(counts) for identity, counts in tally.items()}
 
 
-async def _tell_lobby(client: Client, topic: str, data: dict[str, Any]) -> None:
+async def _tell_lobby(board: Session[View], topic: str, data: dict[str, Any]) -> None:
     """Post to the lobby, or mark a run done there; the lobby may refuse (it keeps a bounded
     number of open runs): then workers without ``--run`` will not see it."""
-    async with join(client, lobby.LOBBY, lobby.Lobby, View) as session:
-        session.publish(topic, data)
-        with trio.move_on_after(LOBBY_TIMEOUT):
-            await session.wait_for(lambda model: data["name"] in model.runs)
-            return
-        log.warning("the lobby did not take the %s of run %s", topic, data["name"])
+    board.publish(topic, data)
+    with trio.move_on_after(LOBBY_TIMEOUT):
+        await board.wait_for(lambda model: data["name"] in model.runs)
+        return
+    log.warning("the lobby did not take the %s of run %s", topic, data["name"])
 
 
 async def _compute(
