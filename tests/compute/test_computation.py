@@ -124,6 +124,19 @@ def child_done(index: int, output: Any = 1) -> dict[str, Any]:
     return {"index": index, "output": output, "tally": {}}
 
 
+def test_requests_made_before_the_inputs_are_answered_as_they_come_in_the_order_asked():
+    stream = Stream(40, fanout=10)
+    stream.send("a", "claim", "prepare")
+    for view in "bcde":
+        stream.send(view, "request", {"id": 1, "want": 1})
+    stream.send("c", "request", {"id": 2, "want": 1})  # its last request is the one answered
+    stream.send("d", VIEW_EXIT, "d")
+    assert [stream.given(view) for view in "bce"] == [[], [], []]
+    model = stream.send("a", "inputs", {"inputs": ["w", "x", "y", "z"], "next": {"id": 1, "want": 1}})
+    assert [stream.given(view) for view in "abce"] == [[0], [1], [2], [3]]
+    assert model.answers["c"][0] == 2 and "d" not in model.answers and model.waiting == {}
+
+
 def test_workers_beyond_the_leaf_children_take_them_on_before_any_is_done():
     stream = Stream(20, fanout=10)
     stream.prepare("a", ["x", "y"], want=1)
@@ -442,12 +455,14 @@ async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches()
     assert len(ends) <= 3 and len(asks) <= 3 and max(ask["want"] for ask in asks) > 16
 
 
-async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root():
+async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root_before_the_others_join():
     answer, events = await run_keeping_events("herd", ordered_spec("herd", 60, 10), 12)
     assert answer == million_testplugin.expected("herd", 60, 10)
+    topics = [event["topic"] for event in events]
     claims = [event for event in events if event["topic"] == "claim"]
-    joins = [event for event in events if event["topic"] == "view-join"]
+    joins = [at for at, topic in enumerate(topics) if topic == "view-join"]
     assert len(joins) > 12 and [claim["data"] for claim in claims] == ["prepare"]
+    assert joins[2] < topics.index("claim") < joins[3]  # after the poster, the crew and the first bot
 
 
 async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):

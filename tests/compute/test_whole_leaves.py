@@ -34,6 +34,7 @@ class Counting:
         self.entered = threading.Semaphore(0)  # released each time partition ``held`` begins
         self.prepared: Counter[str] = Counter()
         self.computed: Counter[int] = Counter()
+        self.collected = 0
 
     @million.hookimpl
     def prepare_inputs(self, input: Any, count: int, options: Any) -> list[Any]:
@@ -56,6 +57,7 @@ class Counting:
 
     @million.hookimpl
     def collect_results(self, outputs: list[Any], options: Any) -> Any:
+        self.collected += 1
         return million_testplugin.collect_results(outputs, options)
 
 
@@ -93,6 +95,17 @@ async def test_a_leaf_slower_than_a_leaf_computed_whole_may_be_goes_on_in_a_sess
     assert names == {"R", "R-0"}
     assert hooks.computed == Counter(range(20)), "a partition was computed twice"
     assert sum(hooks.prepared.values()) == 3, "a leaf was prepared twice"
+
+
+async def test_each_leaf_and_the_root_are_collected_once_from_outputs_as_their_model_holds_them(reflector):
+    # Leaf 0 goes on in a session. Its last reporter, and the root's, collect while their
+    # last report goes round, from the outputs as the model will hold them (a child's
+    # output is sent as encoded JSON, and held decoded).
+    hooks = Counting(slow=3)
+    answer, _, names = await run_alone(reflector, hooks, 20, 10)
+    assert answer == million_testplugin.expected("in", 20, 10)
+    assert names == {"R", "R-0"}
+    assert hooks.collected == 3, "a collect was done again"
 
 
 async def test_a_first_partition_too_slow_for_a_leaf_computed_whole_is_taken_on_by_its_session(reflector):
@@ -165,7 +178,8 @@ async def test_a_leaf_whose_holder_stalls_computing_it_whole_gets_a_session_from
     hooks = Counting(held=15)
     spec = Spec("counting", "0", "in", 20, 10)
     async with million.open_client(reflector.url) as client, open_run(client, "R", spec) as (root, _):
-        ctx = Context(client, plugin_from_object("counting", hooks), hold=HOLD)
+        # The pace known: both bots compute their first leaves whole, however slow a first partition.
+        ctx = Context(client, plugin_from_object("counting", hooks), hold=HOLD, pace=0.001)
         async with trio.open_nursery() as nursery:
             for _ in range(2):  # two bots of one process
                 nursery.start_soon(work, ctx, "R")

@@ -92,9 +92,11 @@ async def crew(client: Client, run: str, bots: int, *, detach: bool = True, noti
         refused: BaseException | None = None
         try:
             async with trio.open_nursery() as nursery:
-                for _ in range(bots):
-                    nursery.start_soon(work, ctx, run)
+                nursery.start_soon(work, ctx, run)
                 nursery.start_soon(_tell, ctx, run, root, bots, notify)  # joins the progress meanwhile
+                await ctx.started.wait()  # the first claims the root's prepare before the others join
+                for _ in range(bots - 1):
+                    nursery.start_soon(work, ctx, run)
         except* (PluginError, JoinError, RunFailed) as group:  # e.g. a child made with other options
             refused = _first(group)
         computed = f"this process computed {ctx.tracker.total:,} partitions"

@@ -48,7 +48,7 @@ RETRY_AFTER = 1000  # ms before a worker may try again what it failed: meanwhile
 
 
 @attrs.define
-class Computation(Model, name="million.computation.8"):
+class Computation(Model, name="million.computation.9"):
     """The replicated state of one session of the tree.
 
     The number in its name changes whenever its events change meaning, so that a worker
@@ -80,6 +80,7 @@ class Computation(Model, name="million.computation.8"):
     sole: dict[int, str] = attrs.Factory(dict)  # partition -> the identity whose first report was taken alone
     workers: dict[str, list[int]] = attrs.Factory(dict)  # view -> partitions it holds, oldest first
     answers: dict[str, list[Any]] = attrs.Factory(dict)  # view -> [request id, given, epoch]
+    waiting: dict[str, list[int]] = attrs.Factory(dict)  # view -> [request id, want] asked before the inputs
     views: dict[str, str] = attrs.Factory(dict)  # present view -> its identity
     tasks: dict[str, Task] = attrs.Factory(dict)  # "prepare" and "collect"
     tally: dict[str, dict[str, int]] = attrs.Factory(dict)
@@ -148,6 +149,7 @@ class Computation(Model, name="million.computation.8"):
         identity = self.views.pop(view)
         self.workers.pop(view, None)
         self.answers.pop(view, None)
+        self.waiting.pop(view, None)
         for task in self.tasks.values():
             task.release(view, identity, self.views)
         self.epoch += 1
@@ -166,10 +168,17 @@ class Computation(Model, name="million.computation.8"):
 
     def request(self, data: Any) -> None:
         """A worker asks for up to ``want`` more partitions (``{"id": n, "want": k}``; a
-        ``want`` below one asks for one); the answer is recorded under its view."""
+        ``want`` below one asks for one); the answer is recorded under its view. Asked
+        before the inputs, it is answered as they come, in the order asked: a run's
+        workers then start at once, not one round trip after the inputs."""
         if not is_request(data) or self.sender not in self.views:
             return
         view, want = self.sender or "", max(1, min(data["want"], self.count))
+        if self.inputs is None and not self.ended:
+            self.waiting[view] = [data["id"], want]
+        self._answer(view, data["id"], want)
+
+    def _answer(self, view: str, request: int, want: int) -> None:
         identity = self.views[view]
         usable = not (self.done or self.failed or self.inputs is None or self._barred(identity))
         given = self._assign(view, identity, want) if usable else []
@@ -185,7 +194,7 @@ class Computation(Model, name="million.computation.8"):
             copies = any(len(self.assignees[index]) < self.wanted[index] for index in given)
             if copies:
                 self.epoch += 1  # a copy for another identity, or room for a child: ask again
-        self.answers[view] = [data["id"], given, self.epoch]
+        self.answers[view] = [request, given, self.epoch]
 
     def _assign(self, view: str, identity: str, want: int) -> list[int]:
         """Up to ``want`` partitions that need another identity than those they were
@@ -498,6 +507,12 @@ class Computation(Model, name="million.computation.8"):
         self._settle("prepare", data["inputs"])
         if "next" in data:
             self.request(data["next"])
+        if self.inputs is None:
+            return
+        waiting, self.waiting = self.waiting, {}
+        for view, (request, want) in waiting.items():  # unless asked again since, or gone
+            if view in self.views and self.answers.get(view, [None])[0] == request:
+                self._answer(view, request, want)
 
     def set_output(self, output: Any) -> None:
         """The collected output: from a collector once every partition is complete."""

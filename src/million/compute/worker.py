@@ -34,7 +34,7 @@ from million.replica.client import Client
 from million.replica.membership import JoinError
 from million.replica.session import Session, join
 from million.replica.view import View
-from million.wire import tasks
+from million.wire import codec, tasks
 from million.wire.protocol import ErrorCode
 
 __all__ = ["Context", "Finished", "Outcome", "RunFailed", "RunRefused", "Worker", "run_spec", "work"]
@@ -78,6 +78,8 @@ class Context:
     head_starts: dict[str, HeadStart] = attrs.Factory(dict)  # leaf session -> what was computed of it
     begun: set[str] = attrs.Factory(set)  # leaf sessions begun here: worked in them, never whole
     claims: dict[tuple[str, str], str] = attrs.Factory(dict)  # (session, task) -> the view here that asked
+    started: trio.Event = attrs.Factory(trio.Event)  # a worker here knows what it does first
+    reported: dict[str, dict[int, Any]] = attrs.Factory(dict)  # session -> outputs reported, not done yet
 
 
 @attrs.define
@@ -226,6 +228,7 @@ async def _work_in(
             outcome = await session.view.outcome()
         if outcome.finished is not None:
             ctx.head_starts.pop(name, None)
+            ctx.reported.pop(name, None)
             return outcome.finished
         report = (outcome.index, await _work_in(ctx, outcome.child, outcome.child_options, depth + 1))
 
@@ -255,6 +258,7 @@ class Worker(View):
         self._cycle = trio.CancelScope()
         self._outcome: Outcome | None = None
         self._finished = trio.Event()
+        self._ahead: tuple[list[Any], Result] | None = None  # outputs collected early, and their output
 
     @property
     def model(self) -> Computation:
@@ -319,6 +323,7 @@ class Worker(View):
             if model.inputs is None:
                 await self._claim("prepare", lambda m: m.inputs is not None, self._prepare)
                 continue
+            self.ctx.started.set()
             held = await self._next()
             if not held:
                 await self._claim("collect", lambda m: m.done, self._collect)
@@ -352,7 +357,10 @@ class Worker(View):
                     self.ctx.begun.add(child)
                 end = await _work_in(self.ctx, child, options, self.depth + 1)
         if self._unreported(index):
-            self.publish("end", {"results": [end.report(index)], **self._refill()})
+            report = end.report(index)
+            self.publish("end", {"results": [report], **self._refill()})
+            if end.failed is None:
+                await self._collect_ahead({index: report["output"]})
         return None
 
     async def _leaf(
@@ -578,8 +586,11 @@ class Worker(View):
             await self.session.wait_for(
                 lambda m: over(m) or m.doing(task, view) or not m.needs(task, identity) or m.epoch != epoch
             )
+        self.ctx.started.set()  # a run's root is prepared while the process's other bots join it
         if over(self.model):
             return
+        if task == "prepare" and not self.model.doing(task, view) and self._may_ask(self.model, 0):
+            self.publish("request", self._request(0))  # answered as the inputs come
         if self.model.doing(task, view):
             self.ctx.claims.pop((self.session.name, task), None)  # should it fail, another asks
             await action()
@@ -635,6 +646,7 @@ class Worker(View):
             ]
             if results:
                 self.publish("end", {"results": results, **self._refill()})
+                await self._collect_ahead({result["index"]: result["output"] for result in results})
             if batch.error is not None:  # the next one failed: it goes back, to another worker first
                 failed, todo = todo[0], todo[1:]
                 self._failed("compute", batch.error, index=failed)
@@ -681,13 +693,43 @@ class Worker(View):
         self._reported.update(set(indexes).difference(needed))
         return needed
 
+    async def _collect_ahead(self, reported: dict[int, Any]) -> None:
+        """Collect now if the outputs this view just reported (index: output), with those
+        that this process's views reported before and the model has not taken yet,
+        complete the session: its last reporter, this view, is given the collect, and the
+        hook then runs while the reports go round. ``_collect`` takes the output if the
+        model's outputs are the ones collected; else, or if the hook failed, it calls the
+        hook again. Under verification a report completes nothing alone."""
+        model = self.model
+        if model.failed is not None or not (model.verify == 1 or model.solo == self.identity):
+            return
+        pending = self.ctx.reported.setdefault(self.session.name, {})
+        pending.update(reported)
+        for index in [index for index in pending if model.completed[index]]:
+            del pending[index]
+        if model.remaining != len(pending):
+            return
+        del self.ctx.reported[self.session.name]
+        outputs = list(model.outputs)
+        for index, output in pending.items():
+            outputs[index] = codec.loads(codec.dumps(output))  # as the model will hold it
+        try:
+            self._ahead = (outputs, await self.ctx.plugin.collect_results(outputs, self.spec.options))
+        except HookFailed:
+            return
+
     async def _collect(self) -> None:
         spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
         if head is not None and head.failure is not None and len(head.outputs) == spec.count:
             self._failed(*head.take_failure(), step="collect")  # collecting failed before
             return
+        ahead, self._ahead = self._ahead, None
+        outputs = list(self.model.outputs)
         try:
-            output = await self.ctx.plugin.collect_results(list(self.model.outputs), spec.options)
+            if ahead is not None and ahead[0] == outputs:
+                output = ahead[1]
+            else:
+                output = await self.ctx.plugin.collect_results(outputs, spec.options)
         except HookFailed as exc:
             self._failed(exc.hook, exc.error, step="collect")
             return
