@@ -455,15 +455,6 @@ async def test_a_leaf_worker_holds_many_partitions_and_reports_them_in_batches()
     assert len(ends) <= 3 and len(asks) <= 3 and max(ask["want"] for ask in asks) > 16
 
 
-async def test_a_coordinator_of_quick_leaves_holds_the_next_leaf_while_it_computes_one():
-    answer, events = await run_keeping_events("quick", ordered_spec("quick", 1000, 100), 1)
-    assert answer == million_testplugin.expected("quick", 1000, 100)
-    asks = [event["data"] for event in events if event["topic"] == "request"]
-    asks += [event["data"]["next"] for event in events if "next" in (event["data"] or {})]
-    # One leaf child until the pace is known, then two: one computed, the next in hand.
-    assert asks[0]["want"] == 1 and max(ask["want"] for ask in asks) == 2
-
-
 async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root_before_the_others_join():
     answer, events = await run_keeping_events("herd", ordered_spec("herd", 60, 10), 12)
     assert answer == million_testplugin.expected("herd", 60, 10)

@@ -292,16 +292,10 @@ class Worker(View):
     @property
     def _window(self) -> int:
         """Partitions this view may hold: in a leaf, about ``hold`` s of computing at its
-        process's pace (at least two, at most the leaf); in an interior session, one child,
-        or two one level above the leaves when its process computes a leaf whole in a
-        tenth of ``hold`` and some leaf child was never handed out: the next is then in
-        hand while one is computed (one that another holds is no next in hand: of two
-        holders, the first works it)."""
-        pace = self.ctx.pace
+        process's pace (at least two, at most the leaf); in an interior session, one child."""
         if not self.spec.leaf:
-            model = self.model
-            quick = pace is not None and 10 * pace * self.spec.fanout <= self.ctx.hold
-            return 2 if quick and model.leaf_children and not all(model.assignees) else 1
+            return 1
+        pace = self.ctx.pace
         hold = self.ctx.window if pace is None else math.ceil(self.ctx.hold / max(pace, 1e-6))
         return max(2, min(self.spec.count, hold))
 
