@@ -465,6 +465,14 @@ async def test_the_bots_of_a_process_ask_once_to_prepare_a_runs_root_before_the_
     assert joins[2] < topics.index("claim") < joins[3]  # after the poster, the crew and the first bot
 
 
+async def test_bots_sent_to_a_run_that_is_over_come_back_with_its_answer(reflector):
+    spec = ordered_spec("over", 60, 10)
+    answer = await compute_run(reflector.url, "over", spec, 3)
+    assert answer == million_testplugin.expected("over", 60, 10)
+    with trio.fail_after(30):
+        assert await run_bots(reflector.url, "over", 3) == answer
+
+
 async def test_coordinators_that_stay_in_their_parent_get_the_same_answer(reflector):
     spec = ordered_spec("stay", 50, 3)
     answer = await compute_run(reflector.url, "stay", spec, 4, detach=False)

@@ -284,6 +284,7 @@ class Worker(View):
                     self._outcome = await self._work()
         finally:
             self.ctx.shown.discard(self.session)
+            self.ctx.started.set()  # it ended before it had anything to do: a run already over
         self._finished.set()
 
     def resynced(self) -> None:
