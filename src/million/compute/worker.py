@@ -590,9 +590,10 @@ class Worker(View):
         self.ctx.started.set()  # a run's root is prepared while the process's other bots join it
         if over(self.model):
             return
-        if task == "prepare" and not self.model.doing(task, view) and self._may_ask(self.model, 0):
+        doing = self.model.doing(task, view)
+        if task == "prepare" and not doing and self._may_ask(self.model, 0):
             self.publish("request", self._request(0))  # answered as the inputs come
-        if self.model.doing(task, view):
+        if doing:
             self.ctx.claims.pop((self.session.name, task), None)  # should it fail, another asks
             await action()
             epoch = self.model.epoch
