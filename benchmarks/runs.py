@@ -60,7 +60,7 @@ def ready_workers() -> Iterator[str]:
         reflector, url = scale.start_reflector(Path(tmp) / "runs.db")
         workers = [scale.start_workers(url) for _ in range(2)]
         try:
-            _run(["--reflector", url, "--no-work", "--plugin", "demo", "--partitions", "200", "--json"])
+            scale.warm_up(url)
             yield url
         finally:
             for process in [*workers, reflector]:
