@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from functools import partial
 from typing import Any
 
@@ -715,10 +715,8 @@ class Worker(View):
         outputs = list(model.outputs)
         for index, output in pending.items():
             outputs[index] = codec.loads(codec.dumps(output))  # as the model will hold it
-        try:
+        with suppress(HookFailed):  # ``_collect`` then calls the hook again
             self._ahead = (outputs, await self.ctx.plugin.collect_results(outputs, self.spec.options))
-        except HookFailed:
-            return
 
     async def _collect(self) -> None:
         spec, head = self.spec, self.ctx.head_starts.get(self.session.name)
