@@ -10,7 +10,13 @@ import sys
 import million_testplugin
 import trio
 
+import million
 from helpers import Process, start_reflector
+from million.compute import runner
+from million.compute.plugins import load_plugin
+from million.compute.runner import RunConfig, RunResult
+from million.compute.worker import Context, work
+from million.relay.config import ReflectorConfig
 from million.relay.sessions import RATE_WINDOW, RelaySession
 
 
@@ -47,6 +53,29 @@ async def test_progress_inside_a_held_leaf_shows_before_the_leaf_completes(tmp_p
     finally:
         run.stop()
         reflector.stop()
+
+
+async def test_a_run_ends_as_its_root_does_while_its_progress_is_silent(monkeypatch):
+    """The run's answer is taken when the root ends, not at the progress session's next
+    change: a worker in this process (no lobby bot) never changes the progress, and the
+    reflector does not tick it."""
+    monkeypatch.setattr(runner, "FOLLOW_EVERY", 3600)
+    posted, results = trio.Event(), list[RunResult]()
+
+    async def run(url: str) -> None:
+        config = RunConfig("demo", partitions=300, fanout=10, reflector=url, processes=0, name="quiet")
+        results.append(await runner.run(config, watch=lambda state: posted.set()))
+
+    with trio.fail_after(60):
+        async with (
+            million.open_reflector(ReflectorConfig(port=0, tick_ms=3_600_000)) as reflector,
+            trio.open_nursery() as nursery,
+            million.open_client(reflector.url) as client,
+        ):
+            nursery.start_soon(run, reflector.url)
+            await posted.wait()
+            answer = await work(Context(client, load_plugin("demo")), "quiet")
+    assert answer == 300 and [result.answer for result in results] == [300]
 
 
 def test_a_sessions_event_rate_is_over_a_window_and_unknown_under_a_second():

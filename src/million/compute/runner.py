@@ -41,6 +41,7 @@ __all__ = ["RunConfig", "RunError", "RunResult", "open_run", "run"]
 WORKERS_GRACE = 5.0  # seconds worker processes get to notice the answer and exit
 LOBBY_TIMEOUT = 10.0  # seconds to see a post or an answer in the lobby, or a run in the ledger
 NO_WORKERS_HINT = 5.0  # seconds without a worker before a run without local ones says how to start some
+FOLLOW_EVERY = 0.2  # seconds between looks at the local workers while the progress is silent
 ADAPTIVE = "adaptive"  # ``--verify adaptive``: two identities, or one trusted by the ledger
 ADAPTIVE_VERIFY = 2  # identities that must agree on a value of an untrusted one
 SUMMARY_BYTES = ReflectorConfig().max_summary  # of the ledger's summary: what a reflector takes by default
@@ -309,18 +310,26 @@ async def _compute(
         await run_worker_processes(commands, env=env, task_status=task_status)
         workers_ended.set()
 
-    async with tasks.open_nursery() as nursery:
-        await nursery.start(workers)
-        nursery.start_soon(report_progress, name, state.progress, root)
-        if not commands:
-            nursery.start_soon(_hint_without_workers, url, name, state.progress, notify)
-        while not root.model.ended:
+    async def follow() -> None:
+        """Show the progress as it changes; ``RunError`` once no local worker is left."""
+        assert state.progress is not None
+        while True:
             if watch is not None:
                 watch(state)
             if commands and workers_ended.is_set() and config.reflector is None:
                 raise RunError("every worker process ended before the run was done; see their errors above")
-            with trio.move_on_after(0.2):
+            with trio.move_on_after(FOLLOW_EVERY):
                 await state.progress.wait_changed()
+
+    async with tasks.open_nursery() as nursery:
+        await nursery.start(workers)
+        nursery.start_soon(report_progress, name, state.progress, root)
+        async with tasks.open_nursery() as following:  # until the root ends, not its next progress
+            following.start_soon(follow)
+            if not commands:
+                following.start_soon(_hint_without_workers, url, name, state.progress, notify)
+            await root.wait_for(lambda model: model.ended)
+            following.cancel_scope.cancel()
         if watch is not None:
             watch(state)
         nursery.cancel_scope.deadline = trio.current_time() + WORKERS_GRACE  # they stop by themselves
