@@ -204,15 +204,17 @@ class Computation(Model, name="million.computation.9"):
         view's fair share; else the least-worked incomplete one this identity has not
         reported, from the last (its holder may have died: a copy then counts as the
         holder's would)."""
-        short = [
-            i
-            for i in range(self.count)
-            if self.assignees[i] and not self.completed[i] and len(self.assignees[i]) < self.wanted[i]
-        ]
-        copies = self._untried([i for i in short if identity not in self.assignees[i]], view)
-        if copies:
-            return copies[:want]
-        fresh = [i for i in range(self.count) if not self.assignees[i] and not self.completed[i]]
+        assignees, completed = self.assignees, self.completed
+        if max(self.wanted, default=1) > 1:  # some partition may want another identity
+            short = [
+                i
+                for i in range(self.count)
+                if assignees[i] and not completed[i] and len(assignees[i]) < self.wanted[i]
+            ]
+            copies = self._untried([i for i in short if identity not in assignees[i]], view)
+            if copies:
+                return copies[:want]
+        fresh = [i for i in range(self.count) if not assignees[i] and not completed[i]]
         fresh = self._untried(fresh, view)
         if fresh:
             askers = len(self.answers) + (view not in self.answers)
@@ -223,29 +225,30 @@ class Computation(Model, name="million.computation.9"):
         for indexes in self.workers.values():
             for index in indexes:
                 load[index] += 1
-        mine = self.workers.get(view, ())
-        open_ = [
-            i
-            for i in range(self.count)
-            if not self.completed[i] and i not in mine and not self.voted(i, identity)
-        ]
-        open_ = self._untried(open_, view)
-        if self.leaf_children:  # a leaf child somebody holds only once it is overdue
-            ripe = [i for i in open_ if not load[i] or self._overdue(i)]
-            if open_ and not ripe:  # all held, none overdue yet
-                self._wake(min(self.handed[i] for i in open_) + 3 * self._typical() // 2 + 1)
-            open_ = ripe
+        incomplete = [i for i in range(self.count) if not completed[i]]
+        if not self.leaf_children:
+            open_ = self._open(incomplete, view, identity)
+        else:  # a leaf child somebody holds only once it is overdue
+            due, handed = self._overdue_below(), self.handed
+            open_ = self._open([i for i in incomplete if not load[i] or 2 * handed[i] < due], view, identity)
+            if not open_ and (waiting := self._open(incomplete, view, identity)):  # none overdue yet
+                self._wake(min(handed[i] for i in waiting) + 3 * self._typical() // 2 + 1)
         steal = min(open_, key=lambda index: (load[index], -index), default=None)
         return [] if steal is None else [steal]
 
-    def _overdue(self, index: int) -> bool:
-        """Whether another worker may take on leaf child ``index`` too: before any child is
-        done (more workers than children share them), or once it has been held half as long
-        again as a child done typically took (the median: one slow or hostile holder does
-        not set it). Workers that run out of children all at once, as a run ends, would
-        only slow the last leaves by joining them; a holder that stalls, or is slow, gets
-        help."""
-        return not self.took or 2 * (self.now - self.handed[index]) > 3 * self._typical()
+    def _open(self, indexes: list[int], view: str, identity: str) -> list[int]:
+        """Those of ``indexes`` (incomplete) that ``view`` does not hold and may take."""
+        mine = self.workers.get(view, ())
+        return self._untried([i for i in indexes if i not in mine and not self.voted(i, identity)], view)
+
+    def _overdue_below(self) -> int:
+        """Twice the session time before which a held leaf child was handed out for another
+        worker to take it on too: any, before a child is done (more workers than children
+        share them); else one held half as long again as a child done typically took (the
+        median: one slow or hostile holder does not set it). Workers that run out of
+        children all at once, as a run ends, would only slow the last leaves by joining
+        them; a holder that stalls, or is slow, gets help."""
+        return 2 * self.now + 1 if not self.took else 2 * self.now - 3 * self._typical()
 
     def _typical(self) -> int:
         return self.took[len(self.took) // 2]
@@ -347,7 +350,10 @@ class Computation(Model, name="million.computation.9"):
     def _release(self, indexes: set[int], views: list[str]) -> None:
         """``views`` no longer hold ``indexes``."""
         for view in views:
-            held = [index for index in self.workers.get(view, ()) if index not in indexes]
+            held = self.workers.get(view, ())
+            if indexes.isdisjoint(held):
+                continue
+            held = [index for index in held if index not in indexes]
             if held:
                 self.workers[view] = held
             else:
