@@ -1,11 +1,15 @@
-"""The commands' trio clock: the poll waits whole milliseconds, and the rest is spun."""
+"""The commands' trio clock: the poll waits whole milliseconds, and the rest is slept in
+slices with a poll between them."""
 
 from __future__ import annotations
 
 import math
+import time
 
+import pytest
 import trio
 
+from million.cli import clock as clocks
 from million.cli.clock import PreciseClock
 
 
@@ -21,13 +25,17 @@ def test_the_poll_waits_the_whole_milliseconds_left_and_never_more():
         wait = clock.deadline_to_sleep_time(clock.current_time() + left)
         ms = (wait + 1e-6) * 1000  # CPython rounds a poll's timeout up to whole ms
         assert abs(ms - round(ms)) < 1e-6 and round(ms) >= 1
-        assert 0 < left - wait < 0.0011  # a millisecond short at most, spun
+        assert 0 < left - wait < 0.0011  # a millisecond short at most, slept in slices
 
 
-def test_under_a_millisecond_left_the_loop_polls_without_waiting():
+def test_under_a_millisecond_left_the_loop_sleeps_a_slice_then_polls(monkeypatch: pytest.MonkeyPatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
     clock = started()
     assert clock.deadline_to_sleep_time(clock.current_time() + 0.0009) == 0.0
-    assert clock.deadline_to_sleep_time(clock.current_time() - 1) == 0.0  # past
+    assert clock.deadline_to_sleep_time(clock.current_time() + 0.00005) == 0.0
+    assert clock.deadline_to_sleep_time(clock.current_time() - 1) == 0.0  # past: no sleep
+    assert slept[0] == clocks.SLICE and 0 < slept[1] <= 0.00005 and len(slept) == 2  # never past it
 
 
 def test_no_deadline_waits_as_long_as_trio_likes():
