@@ -32,9 +32,10 @@ def test_under_a_millisecond_left_the_loop_sleeps_a_slice_then_polls(monkeypatch
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     clock = started()
-    assert clock.deadline_to_sleep_time(clock.current_time() + 0.0009) == 0.0
-    assert clock.deadline_to_sleep_time(clock.current_time() + 0.00005) == 0.0
-    assert clock.deadline_to_sleep_time(clock.current_time() - 1) == 0.0  # past: no sleep
+    monkeypatch.setattr(clock, "current_time", lambda: 0.0)  # time stands still
+    assert clock.deadline_to_sleep_time(0.0009) == 0.0
+    assert clock.deadline_to_sleep_time(0.00005) == 0.0
+    assert clock.deadline_to_sleep_time(-1.0) == 0.0  # past: no sleep
     assert slept[0] == clocks.SLICE and 0 < slept[1] <= 0.00005 and len(slept) == 2  # never past it
 
 

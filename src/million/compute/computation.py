@@ -247,7 +247,8 @@ class Computation(Model, name="million.computation.9"):
         share them); else one held half as long again as a child done typically took (the
         median: one slow or hostile holder does not set it). Workers that run out of
         children all at once, as a run ends, would only slow the last leaves by joining
-        them; a holder that stalls, or is slow, gets help."""
+        them; a holder that stalls, or is slow, gets help. (Children are handed out at
+        session times up to ``now``, which never goes back.)"""
         return 2 * self.now + 1 if not self.took else 2 * self.now - 3 * self._typical()
 
     def _typical(self) -> int:

@@ -313,7 +313,7 @@ async def _compute(
     async def follow() -> None:
         """Show the progress as it changes; ``RunError`` once no local worker is left."""
         assert state.progress is not None
-        while True:
+        while not root.model.ended:  # else ended by the root, however its workers went
             if watch is not None:
                 watch(state)
             if commands and workers_ended.is_set() and config.reflector is None:
