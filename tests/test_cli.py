@@ -220,6 +220,9 @@ def test_a_runs_credit_is_in_its_json_and_summed_in_its_text(cli, monkeypatch, c
     assert json.loads(capsys.readouterr().out)["credit"] == credit
     assert cli(["run", "--plugin", "p"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "results of 2 identities: 2 validated, 1 rejected"
+    del credit["worker:b"]
+    assert cli(["run", "--plugin", "p"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "results of 1 identity: 2 validated, 1 rejected"
 
 
 def test_work_processes_run_the_one_worker_command_line(cli, monkeypatch):

@@ -109,9 +109,8 @@ def result_lines(result: RunResult) -> list[str]:
     lines = [f"answer: {json.dumps(result.answer)}", figures]
     if result.credit:
         validated, rejected = (sum(c.get(key, 0) for c in result.credit.values()) for key in COUNTS[1:3])
-        lines.append(
-            f"results of {len(result.credit):,} identities: {validated:,} validated, {rejected:,} rejected"
-        )
+        who = f"{len(result.credit):,} identit{'y' if len(result.credit) == 1 else 'ies'}"
+        lines.append(f"results of {who}: {validated:,} validated, {rejected:,} rejected")
     return lines
 
 
