@@ -1,6 +1,7 @@
 """A million partitions on a standalone reflector, and the same under churn.
 
     python benchmarks/scale.py                          # N = 10,000, 100,000 and 1,000,000
+    python benchmarks/scale.py --repeat 3               # each three times: medians and ranges
     python benchmarks/scale.py --partitions 100000 --churn 1.0
     python benchmarks/scale.py --partitions 100000 --verify 1 --verify 2 --verify adaptive
     nox -s bench -- scale
@@ -15,8 +16,10 @@ started, and the same run without kills is measured for comparison. With ``--ver
 (repeatable) each value is measured: ``adaptive`` runs twice on the same reflector and bot
 processes, and the second run, with the trust the first established, is the one measured.
 Prints partitions/s, results reported per partition, the peak memory of the reflector and
-of the busiest bot process, and the store's size; writes
-benchmarks/results/scale.json.
+of the busiest bot process, and the store's size; with ``--repeat`` each measurement is
+made that many times (a fresh reflector and bot processes each time) and their medians and
+ranges follow, with each size's rate as a share of the rate at a million when a million
+was measured too. Writes benchmarks/results/scale.json.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import json
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,7 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 MILLION = [sys.executable, "-m", "million"]
+MILLION_N = 1_000_000  # the size whose rate the others are compared with
 
 
 def start_reflector(store: Path) -> tuple[subprocess.Popen[str], str]:
@@ -116,35 +121,76 @@ def measure(
     }
 
 
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Medians and ranges of the rows measured alike; each rate also as a share of the
+    median rate at a million measured alike (same fanout, churn and verify), if any."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((*_alike(row), row["partitions"]), []).append(row)
+    million = {
+        key[:-1]: _spread(runs, "partitions_per_s")[0] for key, runs in groups.items() if key[-1] == MILLION_N
+    }
+    summaries = []
+    for key, runs in groups.items():
+        fanout, churn, verify, partitions = key
+        elapsed, rate = _spread(runs, "elapsed_s"), _spread(runs, "partitions_per_s")
+        share = round(rate[0] / million[key[:-1]], 3) if key[:-1] in million else None
+        alike = {"partitions": partitions, "fanout": fanout, "churn_s": churn, "verify": verify}
+        figures = {"elapsed_s": elapsed, "partitions_per_s": rate, "of_a_million": share}
+        summaries.append(alike | {"runs": len(runs)} | figures)
+        print(
+            f"N={partitions:>9,}  F={fanout}  verify={verify:<8}  churn={churn}  {len(runs)} runs:"
+            f"  {elapsed[0]:.2f} s ({elapsed[1]:.2f}-{elapsed[2]:.2f})"
+            f"  {rate[0]:,.0f}/s ({rate[1]:,.0f}-{rate[2]:,.0f})"
+            + ("" if share is None else f"  {share:.0%} of a million's rate")
+        )
+    return summaries
+
+
+def _alike(row: dict[str, Any]) -> tuple[Any, ...]:
+    return (row["fanout"], row["churn_s"], row["verify"])
+
+
+def _spread(runs: list[dict[str, Any]], field: str) -> tuple[float, float, float]:
+    """The median, lowest and highest of ``field``."""
+    values = [float(run[field]) for run in runs]
+    return (statistics.median(values), min(values), max(values))
+
+
+def _line(row: dict[str, Any]) -> str:
+    return (
+        f"N={row['partitions']:>9,}  F={row['fanout']}  verify={row['verify']:<8}  churn={row['churn_s']}"
+        f"  results/partition={row['results_per_partition']:.2f}  kills={row['kills']:>3}"
+        f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
+        f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB"
+        f"  bot process {row['bots_peak_rss_mib']:.0f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--partitions", type=int, action="append", help="repeatable (default: 1e4, 1e5, 1e6)")
     parser.add_argument("--churn", type=float, help="kill a bot process every CHURN seconds")
     parser.add_argument("--fanout", type=int, default=100)
     parser.add_argument("--verify", action="append", help="1, 2, ... or adaptive; repeatable (default: 1)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each this many times (default: 1)")
     args = parser.parse_args()
+    cases = [
+        (partitions, churn, verify)
+        for partitions in args.partitions or [10_000, 100_000, 1_000_000]
+        for churn in ([None, args.churn] if args.churn else [None])
+        for verify in args.verify or ["1"]
+    ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for partitions in args.partitions or [10_000, 100_000, 1_000_000]:
-            for churn, verify in [
-                (churn, verify)
-                for churn in ([None, args.churn] if args.churn else [None])
-                for verify in args.verify or ["1"]
-            ]:
-                row = measure(partitions, churn, Path(tmp), args.fanout, verify)
-                rows.append(row)
-                print(
-                    f"N={row['partitions']:>9,}  F={row['fanout']}  verify={verify:<8}"
-                    f"  churn={row['churn_s']}"
-                    f"  results/partition={row['results_per_partition']:.2f}"
-                    f"  kills={row['kills']:>3}"
-                    f"  {row['elapsed_s']:>7.1f} s  {row['partitions_per_s']:>8,.0f}/s"
-                    f"  reflector {row['reflector_peak_rss_mib']:.0f} MiB  store {row['store_mib']:.0f} MiB"
-                    f"  bot process {row['bots_peak_rss_mib']:.0f} MiB",
-                    flush=True,
-                )
+        for _ in range(args.repeat):  # the cases take turns, so that they share the machine's noise
+            for partitions, churn, verify in cases:
+                rows.append(measure(partitions, churn, Path(tmp), args.fanout, verify))
+                print(_line(rows[-1]), flush=True)
+    print()
+    summaries = summarize(rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(rows, indent=2))
+    (RESULTS / "scale.json").write_text(json.dumps({"runs": rows, "summary": summaries}, indent=2))
 
 
 if __name__ == "__main__":
