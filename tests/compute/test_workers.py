@@ -12,10 +12,14 @@ import trio
 
 import million
 from helpers import finish, ordered_spec, start_reflector, start_worker, wait_for_markers
+from million.compute import plugins
+from million.compute.bots import get_ready
 from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, post_event
+from million.compute.progress import Progress
 from million.compute.runner import open_run
 from million.compute.tree import Spec
+from million.replica import state
 
 pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
 
@@ -266,3 +270,14 @@ async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsiv
         assert await finished_everywhere(client, "herd") == 101
         for worker in herd:
             assert "Traceback" not in worker.errors and "refused" not in worker.errors
+
+
+def test_a_worker_process_is_ready_before_its_first_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a process's first run would otherwise wait for at its start (the hooks that
+    snapshot the models, the plugins' entry points) is done when its bots start."""
+    monkeypatch.setattr(state, "_primed", set())
+    monkeypatch.setattr(plugins, "_found", {})
+    get_ready()
+    assert {Computation, Progress} <= state._primed
+    monkeypatch.setattr(plugins, "entry_points", lambda **_: pytest.fail("the metadata was read again"))
+    assert plugins.load_plugin("demo").name == "demo"

@@ -22,7 +22,7 @@ import trio
 
 from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, bots_per_run, failed_event
-from million.compute.plugins import Plugin, PluginError, load_plugin
+from million.compute.plugins import Plugin, PluginError, find_plugins, load_plugin
 from million.compute.progress import (
     MAX_LEAVES,
     SUMMARY_EVERY,
@@ -34,9 +34,18 @@ from million.compute.progress import (
 from million.compute.worker import Context, RunFailed, RunRefused, Tracker, run_spec, work
 from million.replica.client import Client, open_client
 from million.replica.session import JoinError, Session, join
+from million.replica.state import prime
 from million.replica.view import View
 
-__all__ = ["crew", "run_bots", "run_lobby_bots", "run_worker_processes", "worker_command", "worker_env"]
+__all__ = [
+    "crew",
+    "get_ready",
+    "run_bots",
+    "run_lobby_bots",
+    "run_worker_processes",
+    "worker_command",
+    "worker_env",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +76,19 @@ async def run_bots(
     version of it, ``RunRefused`` (one) when the run's root is no valid computation: the
     run is left untouched.
     """
+    get_ready()
     async with open_client(url, token=token, label=f"bots-{os.getpid()}", ssl_context=ssl_context) as client:
         notify(f"connected to {url}")
         return await crew(client, run, bots, detach=detach, notify=notify)
+
+
+def get_ready() -> None:
+    """Do before the first run what its start would otherwise wait for (some 40 ms): make
+    the hooks that snapshot and restore the models the bots replicate, and find the
+    installed plugins."""
+    prime(Computation)
+    prime(Progress)
+    find_plugins()
 
 
 async def crew(client: Client, run: str, bots: int, *, detach: bool = True, notify: Notify = _quiet) -> Any:
@@ -200,6 +219,7 @@ async def run_lobby_bots(
     root is no valid computation, are skipped with one log line each. Returns only when
     cancelled.
     """
+    get_ready()
     async with (
         open_client(url, token=token, label=f"lobby-bots-{os.getpid()}", ssl_context=ssl_context) as client,
         join(client, LOBBY, Lobby, View) as lobby,

@@ -34,6 +34,7 @@ __all__ = [
     "Plugin",
     "PluginError",
     "Result",
+    "find_plugins",
     "installed_plugins",
     "load_plugin",
     "plugin_from_object",
@@ -315,6 +316,14 @@ def installed_plugins() -> dict[str, str]:
 
 
 _found: dict[str, EntryPoint] = {}  # entry point name -> the entry point
+
+
+def find_plugins() -> None:
+    """Note where each installed plugin is, once per process, as ``load_plugin`` would on
+    first loading it: then no run waits while every distribution's metadata is read."""
+    if not _found:
+        for entry in entry_points(group=GROUP):
+            _found.setdefault(entry.name, entry)
 
 
 def load_plugin(name: str) -> Plugin:
