@@ -8,8 +8,8 @@ S1: 10,000 partitions, fanout 100, every prepare/compute/collect waits 75 ms, 10
 workers (2 processes x 50 bots); the ideal is 104 x 75 ms = 7.8 s. S2: the same
 without the delay. Two ways: ``embedded``, a fresh ``million run`` with its embedded
 reflector, whose time includes starting the worker processes; ``ready``, a standalone
-reflector whose 2 x 50 lobby bots are already at work (an untimed first run of 200
-partitions makes sure), timed from posting the run to its answer, as peers are timed
+reflector whose 2 x 50 lobby bots are already at work (untimed runs first, until each
+process has computed in one), timed from posting the run to its answer, as peers are timed
 with their pool of workers already up. Medians are printed and all runs written to
 benchmarks/results/runs.json.
 """

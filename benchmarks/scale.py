@@ -9,8 +9,9 @@
 Each run: one ``million reflector`` process with a SQLite store, two ``million work``
 processes of 50 bots each (100 workers), fanout 100 (``--fanout``), the demo plugin without
 delay, taking their work from the lobby, and ``million run --no-work`` posting the run and
-timing it from its start to its answer. The bots are at work before it is posted (an
-untimed run of 200 partitions first), as peers are timed with their workers already up.
+timing it from its start to its answer. The bots are at work before it is posted (untimed
+runs of 2,000 partitions first, until each bot process has computed in one), as peers
+are timed with their workers already up.
 With ``--churn S`` a bot process is killed (SIGKILL) every S seconds and a fresh one
 started, and the same run without kills is measured for comparison. With ``--verify``
 (repeatable) each value is measured: ``adaptive`` runs twice on the same reflector and bot
@@ -38,6 +39,7 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 MILLION = [sys.executable, "-m", "million"]
+WARM_UP_RUNS = 10  # untimed runs at most, until every bot process has computed in one
 MILLION_N = 1_000_000  # the size whose rate the others are compared with
 
 
@@ -54,11 +56,17 @@ def start_workers(url: str) -> subprocess.Popen[str]:
     return subprocess.Popen([*MILLION, "work", "--reflector", url, "--bots", "50"], stderr=subprocess.DEVNULL)
 
 
-def warm_up(url: str) -> None:
-    """An untimed run of 200 partitions: the lobby's bots are at work once it is done, as
-    peers' workers are up before they are timed."""
-    command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", "200"]
-    subprocess.run([*command, "--no-work", "--json"], stdout=subprocess.DEVNULL, check=True)
+def warm_up(url: str, processes: int = 2) -> None:
+    """Untimed runs of 2,000 partitions until each of the ``processes`` bot processes has
+    computed in one: the lobby's bots are then at work, as peers' workers are up before
+    they are timed. (A process that has not worked yet would make the timed run wait
+    while it loads its plugin.)"""
+    command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", "2000"]
+    for _ in range(WARM_UP_RUNS):
+        run = subprocess.run([*command, "--no-work", "--json"], stdout=subprocess.PIPE, text=True, check=True)
+        if len(json.loads(run.stdout)["credit"]) >= processes:  # one identity per process
+            return
+    raise RuntimeError(f"{WARM_UP_RUNS} untimed runs, and not each of {processes} bot processes computed")
 
 
 def peak_rss_mib(pid: int) -> float:
