@@ -147,7 +147,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         figures = {"elapsed_s": elapsed, "partitions_per_s": rate, "of_a_million": share}
         summaries.append(alike | {"runs": len(runs)} | figures)
         print(
-            f"N={partitions:>9,}  F={fanout}  verify={verify:<8}  churn={churn}  {len(runs)} runs:"
+            f"N={partitions:>9,}  F={fanout}  verify={verify:<8}  churn={churn}"
+            f"  {len(runs)} run{'' if len(runs) == 1 else 's'}:"
             f"  {elapsed[0]:.2f} s ({elapsed[1]:.2f}-{elapsed[2]:.2f})"
             f"  {rate[0]:,.0f}/s ({rate[1]:,.0f}-{rate[2]:,.0f})"
             + ("" if share is None else f"  {share:.0%} of a million's rate")
