@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Any
 
@@ -9,17 +10,19 @@ import attrs
 import million_testplugin
 import pytest
 import trio
+import trio.testing
 
 import million
 from helpers import finish, ordered_spec, start_reflector, start_worker, wait_for_markers
 from million.compute import plugins
-from million.compute.bots import get_ready
+from million.compute.bots import run_bots, run_lobby_bots
 from million.compute.computation import Computation
 from million.compute.lobby import LOBBY, Lobby, post_event
 from million.compute.progress import Progress
 from million.compute.runner import open_run
 from million.compute.tree import Spec
 from million.replica import state
+from million.replica.session import JoinError
 
 pytestmark = pytest.mark.one_engine  # the transport is tested elsewhere
 
@@ -272,12 +275,23 @@ async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsiv
             assert "Traceback" not in worker.errors and "refused" not in worker.errors
 
 
-def test_a_worker_process_is_ready_before_its_first_run_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bots", [run_lobby_bots, run_bots])
+async def test_bots_are_ready_before_their_first_run_starts(reflector, monkeypatch, bots) -> None:
     """What a process's first run would otherwise wait for at its start (the hooks that
-    snapshot the models, the plugins' entry points) is done when its bots start."""
+    snapshot the models, the plugins' entry points) is done as its bots start, lobby bots
+    before any run is posted."""
     monkeypatch.setattr(state, "_primed", set())
     monkeypatch.setattr(plugins, "_found", {})
-    get_ready()
-    assert {Computation, Progress} <= state._primed
-    monkeypatch.setattr(plugins, "entry_points", lambda **_: pytest.fail("the metadata was read again"))
-    assert plugins.load_plugin("demo").name == "demo"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_quietly, bots, reflector.url)
+        await trio.testing.wait_all_tasks_blocked()
+        assert {Computation, Progress} <= state._primed
+        monkeypatch.setattr(plugins, "entry_points", lambda **_: pytest.fail("the metadata was read again"))
+        assert plugins.load_plugin("demo").name == "demo"
+        nursery.cancel_scope.cancel()
+
+
+async def _quietly(bots: Any, url: str) -> None:
+    """Lobby bots waiting for runs, or bots of a run that does not exist (they stop)."""
+    with contextlib.suppress(JoinError):
+        await (bots(url, 1) if bots is run_lobby_bots else bots(url, "nosuch", 1))
