@@ -60,7 +60,7 @@ def warm_up(url: str, processes: int = 2) -> None:
     """Untimed runs of 2,000 partitions until each of the ``processes`` bot processes has
     computed in one: the lobby's bots are then at work, as peers' workers are up before
     they are timed. (A process that has not worked yet would make the timed run wait
-    while it loads its plugin.)"""
+    while it imports its plugin and starts its first crew.)"""
     command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", "2000"]
     for _ in range(WARM_UP_RUNS):
         run = subprocess.run([*command, "--no-work", "--json"], stdout=subprocess.PIPE, text=True, check=True)
@@ -79,18 +79,18 @@ def peak_rss_mib(pid: int) -> float:
 def measure(
     partitions: int, churn: float | None, workdir: Path, fanout: int = 100, verify: str = "1"
 ) -> dict[str, Any]:
-    store = workdir / f"scale-{partitions}-{churn}-{verify}.db"
+    store = Path(tempfile.mkdtemp(dir=workdir)) / f"scale-{partitions}-{churn}-{verify}.db"  # a fresh one
     reflector, url = start_reflector(store)
     workers = [start_workers(url) for _ in range(2)]
     command = [*MILLION, "run", "--reflector", url, "--plugin", "demo", "--partitions", str(partitions)]
     command += ["--fanout", str(fanout), "--no-work", "--json", "--verify", verify]
-    if verify == "adaptive":  # a first run earns the bot processes their trust
-        subprocess.run([*command, "--name", "trust"], stdout=subprocess.DEVNULL, check=True)
-    else:
-        warm_up(url)
-    run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    kills, rng = 0, random.Random(1)
     try:
+        if verify == "adaptive":  # a first run earns the bot processes their trust
+            subprocess.run([*command, "--name", "trust"], stdout=subprocess.DEVNULL, check=True)
+        else:
+            warm_up(url)
+        run = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        kills, rng = 0, random.Random(1)
         while run.poll() is None:
             if churn is None:
                 run.wait()
@@ -110,7 +110,7 @@ def measure(
             process.send_signal(signal.SIGINT)
         for process in [*workers, reflector]:
             process.wait(30)
-    size = sum(path.stat().st_size for path in workdir.glob(store.name + "*"))
+    size = sum(path.stat().st_size for path in store.parent.glob(store.name + "*"))
     assert result["answer"] == partitions, result
     return {
         "partitions": partitions,
@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--verify", action="append", help="1, 2, ... or adaptive; repeatable (default: 1)")
     parser.add_argument("--repeat", type=int, default=1, help="measure each this many times (default: 1)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     cases = [
         (partitions, churn, verify)
         for partitions in args.partitions or [10_000, 100_000, 1_000_000]
