@@ -134,7 +134,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     median rate at a million measured alike (same fanout, churn and verify), if any."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((*_alike(row), row["partitions"]), []).append(row)
+        groups.setdefault((row["fanout"], row["churn_s"], row["verify"], row["partitions"]), []).append(row)
     million = {
         key[:-1]: _spread(runs, "partitions_per_s")[0] for key, runs in groups.items() if key[-1] == MILLION_N
     }
@@ -154,10 +154,6 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             + ("" if share is None else f"  {share:.0%} of a million's rate")
         )
     return summaries
-
-
-def _alike(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["fanout"], row["churn_s"], row["verify"])
 
 
 def _spread(runs: list[dict[str, Any]], field: str) -> tuple[float, float, float]:

@@ -275,15 +275,19 @@ async def test_a_herd_of_200_bots_all_get_work_and_the_reflector_stays_responsiv
             assert "Traceback" not in worker.errors and "refused" not in worker.errors
 
 
-@pytest.mark.parametrize("bots", [run_lobby_bots, run_bots])
-async def test_bots_are_ready_before_their_first_run_starts(reflector, monkeypatch, bots) -> None:
+@pytest.mark.parametrize(
+    "start",
+    [lambda url: run_lobby_bots(url, 1), lambda url: run_bots(url, "nosuch", 1)],
+    ids=["lobby bots", "bots of a run"],
+)
+async def test_bots_are_ready_before_their_first_run_starts(reflector, monkeypatch, start) -> None:
     """What a process's first run would otherwise wait for at its start (the hooks that
     snapshot the models, the plugins' entry points) is done as its bots start, lobby bots
     before any run is posted."""
     monkeypatch.setattr(state, "_primed", set())
     monkeypatch.setattr(plugins, "_found", {})
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_quietly, bots, reflector.url)
+        nursery.start_soon(_quietly, start, reflector.url)
         await trio.testing.wait_all_tasks_blocked()
         assert {Computation, Progress} <= state._primed
         monkeypatch.setattr(plugins, "entry_points", lambda **_: pytest.fail("the metadata was read again"))
@@ -291,7 +295,7 @@ async def test_bots_are_ready_before_their_first_run_starts(reflector, monkeypat
         nursery.cancel_scope.cancel()
 
 
-async def _quietly(bots: Any, url: str) -> None:
+async def _quietly(start: Any, url: str) -> None:
     """Lobby bots waiting for runs, or bots of a run that does not exist (they stop)."""
     with contextlib.suppress(JoinError):
-        await (bots(url, 1) if bots is run_lobby_bots else bots(url, "nosuch", 1))
+        await start(url)
